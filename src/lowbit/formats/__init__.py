@@ -1,0 +1,40 @@
+"""Number formats: integer, minifloat (fp32/fp16/bf16/fp8/fp6/fp4/custom), binary, ternary, log2.
+
+All satisfy :class:`NumberFormat`. :func:`parse` turns a name into a format.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..errors import ConfigError
+from .base import NumberFormat, Rounding, round_half_even, round_integer, round_stochastic
+from .integer import IntFormat
+
+__all__ = ["NumberFormat", "Rounding", "IntFormat", "parse", "round_half_even", "round_stochastic", "round_integer"]
+
+_INT = re.compile(r"^(u?)int(\d+)(_narrow)?$")
+
+
+def parse(name: str | NumberFormat) -> NumberFormat:
+    """Format from a name: ``int8``, ``uint8``, ``int4``, ``int8_narrow``, ``fp16``, ``bf16``,
+    ``fp8_e4m3``, ``fp8_e5m2``, ``fp6_e3m2``, ``fp6_e2m3``, ``fp4_e2m1``, ``binary``, ``ternary``, ``log2_4``...
+    A format object is returned unchanged."""
+    if not isinstance(name, str):
+        return name
+    key = name.strip().lower()
+    m = _INT.match(key)
+    if m:
+        return IntFormat(int(m.group(2)), signed=not m.group(1), narrow=bool(m.group(3)))
+    for parser in _EXTRA_PARSERS:
+        fmt = parser(key)
+        if fmt is not None:
+            return fmt
+    raise ConfigError(
+        f"unknown number format {name!r}; use intN/uintN (N = 1..16), fp32, fp16, bf16, fp8_e4m3, fp8_e5m2, "
+        "fp6_e3m2, fp6_e2m3, fp4_e2m1, binary, ternary or log2_N."
+    )
+
+
+# Other format families register a parser here: a function name -> format or None.
+_EXTRA_PARSERS: list = []
