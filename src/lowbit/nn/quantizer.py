@@ -1,0 +1,234 @@
+"""``TensorQuantizer``: the nn.Module that quantizes one tensor (a weight or an activation edge).
+
+State lives in buffers (``scale``, ``zero_point``, ``observer_enabled``, ``quant_enabled``), so
+``state_dict``, ``.to(device)`` and DDP's buffer broadcast carry it. Life cycle::
+
+    observe (statistics, output = input)  ->  compute_qparams()  ->  quantize (fake-quant, STE)
+
+or both at once (QAT's observer phase). ``lowbit.calibrating(model)`` scopes the observe phase for every
+quantizer in a model. With ``spec.dynamic`` the range is measured on every batch instead. With
+``enable_lsq()`` the scale (and with LSQ+ an offset) becomes a learnable ``nn.Parameter``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..calibration import Observer, make_observer
+from ..errors import ConfigError, EmptyCalibrationError, check_finite
+from ..granularity import reduce_blocks
+from ..ops import fake_quantize, fake_quantize_lsq
+from ..spec import QuantSpec, compute_qparams
+
+__all__ = ["TensorQuantizer", "calibrating", "quantizers"]
+
+
+class TensorQuantizer(nn.Module):
+    """Quantize-dequantize one tensor according to ``spec``.
+
+    Args:
+        spec: how to quantize (format, symmetric, granularity, rounding, calibrator, dynamic).
+        name: the tensor's name (module path + role), used in logs, errors and reports.
+
+    Forward: ``x`` of any shape the granularity accepts -> same shape and dtype; the clipped STE
+    gradient (or the LSQ gradients when learnable).
+
+    >>> q = TensorQuantizer(QuantSpec("int8"), name="demo")
+    >>> with q.observing():
+    ...     _ = q(torch.tensor([-1.0, 0.5, 2.54]))
+    >>> round(float(q(torch.tensor([0.334]))), 4), round(float(q.scale), 4)
+    (0.34, 0.02)
+    """
+
+    def __init__(self, spec: QuantSpec, name: str = "tensor") -> None:
+        super().__init__()
+        self.spec = spec
+        self.name = name
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
+        self.register_buffer("observer_enabled", torch.tensor(False))
+        self.register_buffer("quant_enabled", torch.tensor(True))  # uncalibrated + on -> clear error, never silent float
+        self.register_buffer("initialized", torch.tensor(not self.needs_calibration))
+        self.observer: Observer = make_observer(spec, name)
+        self.learnable = False
+        self.lsq_offset: nn.Parameter | None = None
+        self.chosen_range: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def needs_calibration(self) -> bool:
+        """True when a range must be observed before quantizing (static, scaled specs)."""
+        return self.spec.scaled and not self.spec.dynamic
+
+    @property
+    def is_calibrated(self) -> bool:
+        return bool(self.initialized)
+
+    # ---------------------------------------------------------------- modes
+    def set_mode(self, observe: bool, quantize: bool) -> TensorQuantizer:
+        """Switch observation and quantization on or off (both on = QAT observer phase)."""
+        self.observer_enabled.fill_(observe)
+        self.quant_enabled.fill_(quantize)
+        return self
+
+    @contextlib.contextmanager
+    def observing(self, quantize: bool = False) -> Iterator[TensorQuantizer]:
+        """Observe inside the block; compute the qparams and switch to quantizing on exit."""
+        self.set_mode(True, quantize)
+        try:
+            yield self
+        finally:
+            self.set_mode(False, True)
+        self.compute_qparams()
+
+    # ---------------------------------------------------------------- calibration
+    def reset_observer(self) -> None:
+        self.observer = make_observer(self.spec, self.name)
+
+    def compute_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Range from the observer -> ``scale`` / ``zero_point`` buffers. Returns them."""
+        if not self.needs_calibration:
+            return self.scale, self.zero_point
+        lo, hi = self.observer.compute_range()
+        scale, zp = compute_qparams(self.spec, lo, hi)
+        self.chosen_range = (lo, hi)
+        self._set_qparams(scale, zp)
+        return self.scale, self.zero_point
+
+    def calibrate_now(self, x: torch.Tensor) -> None:
+        """Observe exactly ``x`` (e.g. a weight) and set the qparams from it, forgetting earlier batches."""
+        self.reset_observer()
+        self.observer.update(x)
+        self.compute_qparams()
+        self.quant_enabled.fill_(True)
+
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> None:
+        """Set the quantization parameters directly (e.g. from a checkpoint or another tool)."""
+        zp = torch.zeros_like(scale, dtype=torch.int32) if zero_point is None else zero_point
+        self._set_qparams(scale, zp)
+
+    def _set_qparams(self, scale: torch.Tensor, zp: torch.Tensor) -> None:
+        device = self.scale.device
+        if self.learnable:
+            with torch.no_grad():
+                self.scale.copy_(scale.to(device))
+        else:
+            self.scale = scale.detach().to(device, torch.float32).clone()
+        self.zero_point = zp.detach().to(device, torch.int32).clone()
+        self.initialized.fill_(True)
+
+    # ---------------------------------------------------------------- LSQ
+    def enable_lsq(self, learn_offset: bool = False) -> TensorQuantizer:
+        """Make the scale learnable with the LSQ gradient (Esser et al. 2020); ``learn_offset`` adds the
+        LSQ+ learnable offset (Bhalgat et al. 2020), initialised from the zero point. Needs qparams."""
+        if not self.is_calibrated:
+            raise EmptyCalibrationError(f"{self.name}: calibrate before enabling LSQ (the scale is initialised from the range).")
+        if not self.spec.format.is_integer:
+            raise ConfigError(f"{self.name}: LSQ needs an integer format, got {self.spec.format.name}.")
+        scale = self.scale.detach().clone()
+        offset = (-self.zero_point.float() * scale).detach().clone()
+        del self.scale
+        self.scale = nn.Parameter(scale)
+        self.learnable = True
+        if learn_offset:
+            self.lsq_offset = nn.Parameter(offset)
+        return self
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.dynamic:
+            return self._forward_dynamic(x)
+        if bool(self.observer_enabled):
+            self.observer.update(x)
+        if not bool(self.quant_enabled):
+            return x
+        if self.needs_calibration and not bool(self.initialized):
+            if bool(self.observer_enabled):  # QAT observer phase: quantize with the running range
+                self.compute_qparams()
+            else:
+                raise EmptyCalibrationError(
+                    f"{self.name}: quantization is on but no range was calibrated; run calibration data "
+                    "through the model inside `with lowbit.calibrating(model):` first."
+                )
+        elif bool(self.observer_enabled) and self.needs_calibration:
+            self.compute_qparams()
+        if self.learnable:
+            offset = self.lsq_offset
+            if offset is None and not self.spec.symmetric:  # LSQ on an affine grid: zero point stays fixed
+                offset = -self.zero_point.float() * self.scale.detach()
+            return fake_quantize_lsq(x, self.scale, offset, self.spec)
+        return fake_quantize(x, self.scale, self.zero_point, self.spec)
+
+    def _forward_dynamic(self, x: torch.Tensor) -> torch.Tensor:
+        check_finite(x.detach(), self.name)
+        g = self.spec.granularity
+        lo = reduce_blocks(x.detach().float(), g, "amin")
+        hi = reduce_blocks(x.detach().float(), g, "amax")
+        scale, zp = compute_qparams(self.spec, lo, hi)
+        return fake_quantize(x, scale, zp, self.spec)
+
+    def extra_repr(self) -> str:
+        if not self.is_calibrated:
+            state = "uncalibrated"
+        elif self.scale.numel() == 1:
+            state = f"scale={float(self.scale):.6g}, zero_point={int(self.zero_point)}"
+        else:
+            state = f"scale=[{float(self.scale.min()):.4g}..{float(self.scale.max()):.4g}] x{self.scale.numel()}"
+        return f"{self.name}: {self.spec}, {state}"
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # scale/zero_point shapes are only known after calibration: adopt the checkpoint's shapes.
+        for key in ("scale", "zero_point"):
+            t = state_dict.get(prefix + key)
+            if t is not None and getattr(self, key).shape != t.shape:
+                if isinstance(getattr(self, key), nn.Parameter):
+                    getattr(self, key).data = torch.empty_like(t, dtype=getattr(self, key).dtype)
+                else:
+                    setattr(self, key, torch.empty_like(t, dtype=getattr(self, key).dtype))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+def quantizers(model: nn.Module) -> Iterator[tuple[str, TensorQuantizer]]:
+    """Every TensorQuantizer in ``model`` with its qualified name."""
+    for name, m in model.named_modules():
+        if isinstance(m, TensorQuantizer):
+            yield name, m
+
+
+@contextlib.contextmanager
+def calibrating(model: nn.Module, quantize: bool = False) -> Iterator[nn.Module]:
+    """Scope the calibration phase of every activation quantizer in ``model``::
+
+        with lowbit.calibrating(qmodel):
+            for x in data:
+                qmodel(x)
+
+    Inside: static quantizers observe (and pass data through unchanged unless ``quantize``).
+    On exit: every observer's range becomes scale/zero point and quantization is switched on.
+    A quantizer that saw no data raises :class:`~lowbit.EmptyCalibrationError` naming it.
+    """
+    targets = [q for _, q in quantizers(model) if q.needs_calibration and not q.is_calibrated]
+    for q in targets:
+        q.reset_observer()
+        q.set_mode(True, quantize)
+    ok = False
+    try:
+        yield model
+        ok = True
+    finally:
+        for q in targets:
+            q.set_mode(False, True)
+    if ok:
+        empty = [q.name for q in targets if q.observer.num_batches == 0]
+        if empty:
+            raise EmptyCalibrationError(
+                f"{len(empty)} quantizer(s) saw no calibration data: {', '.join(empty[:8])}"
+                f"{' ...' if len(empty) > 8 else ''}. Pass at least one batch that reaches them "
+                "(is the data iterable empty, or does the model skip these layers?)."
+            )
+        for q in targets:
+            q.compute_qparams()
