@@ -1,0 +1,156 @@
+"""Fixed-point requantization against a float64 reference, closed-form ties, and properties."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lowbit.errors import ConfigError
+from lowbit.runtime.fixed_point import (
+    INT32_MAX,
+    INT32_MIN,
+    multiply_by_quantized_multiplier,
+    quantize_multiplier,
+    requantize_fixed_point,
+    rounding_divide_by_pot,
+    saturating_rounding_doubling_high_mul,
+)
+
+
+def _round_half_away(v: np.ndarray) -> np.ndarray:
+    return np.sign(v) * np.floor(np.abs(v) + 0.5)
+
+
+def _tflite_quantize_multiplier(m: float) -> tuple[int, int]:
+    """Scalar transcription of TFLite's QuantizeMultiplier (std::frexp + std::round)."""
+    if m == 0.0:
+        return 0, 0
+    q, shift = math.frexp(m)
+    q_fixed = int(math.floor(q * (1 << 31) + 0.5))
+    if q_fixed == 1 << 31:
+        q_fixed //= 2
+        shift += 1
+    if shift < -31:
+        return 0, 0
+    return q_fixed, shift
+
+
+def test_quantize_multiplier_matches_scalar_reference_and_is_accurate():
+    gen = torch.Generator().manual_seed(0)
+    m = torch.exp(torch.empty(4000, dtype=torch.float64).uniform_(-20, 8, generator=gen))
+    fp = quantize_multiplier(m)
+    ref = [_tflite_quantize_multiplier(float(v)) for v in m]
+    assert fp.multiplier.tolist() == [r[0] for r in ref]
+    assert fp.shift.tolist() == [r[1] for r in ref]
+    assert bool(((fp.multiplier >= 2**30) & (fp.multiplier < 2**31)).all())
+    rel = (fp.to_float() - m).abs() / m
+    assert float(rel.max()) <= 2.0**-31  # half a Q31 step relative to M0 >= 0.5
+
+
+def test_quantize_multiplier_carry_and_special_values():
+    # 1 - 2^-40 rounds up to 2^31 in Q31: halved, shift incremented -> exactly 1.0.
+    fp = quantize_multiplier(torch.tensor([1.0 - 2.0**-40, 0.0, 2.0**-40, 1.0]))
+    assert fp.multiplier.tolist() == [2**30, 0, 0, 2**30]
+    assert fp.shift.tolist() == [1, 0, 0, 1]
+    with pytest.raises(ConfigError, match="finite"):
+        quantize_multiplier(torch.tensor([-0.5]))
+    with pytest.raises(ConfigError, match="left shift"):
+        quantize_multiplier(torch.tensor([2.0**40]))
+
+
+def test_srdhm_closed_form_and_saturation():
+    a = torch.tensor([3, -3, 1 << 30, INT32_MIN, INT32_MIN, INT32_MAX])
+    b = torch.tensor([1 << 30, 1 << 30, 1 << 30, INT32_MIN, INT32_MAX, INT32_MAX])
+    out = saturating_rounding_doubling_high_mul(a, b).tolist()
+    # 3 * 0.5 = 1.5 -> 2; -1.5 -> -1 (nudge ties toward +inf); 2^30 * 0.5 = 2^29; -2^31 * -2^31 saturates.
+    assert out[:4] == [2, -1, 1 << 29, INT32_MAX]
+    assert out[4] == -(INT32_MAX)  # -2^31 * (2^31 - 1) / 2^31 = -(2^31 - 1) exactly
+    assert out[5] == INT32_MAX - 1  # (2^31-1)^2 / 2^31 = 2^31 - 2 + 2^-31 -> 2^31 - 2
+
+
+def test_rounding_divide_by_pot_ties_away_from_zero():
+    x = torch.tensor([5, -5, 6, -6, 7, -7, 12, -12, 0, INT32_MAX, INT32_MIN])
+    assert rounding_divide_by_pot(x, 1).tolist() == [3, -3, 3, -3, 4, -4, 6, -6, 0, 2**30, -(2**30)]
+    assert rounding_divide_by_pot(torch.tensor([6, -6, 5, -5]), 2).tolist() == [2, -2, 1, -1]
+    # per-element exponents broadcast
+    assert rounding_divide_by_pot(torch.tensor([10, 10, 10]), torch.tensor([0, 1, 2])).tolist() == [10, 5, 3]
+
+
+def test_documented_ties_of_the_full_requantization():
+    """Exact ties: with a right shift they round half away from zero; M in [0.5, 1) has no right shift,
+    so a tie rounds toward +inf inside SRDHM (gemmlowp)."""
+    quarter = quantize_multiplier(torch.tensor(0.25))
+    assert multiply_by_quantized_multiplier(torch.tensor([2, -2, 6, -6, 10, -10]), quarter).tolist() == [
+        1, -1, 2, -2, 3, -3]
+    half = quantize_multiplier(torch.tensor(0.5))
+    assert multiply_by_quantized_multiplier(torch.tensor([1, -1, 3, -3]), half).tolist() == [1, 0, 2, -1]
+    three = quantize_multiplier(torch.tensor(3.0))  # M > 1: left shift 2, then * 0.75
+    assert multiply_by_quantized_multiplier(torch.tensor([5, -5, 1000]), three).tolist() == [15, -15, 3000]
+
+
+def test_millions_of_accumulators_within_one_step_of_float64():
+    gen = torch.Generator().manual_seed(1)
+    n = 2_000_000
+    acc = torch.randint(-(2**24), 2**24, (n,), generator=gen, dtype=torch.int64)
+    acc[:1000] = torch.randint(INT32_MIN, INT32_MAX, (1000,), generator=gen, dtype=torch.int64)
+    # per-element multipliers spanning (2^-20, 1) and a few > 1
+    m = torch.exp2(torch.empty(n, dtype=torch.float64).uniform_(-20, 0, generator=gen))
+    m[-1000:] = torch.empty(1000, dtype=torch.float64).uniform_(1.0, 8.0, generator=gen)
+    acc[-1000:] = torch.randint(-(2**20), 2**20, (1000,), generator=gen, dtype=torch.int64)
+    fp = quantize_multiplier(m)
+    got = multiply_by_quantized_multiplier(acc, fp).numpy()
+    ref = _round_half_away(acc.double().numpy() * m.numpy())
+    diff = np.abs(got - ref)
+    assert diff.max() <= 1
+    # gemmlowp rounds twice (SRDHM, then the right shift): about 2.5% of results land one step off.
+    assert (diff > 0).mean() < 0.05
+    # against the represented multiplier the integer path is exact except at near-ties
+    ref_rep = _round_half_away(acc.double().numpy() * fp.to_float().numpy())
+    assert np.abs(got - ref_rep).max() <= 1
+
+
+def test_per_channel_broadcast_equals_per_channel_loop():
+    gen = torch.Generator().manual_seed(2)
+    acc = torch.randint(-(2**20), 2**20, (4, 6, 5), generator=gen)
+    m = torch.rand(6, generator=gen, dtype=torch.float64) * 0.01 + 1e-4
+    fp = quantize_multiplier(m.reshape(1, 6, 1))
+    full = requantize_fixed_point(acc, fp, zero_point=3, qmin=-128, qmax=127)
+    for c in range(6):
+        one = requantize_fixed_point(acc[:, c], quantize_multiplier(m[c]), 3, -128, 127)
+        assert torch.equal(full[:, c], one)
+    assert int(full.min()) >= -128 and int(full.max()) <= 127
+
+
+@given(
+    x=st.integers(-(2**24), 2**24),
+    m=st.floats(min_value=2.0**-24, max_value=0.999, allow_nan=False),
+)
+def test_property_within_one_step_and_odd_symmetry_away_from_ties(x, m):
+    fp = quantize_multiplier(torch.tensor(m, dtype=torch.float64))
+    got = int(multiply_by_quantized_multiplier(torch.tensor([x]), fp)[0])
+    exact = x * float(fp.to_float())
+    assert abs(got - exact) <= 1.0
+    if abs(abs(exact) % 1.0 - 0.5) > 1e-6:  # away from ties, rounding is symmetric: f(-x) = -f(x)
+        assert int(multiply_by_quantized_multiplier(torch.tensor([-x]), fp)[0]) == -got
+
+
+@given(x=st.integers(-(2**20), 2**20), y=st.integers(-(2**20), 2**20),
+       m=st.floats(min_value=2.0**-16, max_value=4.0, allow_nan=False))
+def test_property_monotone(x, y, m):
+    fp = quantize_multiplier(torch.tensor(m, dtype=torch.float64))
+    lo, hi = min(x, y), max(x, y)
+    out = multiply_by_quantized_multiplier(torch.tensor([lo, hi]), fp)
+    assert int(out[0]) <= int(out[1])
+
+
+@given(e=st.integers(0, 30), x=st.integers(INT32_MIN, INT32_MAX))
+def test_property_rounding_divide_matches_exact_rational(e, x):
+    got = int(rounding_divide_by_pot(torch.tensor([x]), e)[0])
+    q, r = divmod(abs(x), 1 << e)
+    expect = q + (1 if 2 * r >= (1 << e) else 0)
+    assert got == (expect if x >= 0 else -expect)
