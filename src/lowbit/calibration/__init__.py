@@ -11,12 +11,25 @@ if TYPE_CHECKING:
     from ..spec import QuantSpec
 
 __all__ = [
-    "Observer", "MinMaxObserver", "make_observer", "Calibrator", "as_calibrator",
+    "Observer", "MinMaxObserver", "MovingAverageMinMaxObserver", "HistogramObserver", "ADMMObserver",
+    "make_observer", "Calibrator", "as_calibrator",
     "MinMax", "MovingAverageMinMax", "KL", "Percentile", "MSE", "ADMM",
 ]
 
 # calibrator class -> observer class; other modules of this package register theirs on import.
 OBSERVERS: dict[type, type[Observer]] = {MinMax: MinMaxObserver}
+
+from .admm import ADMMObserver  # noqa: E402
+from .histogram import HistogramObserver  # noqa: E402
+from .moving_average import MovingAverageMinMaxObserver  # noqa: E402
+
+OBSERVERS.update({
+    MovingAverageMinMax: MovingAverageMinMaxObserver,
+    KL: HistogramObserver,
+    Percentile: HistogramObserver,
+    MSE: HistogramObserver,
+    ADMM: ADMMObserver,
+})
 
 
 def make_observer(spec: QuantSpec, name: str = "tensor") -> Observer:

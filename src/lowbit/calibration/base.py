@@ -109,5 +109,8 @@ class MinMaxObserver(Observer):
         self.min_val = torch.minimum(self.min_val, other.min_val)
         self.max_val = torch.maximum(self.max_val, other.max_val)
 
+    def _state_tensors(self) -> list[tuple[str, str]]:
+        return [("min_val", "min"), ("max_val", "max")]
+
     def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.min_val.clone(), self.max_val.clone()

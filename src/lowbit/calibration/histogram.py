@@ -1,0 +1,231 @@
+"""Streaming per-block histograms that grow without losing counts, and the observer built on them.
+
+Layout: for each block ``b`` (one per scale, ``B = prod(scale_shape)``) two histograms of ``nb`` bins of
+width ``w_b = 2**e_b``, anchored at 0: ``hist[b, 0, k]`` counts ``x >= 0`` with ``floor(x / w_b) = k``,
+``hist[b, 1, k]`` counts ``x < 0`` with ``floor(-x / w_b) = k``. ``e_b`` is the smallest integer with
+``max|x| < nb * 2**e_b``. When a batch exceeds the range the width doubles ``d`` times and bin ``k``
+moves to bin ``k >> d``, which is exact because ``floor(floor(v / w) / 2**d) = floor(v / (2**d w))``.
+So the histogram depends only on the data, not on the batch order or split: merging two observers or
+all-reducing across ranks gives exactly the histogram of the concatenated data.
+
+Memory: ``B * 2 * nb`` int64 counts plus per-block min/max, independent of the number of batches.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import ConfigError, ShapeMismatchError
+from .base import Observer
+from .estimators import mse_range, percentile_range
+from .kl import kl_range
+
+if TYPE_CHECKING:
+    from ..spec import QuantSpec
+
+EMPTY_EXPONENT = -(2**40)
+"""Exponent of a block that has seen only zeros (its width is not yet known; every count is in bin 0)."""
+
+
+def blocks_2d(x: torch.Tensor, granularity) -> torch.Tensor:
+    """``x`` as ``(B, n)``: one row per block of ``granularity`` (row order = scale tensor order)."""
+    from ..granularity import to_blocks
+
+    if x.dim() == 0:
+        x = x.reshape(1)
+    v = to_blocks(x, granularity)
+    nd = x.dim()
+    perm = list(range(0, 2 * nd, 2)) + list(range(1, 2 * nd, 2))
+    n_blocks = 1
+    for d in range(0, 2 * nd, 2):
+        n_blocks *= v.shape[d]
+    return v.permute(perm).reshape(n_blocks, -1)
+
+
+def covering_exponent(amax: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """Smallest integer ``e`` (int64) with ``amax < num_bins * 2**e``; :data:`EMPTY_EXPONENT` where amax is 0."""
+    a = amax.double()
+    _, k = torch.frexp(a / num_bins)
+    e = k.long()
+    # frexp of a rounded quotient can be one off: fix both ways against the exact product.
+    e = torch.where(a >= num_bins * torch.ldexp(torch.ones_like(a), e), e + 1, e)
+    e = torch.where(a < num_bins * torch.ldexp(torch.ones_like(a), e - 1), e - 1, e)
+    return torch.where(a > 0, e, torch.full_like(e, EMPTY_EXPONENT))
+
+
+def rescale_counts(hist: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Move bin ``k`` of block ``b`` to bin ``k >> shift[b]`` (the width doubled ``shift[b]`` times).
+    ``hist``: (B, S, nb) int64, ``shift``: (B,) int64 >= 0. Exact: counts are only added."""
+    n_blocks, n_sides, nb = hist.shape
+    if not bool((shift > 0).any()):
+        return hist
+    k = torch.arange(nb, device=hist.device)
+    target = k[None, :] >> shift.clamp(max=62)[:, None]  # (B, nb)
+    target = target[:, None, :].expand(n_blocks, n_sides, nb)
+    return torch.zeros_like(hist).scatter_add_(2, target, hist)
+
+
+class Histogram:
+    """Mergeable per-block signed histogram; see the module docstring for the bin layout.
+
+    Attributes:
+        hist: (B, 2, nb) int64; ``[:, 0]`` non-negative values, ``[:, 1]`` negative values by |x|.
+        exponent: (B,) int64, bin width ``2**exponent``.
+        min_val, max_val: (B,) float32, exact extremes seen.
+    """
+
+    def __init__(self, num_blocks: int, num_bins: int) -> None:
+        if num_bins < 2:
+            raise ConfigError(f"a histogram needs at least 2 bins, got {num_bins}; 2048 is the default.")
+        self.num_bins = num_bins
+        self.hist = torch.zeros(num_blocks, 2, num_bins, dtype=torch.int64)
+        self.exponent = torch.full((num_blocks,), EMPTY_EXPONENT, dtype=torch.int64)
+        self.min_val = torch.full((num_blocks,), float("inf"))
+        self.max_val = torch.full((num_blocks,), float("-inf"))
+
+    @property
+    def width(self) -> torch.Tensor:
+        """(B,) float64 bin widths (0 for blocks that have seen only zeros)."""
+        w = torch.ldexp(torch.ones(self.exponent.shape, dtype=torch.float64), self.exponent.clamp(min=-1100))
+        return torch.where(self.exponent == EMPTY_EXPONENT, torch.zeros_like(w), w)
+
+    def align_to(self, exponent: torch.Tensor) -> None:
+        """Coarsen every block to ``exponent`` (>= the current one), keeping all counts."""
+        shift = torch.where(self.exponent == EMPTY_EXPONENT, torch.full_like(exponent, 62), exponent - self.exponent)
+        self.hist = rescale_counts(self.hist, torch.where(exponent == EMPTY_EXPONENT, 0, shift))
+        self.exponent = exponent.clone()
+
+    def add(self, xb: torch.Tensor) -> None:
+        """Count the rows of ``xb`` (B, n) float32 into their blocks."""
+        n_blocks, nb = self.hist.shape[0], self.num_bins
+        mn, mx = torch.aminmax(xb, dim=1)
+        self.min_val = torch.minimum(self.min_val, mn)
+        self.max_val = torch.maximum(self.max_val, mx)
+        self.align_to(torch.maximum(self.exponent, covering_exponent(torch.maximum(-mn, mx), nb)))
+        empty = self.exponent == EMPTY_EXPONENT
+        inv = torch.ldexp(torch.ones(n_blocks, dtype=torch.float64), (-self.exponent).clamp(max=1100))
+        inv = torch.where(empty, torch.zeros_like(inv), inv)
+        # |x| * 2**-e is exact in float32 unless it under/overflows the exponent range.
+        work = torch.float32 if bool((inv < 2.0**100).all() and (inv[~empty] > 2.0**-100).all()) else torch.float64
+        scaled = xb.abs().to(work).mul_(inv.to(work)[:, None])
+        bins = scaled.floor_().long()
+        bins.clamp_(max=nb - 1)  # guards float edge cases only; the exponent guarantees bins < nb
+        bins.add_((xb < 0).long().mul_(nb))
+        if n_blocks > 1:
+            bins += torch.arange(n_blocks, dtype=torch.int64)[:, None] * (2 * nb)
+        counts = torch.bincount(bins.reshape(-1), minlength=n_blocks * 2 * nb)
+        self.hist += counts.view(n_blocks, 2, nb)
+
+    def merge(self, other: Histogram) -> None:
+        """Add another histogram of the same blocks and bin count (exactly)."""
+        if other.hist.shape != self.hist.shape:
+            raise ShapeMismatchError(
+                f"cannot merge histograms of shape {tuple(other.hist.shape)} into {tuple(self.hist.shape)}; "
+                "observers must watch the same tensor with the same number of bins."
+            )
+        e = torch.maximum(self.exponent, other.exponent)
+        other_hist = other.hist.clone()
+        self.align_to(e)
+        shift = torch.where(other.exponent == EMPTY_EXPONENT, torch.full_like(e, 62), e - other.exponent)
+        self.hist += rescale_counts(other_hist, torch.where(e == EMPTY_EXPONENT, 0, shift))
+        self.min_val = torch.minimum(self.min_val, other.min_val)
+        self.max_val = torch.maximum(self.max_val, other.max_val)
+
+    def clone(self) -> Histogram:
+        h = Histogram.__new__(Histogram)
+        h.num_bins = self.num_bins
+        h.hist, h.exponent = self.hist.clone(), self.exponent.clone()
+        h.min_val, h.max_val = self.min_val.clone(), self.max_val.clone()
+        return h
+
+
+class HistogramObserver(Observer):
+    """Streaming histogram per block; the range comes from ``spec.calibrator`` (KL, Percentile or MSE)
+    and :meth:`candidate_ranges` gives every estimator's range from the same statistics.
+
+    >>> from lowbit.spec import QuantSpec
+    >>> obs = HistogramObserver(QuantSpec("int8", calibrator="percentile:50"))
+    >>> obs.update(torch.arange(-100.0, 101.0))
+    >>> [round(float(v), 3) for v in obs.compute_range()]
+    [-50.047, 50.047]
+    """
+
+    def __init__(self, spec: QuantSpec, name: str = "tensor") -> None:
+        super().__init__(spec, name)
+        self.num_bins = int(getattr(spec.calibrator, "num_bins", 2048))
+        self.stats: Histogram | None = None
+        self.scale_shape: tuple[int, ...] | None = None
+
+    def _update(self, x: torch.Tensor) -> None:
+        shape = tuple(self.spec.granularity.scale_shape(tuple(x.shape) or (1,)))
+        if self.stats is None:
+            self.scale_shape = shape
+            n_blocks = 1
+            for s in shape:
+                n_blocks *= s
+            self.stats = Histogram(n_blocks, self.num_bins)
+        elif shape != self.scale_shape:
+            raise ShapeMismatchError(
+                f"{self.name}: batch of shape {tuple(x.shape)} gives scales of shape {shape}, but earlier batches "
+                f"gave {self.scale_shape}; per-channel observers need the same channel count every batch."
+            )
+        self.stats.add(blocks_2d(x, self.spec.granularity))
+
+    def _merge(self, other: HistogramObserver) -> None:
+        self.stats.merge(other.stats)
+
+    def _copy_from(self, other: Observer) -> None:
+        self.stats = other.stats.clone()
+        self.scale_shape = other.scale_shape
+        self.num_bins = other.num_bins
+
+    def _state_tensors(self) -> list[tuple[str, str]]:
+        # the exponent goes first: every rank coarsens to the common width before counts are summed
+        return [("exponent", "max"), ("hist", "sum"), ("min_val", "min"), ("max_val", "max")]
+
+    def _get_state(self, attr: str) -> torch.Tensor:
+        return getattr(self.stats, attr)
+
+    def _set_state(self, attr: str, value: torch.Tensor) -> None:
+        if attr == "exponent":
+            self.stats.align_to(value)
+        else:
+            setattr(self.stats, attr, value)
+
+    def _empty_state(self, meta: dict) -> None:
+        self.stats = Histogram(meta["num_blocks"], meta["num_bins"])
+        self.scale_shape = meta["scale_shape"]
+
+    def _meta(self) -> dict:
+        return {"num_blocks": self.stats.hist.shape[0], "num_bins": self.num_bins, "scale_shape": self.scale_shape}
+
+    def candidate_ranges(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{"minmax", "percentile", "kl", "mse"}`` -> ``(min_val, max_val)`` in the scale shape, all from
+        the same histogram (percentile at ``spec.calibrator.percentile`` if set, else 99.99)."""
+        self.compute_range()  # raises EmptyCalibrationError when nothing was seen
+        pct = float(getattr(self.spec.calibrator, "percentile", 99.99))
+        start = int(getattr(self.spec.calibrator, "start_bin", 128))
+        s = self.stats
+        out = {
+            "minmax": (s.min_val.clone(), s.max_val.clone()),
+            "percentile": percentile_range(s, pct, self.spec.symmetric),
+            "kl": kl_range(s, self.spec, start_bin=start),
+            "mse": mse_range(s, self.spec),
+        }
+        return {k: (lo.reshape(self.scale_shape), hi.reshape(self.scale_shape)) for k, (lo, hi) in out.items()}
+
+    def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from .config import KL, MSE, Percentile
+
+        cal, s = self.spec.calibrator, self.stats
+        if isinstance(cal, KL):
+            lo, hi = kl_range(s, self.spec, start_bin=cal.start_bin)
+        elif isinstance(cal, Percentile):
+            lo, hi = percentile_range(s, cal.percentile, self.spec.symmetric)
+        elif isinstance(cal, MSE):
+            lo, hi = mse_range(s, self.spec)
+        else:
+            lo, hi = s.min_val.clone(), s.max_val.clone()
+        return lo.reshape(self.scale_shape), hi.reshape(self.scale_shape)
