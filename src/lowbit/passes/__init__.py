@@ -1,0 +1,21 @@
+"""Graph passes on float models, one per file, each named after its paper.
+
+* :func:`fold_bn` - BatchNorm folding (keeps the BatchNorm statistics for the data-free passes);
+* :func:`equalize` - cross-layer equalization (Nagel et al. 2019, DFQ section 4.1);
+* :func:`absorb_high_bias` - high-bias absorption (DFQ section 4.1.1);
+* :func:`correct_bias` - analytic and empirical bias correction (DFQ section 4.2);
+* :func:`adaround` - adaptive rounding of weights (Nagel et al. 2020).
+"""
+
+from __future__ import annotations
+
+from .adaround import AdaRoundConfig, AdaRoundResult, adaround, adaround_layer
+from .bias_correction import clipped_normal_mean, correct_bias, correct_layer_bias
+from .cle import equalize, equalize_pair
+from .clip import ChannelClip
+from .fold_bn import BNStats, fold_bn, fold_bn_into, output_stats
+from .high_bias_absorption import absorb_high_bias, absorb_pair
+
+__all__ = ["fold_bn", "fold_bn_into", "BNStats", "output_stats", "equalize", "equalize_pair", "ChannelClip",
+           "absorb_high_bias", "absorb_pair", "correct_bias", "correct_layer_bias", "clipped_normal_mean",
+           "adaround", "adaround_layer", "AdaRoundConfig", "AdaRoundResult"]

@@ -1,0 +1,95 @@
+"""Per-layer weight arithmetic shared by the passes: channel views, weight quantization, layer calls."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..granularity import reduce_blocks
+from ..ops import fake_quantize
+from ..spec import QuantSpec, compute_qparams
+
+
+def in_channel_groups(layer: nn.Module) -> int:
+    return 1 if isinstance(layer, nn.Linear) else layer.groups
+
+
+def scale_out_channels(layer: nn.Module, s: torch.Tensor) -> None:
+    """``W[o] /= s[o]``, ``b[o] /= s[o]`` (Conv/Linear, output channels on weight axis 0)."""
+    w = layer.weight
+    w.data.div_(s.to(w.dtype).reshape(-1, *([1] * (w.dim() - 1))))
+    if layer.bias is not None:
+        layer.bias.data.div_(s.to(w.dtype))
+
+
+def _in_view(layer: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """Weight as ``(groups, out/groups, in/groups, rest)``: input channel ``c`` is ``[c // cin_g, :, c % cin_g]``."""
+    g = in_channel_groups(layer)
+    return w.reshape(g, w.shape[0] // g, w.shape[1], -1)
+
+
+def in_channel_absmax(layer: nn.Module) -> torch.Tensor:
+    """``max |W|`` over every weight that multiplies input channel ``c``; shape ``(in_channels,)``."""
+    v = _in_view(layer, layer.weight.detach()).abs()
+    return v.amax(dim=(1, 3)).reshape(-1)
+
+
+def scale_in_channels(layer: nn.Module, s: torch.Tensor) -> None:
+    """Multiply every weight of input channel ``c`` by ``s[c]`` (grouped and depthwise convs included)."""
+    w = layer.weight
+    g = in_channel_groups(layer)
+    v = _in_view(layer, w.data) * s.to(w.dtype).reshape(g, 1, -1, 1)
+    w.data.copy_(v.reshape(w.shape))
+
+
+def out_channel_absmax(layer: nn.Module) -> torch.Tensor:
+    """``max |W[o]|`` per output channel; shape ``(out_channels,)``."""
+    return layer.weight.detach().abs().reshape(layer.weight.shape[0], -1).amax(dim=1)
+
+
+def weight_times_channel_vector(layer: nn.Module, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Output of the layer with weight ``w``, no bias and zero padding ignored, for an input that is the
+    constant ``v[c]`` on every position of channel ``c``: ``y[o] = sum_{c, k} w[o, c, k] v[c]``.
+    ``v`` shape ``(in_channels,)``; returns ``(out_channels,)`` float64."""
+    g = in_channel_groups(layer)
+    wv = _in_view(layer, w.double()).sum(dim=3)  # (g, out/g, in/g)
+    return torch.einsum("goi,gi->go", wv, v.double().reshape(g, -1)).reshape(-1)
+
+
+def weight_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of a weight from its min/max per block of ``spec.granularity``."""
+    w = w.detach().float()
+    return compute_qparams(spec, reduce_blocks(w, spec.granularity, "amin"), reduce_blocks(w, spec.granularity, "amax"))
+
+
+def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``fake_quantize(w)`` with min/max qparams (nearest rounding), same dtype as ``w``."""
+    s, z = weight_qparams(w, spec)
+    return fake_quantize(w.detach(), s, z, spec)
+
+
+def forward_with(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``layer``'s operation with another weight and bias (Conv1d/2d/3d or Linear)."""
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, weight, bias)
+    return layer._conv_forward(x, weight, bias)
+
+
+def channel_dim(layer: nn.Module) -> int:
+    """Channel dimension of the layer's input and output activations: -1 for Linear, 1 for convs."""
+    return -1 if isinstance(layer, nn.Linear) else 1
+
+
+def batch_input(batch) -> torch.Tensor:
+    """The model input of one calibration batch: the batch itself or its first element ``(x, y)``."""
+    if isinstance(batch, (list, tuple)):
+        return batch[0]
+    return batch
+
+
+def batches(data: Iterable) -> Iterable[torch.Tensor]:
+    for b in data:
+        yield batch_input(b)

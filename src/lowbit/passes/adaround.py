@@ -1,0 +1,280 @@
+"""AdaRound: learn whether each weight rounds up or down (Nagel et al. 2020, "Up or Down? Adaptive
+Rounding for Post-Training Quantization").
+
+Per layer, with ``s, z`` the weight's min/max qparams under ``spec``, the soft-quantized weight is::
+
+    h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1)        zeta = 1.1, gamma = -0.1
+    W~   = s * (clip(floor(W / s) + h(V) + z, qmin, qmax) - z)
+
+and ``V`` minimizes the layer's output reconstruction error plus a regularizer that pushes ``h`` to 0/1::
+
+    || W x - W~ x~ ||^2  +  lambda * sum(1 - |2 h(V) - 1|^beta)
+
+(squared error summed over output channels, averaged over samples and positions), ``beta`` annealed
+linearly from 20 to 2 after a warm start without the regularizer. ``V`` starts where ``h(V)`` equals the
+fractional part of ``W / s`` (so ``W~ = W`` at the start). The final weight uses the hard rounding
+``h = [V >= 0]``, and nearest rounding is kept instead when it reconstructs better on the calibration
+inputs (so AdaRound never makes a layer worse on its own data).
+
+Layers are done one at a time in execution order. A layer's target output comes from the float model's
+input ``x``; the optimized layer sees ``x~``, its input in the model whose earlier layers are already
+rounded (optionally activation-quantized with ``act_spec``). QDrop (Wei et al. 2022): with
+``qdrop_prob = p``, each element of ``x~`` is replaced by the float ``x`` with probability ``p`` during
+optimization. Block reconstruction (BRECQ) is not implemented: every layer is reconstructed alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, EmptyCalibrationError, UnsupportedLayerError
+from ..granularity import PerTensor, broadcast_param, to_blocks
+from ..ops import fake_quantize
+from ..spec import QuantSpec, compute_qparams
+from ._graph import CONV_TYPES, get_module
+from ._layer import batches, channel_dim, forward_with, weight_qparams
+from .log import PassLog
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AdaRoundConfig", "AdaRoundResult", "adaround", "adaround_layer"]
+
+ZETA, GAMMA = 1.1, -0.1
+_TYPES = (*CONV_TYPES, nn.Linear)
+_QPARAMS_ATTR = "lowbit_weight_qparams"
+
+
+@dataclass(frozen=True)
+class AdaRoundConfig:
+    """Optimization settings (paper defaults except ``iters``, 10000 in the paper).
+
+    Args:
+        iters: Adam steps per layer. warm_start: fraction of steps without the regularizer.
+        reg_weight: lambda. beta_start, beta_end: the regularizer's exponent, annealed linearly.
+        lr: Adam learning rate for V. batch_size: samples (first dim of the stored inputs) per step.
+        qdrop_prob: probability of using the float input instead of the quantized one, per element.
+        act_spec: if set, the layer's (quantized-model) input is fake-quantized with a per-tensor
+            min/max range under this spec before the layer sees it.
+        seed: for batch sampling and QDrop masks.
+    """
+
+    iters: int = 1000
+    warm_start: float = 0.2
+    reg_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    lr: float = 1e-3
+    batch_size: int = 32
+    qdrop_prob: float = 0.0
+    act_spec: QuantSpec | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.iters < 1 or not 0 <= self.warm_start < 1 or self.batch_size < 1:
+            raise ConfigError(f"AdaRoundConfig needs iters >= 1, 0 <= warm_start < 1, batch_size >= 1; got "
+                              f"{self.iters}, {self.warm_start}, {self.batch_size}.")
+        if not 0 <= self.qdrop_prob <= 1:
+            raise ConfigError(f"qdrop_prob is a probability in [0, 1], got {self.qdrop_prob}.")
+        if self.act_spec is not None and not isinstance(self.act_spec.granularity, PerTensor):
+            raise ConfigError("AdaRound's act_spec must be per-tensor (granularity=PerTensor()).")
+
+
+@dataclass
+class AdaRoundResult:
+    """Outcome for one layer: the rounded ``weight`` (float, on the quantization grid of ``scale`` /
+    ``zero_point``), the final soft ``h`` (shape of the weight), and the reconstruction errors
+    (mean squared output error per sample, on all stored inputs) of nearest rounding and of the result."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    h: torch.Tensor
+    error_nearest: float
+    error: float
+    used: str  # "adaround" or "nearest" (AdaRound reconstructed worse and was discarded)
+
+
+def _rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+
+def _full(p: torch.Tensor, w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """A per-block parameter expanded to the weight's shape."""
+    shape = tuple(w.shape)
+    blocks = to_blocks(w, spec.granularity).shape
+    return broadcast_param(p, shape, spec.granularity).expand(blocks).reshape(shape)
+
+
+def _recon_error(layer: nn.Module, x: torch.Tensor, w: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    d = forward_with(layer, x, w, layer.bias) - target
+    return (d**2).sum(dim=channel_dim(layer)).mean()
+
+
+def _batched_error(layer, xs, w, target, bs: int = 256) -> float:
+    tot = 0.0
+    with torch.no_grad():
+        for i in range(0, xs.shape[0], bs):
+            tot += float(_recon_error(layer, xs[i:i + bs], w, target[i:i + bs])) * xs[i:i + bs].shape[0]
+    return tot / xs.shape[0]
+
+
+def _act_quant(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    s, z = compute_qparams(spec, x.min(), x.max())
+    return fake_quantize(x, s, z, spec)
+
+
+def adaround_layer(layer: nn.Module, inputs: torch.Tensor, spec: QuantSpec, config: AdaRoundConfig = AdaRoundConfig(),
+                   *, float_inputs: torch.Tensor | None = None) -> AdaRoundResult:
+    """AdaRound one Conv1d/2d/3d or Linear layer; the layer itself is not modified.
+
+    Args:
+        layer: the float layer (its weight gives the target, its bias is kept).
+        inputs: ``x~``, what the quantized layer sees, shape ``(N, ...)`` as the layer takes it.
+        spec: integer weight :class:`~lowbit.spec.QuantSpec` (granularity per-tensor/channel/group).
+        config: :class:`AdaRoundConfig`.
+        float_inputs: ``x`` for the target ``W x + b``; defaults to ``inputs``.
+
+    Returns:
+        :class:`AdaRoundResult`.
+    """
+    if not isinstance(layer, _TYPES):
+        raise UnsupportedLayerError(f"AdaRound handles Conv1d/2d/3d and Linear, not {type(layer).__name__}.")
+    if not spec.format.is_integer:
+        raise ConfigError(f"AdaRound rounds to an integer grid; {spec.format.name} is not an integer format.")
+    if inputs.shape[0] == 0:
+        raise EmptyCalibrationError("AdaRound got no calibration inputs for the layer.")
+    gen = torch.Generator().manual_seed(config.seed)
+    x_fp = inputs if float_inputs is None else float_inputs
+    x_q = inputs if config.act_spec is None else _act_quant(inputs, config.act_spec)
+    w = layer.weight.detach().float()
+    scale, zp = weight_qparams(w, spec)
+    s, z = _full(scale, w, spec), _full(zp.float(), w, spec)
+    qmin, qmax = float(spec.qmin), float(spec.qmax)
+    w_floor = torch.floor(w / s)
+    rest = (w / s - w_floor).clamp(1e-4, 1 - 1e-4)
+    # h(V) = rest at the start: sigmoid(V) = (rest - gamma) / (zeta - gamma)
+    v = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+
+    def weight_of(h: torch.Tensor) -> torch.Tensor:
+        return s * (torch.clamp(w_floor + h + z, qmin, qmax) - z)
+
+    with torch.no_grad():
+        target = forward_with(layer, x_fp, w, layer.bias)
+    opt = torch.optim.Adam([v], lr=config.lr)
+    n, warm = x_q.shape[0], int(config.warm_start * config.iters)
+    for it in range(config.iters):
+        idx = torch.randint(0, n, (min(config.batch_size, n),), generator=gen)
+        xb = x_q[idx]
+        if config.qdrop_prob > 0:
+            keep_fp = torch.rand(xb.shape, generator=gen) < config.qdrop_prob
+            xb = torch.where(keep_fp, x_fp[idx], xb)
+        h = _rectified_sigmoid(v)
+        loss = _recon_error(layer, xb, weight_of(h), target[idx].detach())
+        if it >= warm:
+            rel = (it - warm) / max(1, config.iters - warm)
+            beta = config.beta_end + (config.beta_start - config.beta_end) * (1 - rel)
+            loss = loss + config.reg_weight * (1 - (2 * h - 1).abs().pow(beta)).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        h_soft = _rectified_sigmoid(v)
+        w_ada = weight_of((v >= 0).float())
+        w_near = weight_of(torch.round(w / s) - w_floor)  # nearest rounding as a 0/1 choice
+        err_ada = _batched_error(layer, x_q, w_ada, target)
+        err_near = _batched_error(layer, x_q, w_near, target)
+    used = "adaround" if err_ada <= err_near else "nearest"
+    w_out = (w_ada if used == "adaround" else w_near).to(layer.weight.dtype)
+    return AdaRoundResult(w_out, scale, zp, h_soft.detach(), err_near, min(err_ada, err_near), used)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _capture(model: nn.Module, name: str, data: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The inputs of submodule ``name`` over all batches, concatenated on dim 0 (forward stops there)."""
+    store: list[torch.Tensor] = []
+
+    def hook(mod, inputs):
+        store.append(inputs[0].detach())
+        raise _Stop
+
+    h = get_module(model, name).register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for x in data:
+                try:
+                    model(x)
+                except _Stop:
+                    pass
+    finally:
+        h.remove()
+    if not store:
+        raise EmptyCalibrationError(f"no calibration batch reached {name}.")
+    return torch.cat(store)
+
+
+def _execution_order(model: nn.Module, x: torch.Tensor) -> list[str]:
+    order: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda mod, inp, n=n: order.append(n) if n not in order else None)
+               for n, m in model.named_modules() if isinstance(m, _TYPES)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def adaround(model: nn.Module, data: Iterable, spec: QuantSpec, config: AdaRoundConfig = AdaRoundConfig(), *,
+             layers: Sequence[str] | None = None, inplace: bool = False,
+             progress: bool = True) -> tuple[nn.Module, dict[str, AdaRoundResult], PassLog]:
+    """AdaRound every Conv1d/2d/3d and Linear layer of ``model`` (or the named ``layers``), in execution order.
+
+    Args:
+        model: float model in eval mode (fold BatchNorms first); copied unless ``inplace``.
+        data: calibration batches (tensors or ``(input, target)`` pairs); a few hundred samples suffice.
+        spec: the integer weight spec; the rounded weights lie on its grid.
+        config: :class:`AdaRoundConfig`. progress: a tqdm bar over the layers.
+
+    Returns:
+        ``(model, results, log)``: the model with rounded float weights (each layer also carries its
+        ``(scale, zero_point)`` as attribute ``lowbit_weight_qparams``, so re-quantizing with those is
+        exact), the per-layer :class:`AdaRoundResult`, and the log.
+    """
+    from tqdm.auto import tqdm
+
+    fp_model = model
+    model = model if inplace else copy.deepcopy(model)
+    if inplace:
+        fp_model = copy.deepcopy(model)
+    xs = list(batches(data))
+    if not xs:
+        raise EmptyCalibrationError("adaround needs calibration data; got no batches.")
+    order = _execution_order(model, xs[0])
+    names = order if layers is None else [n for n in order if n in set(layers)]
+    plog = PassLog()
+    for n, m in model.named_modules():
+        if isinstance(m, _TYPES) and n not in order:
+            plog.add("adaround", (n,), False, "not called in the forward pass")
+    results: dict[str, AdaRoundResult] = {}
+    for name in tqdm(names, desc="AdaRound", disable=not progress, unit="layer"):
+        x_fp = _capture(fp_model, name, xs)
+        x_q = _capture(model, name, xs) if results else x_fp
+        layer = get_module(model, name)
+        res = adaround_layer(layer, x_q, spec, config, float_inputs=x_fp)
+        with torch.no_grad():
+            layer.weight.copy_(res.weight)
+        layer.__dict__[_QPARAMS_ATTR] = (res.scale, res.zero_point)
+        results[name] = res
+        plog.add("adaround", (name,), True, f"{res.used}: error {res.error:.4g} vs nearest {res.error_nearest:.4g}")
+        log.info("adaround %s: %s, error %.4g (nearest %.4g)", name, res.used, res.error, res.error_nearest)
+    return model, results, plog

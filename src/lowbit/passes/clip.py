@@ -1,0 +1,30 @@
+"""ChannelClip: a ReLU6 whose upper bound differs per channel (what ReLU6 becomes after equalization)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["ChannelClip"]
+
+
+class ChannelClip(nn.Module):
+    """``clamp(x, 0, upper[c])`` with one upper bound per channel on axis ``dim`` (1 for conv
+    activations, -1 for Linear ones): a ReLU6 after its input channels were rescaled.
+
+    >>> ChannelClip(torch.tensor([1.0, 6.0]), dim=-1)(torch.tensor([[-1.0, 3.0], [2.0, 9.0]])).tolist()
+    [[0.0, 3.0], [1.0, 6.0]]
+    """
+
+    def __init__(self, upper: torch.Tensor, dim: int = 1) -> None:
+        super().__init__()
+        self.register_buffer("upper", upper.detach().clone().float())
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.dim()
+        shape[self.dim] = -1
+        return torch.minimum(torch.relu(x), self.upper.reshape(shape).to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"channels={self.upper.numel()}, dim={self.dim}"

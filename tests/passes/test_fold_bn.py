@@ -1,0 +1,107 @@
+"""fold_bn: eval outputs unchanged, the right pairs found through fx and through nn.Sequential order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit.errors import UnsupportedLayerError
+from lowbit.passes import fold_bn, fold_bn_into, output_stats
+
+
+def _randomize_bn(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n))
+            m.running_var.copy_(torch.rand(n) + 0.1)
+            if m.affine:
+                m.weight.data.copy_(torch.randn(n))
+                m.bias.data.copy_(torch.randn(n))
+
+
+class Branchy(nn.Module):
+    """conv1 -> bn1 folds; conv2's output also feeds a residual add, so bn2 must not fold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.tconv = nn.ConvTranspose2d(8, 6, 2, stride=2, groups=2)
+        self.bn3 = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 5)
+        self.bn4 = nn.BatchNorm1d(5, affine=False)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        z = self.conv2(y)
+        y = self.bn2(z) + z
+        y = self.bn3(self.tconv(y)).mean((2, 3))
+        return self.bn4(self.fc(y))
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Sequential(nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4)),
+            nn.ReLU(),
+            nn.Conv1d(4, 4, 1),
+            nn.Sequential(nn.BatchNorm1d(4), nn.ReLU()),
+        )
+
+    def forward(self, x):
+        if x.sum() > 1e9:  # data-dependent control flow: symbolic_trace fails
+            return x
+        return self.body(x)
+
+
+def test_fold_fx_graph_values_and_pairs():
+    torch.manual_seed(0)
+    m = Branchy()
+    _randomize_bn(m)
+    m.eval()
+    x = torch.randn(4, 3, 6, 6)
+    ref = m(x)
+    folded, pairs = fold_bn(m)
+    assert sorted(pairs) == [("conv1", "bn1"), ("fc", "bn4"), ("tconv", "bn3")]
+    assert isinstance(folded.bn1, nn.Identity) and isinstance(folded.bn2, nn.BatchNorm2d)
+    assert isinstance(m.bn1, nn.BatchNorm2d), "the input model must not change"
+    out = folded(x)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5), (out - ref).abs().max()
+
+
+def test_fold_sequential_fallback_across_nested_sequentials():
+    torch.manual_seed(1)
+    m = Untraceable()
+    _randomize_bn(m)
+    m.eval()
+    x = torch.randn(3, 2, 9)
+    ref = m(x)
+    folded, pairs = fold_bn(m)
+    assert pairs == [("body.0.0", "body.0.1"), ("body.2", "body.3.0")]
+    assert torch.allclose(folded(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_formula_and_stats():
+    torch.manual_seed(2)
+    lin, bn = nn.Linear(3, 2), nn.BatchNorm1d(2, eps=1e-3)
+    _randomize_bn(nn.Sequential(bn))
+    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    fold_bn_into(lin, bn)
+    t = bn.weight / torch.sqrt(bn.running_var + 1e-3)
+    assert torch.allclose(lin.weight, w0 * t[:, None], atol=1e-6)
+    assert torch.allclose(lin.bias, (b0 - bn.running_mean) * t + bn.bias, atol=1e-6)
+    st = output_stats(lin)
+    assert torch.equal(st.mean, bn.bias.detach()) and torch.equal(st.std, bn.weight.detach().abs())
+
+
+def test_untracked_bn_refused():
+    conv, bn = nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2, track_running_stats=False)
+    with pytest.raises(UnsupportedLayerError, match="running statistics"):
+        fold_bn_into(conv, bn)
+    folded, pairs = fold_bn(nn.Sequential(conv, bn))
+    assert pairs == [] and isinstance(folded[1], nn.BatchNorm2d)
