@@ -68,3 +68,11 @@ def check_finite(x, name: str) -> None:
             "quantization ranges need finite data. Check the preprocessing or the model's inputs "
             "(e.g. torch.nan_to_num) before calibrating."
         )
+
+
+class MissingDependencyError(QuantizationError, ImportError):
+    """An optional package (model weights, data set, library) is not installed; the message says what to install."""
+
+
+class DataNotFoundError(QuantizationError, FileNotFoundError):
+    """A data set or cached model file is not where it was looked for; the message says where to get it."""
