@@ -1,0 +1,178 @@
+"""Deployment speed, side by side in one run: PyTorch fp32 eager, ORT fp32, lowbit int8 ONNX in ORT,
+ORT's own quantize_static (QDQ, per-channel) and torch.ao FX x86 int8, for ResNet-18, MobileNetV2
+(torchvision, random weights: speed only), EfficientNet-Lite0 and MiniLM (when installed), at batch 1
+and 32, 2 threads, median of repeats. Also the int8/fp32 GEMM throughput ratio of ORT's kernels on this
+CPU, and per model how many convs/matmuls ran as int8 kernels in ORT's optimized graph.
+
+    python bench/bench_speed.py            # everything
+    python bench/bench_speed.py --quick    # ResNet-18 + MobileNetV2, batch 1, fewer repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+import lowbit
+from lowbit.export import count_kernels, export_onnx, export_onnx_float
+from lowbit.export.verify import make_session
+
+THREADS = 2
+
+
+def median_ms(fn, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return 1000 * statistics.median(ts)
+
+
+def ort_runner(path, x: np.ndarray):
+    sess = make_session(path, threads=THREADS)
+    name = sess.get_inputs()[0].name
+    return lambda: sess.run(None, {name: x})
+
+
+def gemm_ratio(m=256, k=1024, n=1024, repeats=20) -> tuple[float, float]:
+    """ORT MatMul fp32 vs MatMulInteger u8s8 time on one (m, k) x (k, n) product: (fp32 ms, int8 ms)."""
+    rng = np.random.default_rng(0)
+    b_f = rng.standard_normal((k, n)).astype(np.float32)
+    b_i = rng.integers(-127, 128, (k, n)).astype(np.int8)
+
+    def model(int8: bool):
+        t_in = TensorProto.UINT8 if int8 else TensorProto.FLOAT
+        init = helper.make_tensor("B", TensorProto.INT8 if int8 else TensorProto.FLOAT, [k, n],
+                                  (b_i if int8 else b_f).flatten().tolist())
+        node = helper.make_node("MatMulInteger" if int8 else "MatMul", ["A", "B"], ["Y"])
+        out_t = TensorProto.INT32 if int8 else TensorProto.FLOAT
+        g = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", t_in, [m, k])],
+                              [helper.make_tensor_value_info("Y", out_t, [m, n])], [init])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+    out = []
+    for int8 in (False, True):
+        with tempfile.NamedTemporaryFile(suffix=".onnx", delete=False) as f:
+            onnx.save(model(int8), f.name)
+        a = rng.integers(0, 256, (m, k)).astype(np.uint8) if int8 else rng.standard_normal((m, k)).astype(np.float32)
+        out.append(median_ms(ort_runner(f.name, a), repeats))
+        os.unlink(f.name)
+    return out[0], out[1]
+
+
+def image_models(quick: bool):
+    import torchvision
+
+    yield "ResNet-18", torchvision.models.resnet18().eval(), (3, 224, 224)
+    yield "MobileNetV2", torchvision.models.mobilenet_v2().eval(), (3, 224, 224)
+    if quick:
+        return
+    try:
+        yield "EfficientNet-Lite0", lowbit.zoo.efficientnet_lite0().eval(), (3, 224, 224)
+    except Exception as e:  # optional package not installed
+        print(f"EfficientNet-Lite0 skipped: {type(e).__name__}: {str(e)[:120]}")
+
+
+def ort_static(float_path: Path, calib: list[np.ndarray], out: Path) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input_0": c} for c in calib])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(float_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    return out
+
+
+def torch_ao_fx(model, example):
+    """torch.ao x86 FX int8 (deprecated upstream; bench only)."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = "x86"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), (example,))
+        with torch.no_grad():
+            prepared(example)
+        return convert_fx(prepared)
+
+
+def bench_model(name, model, shape, batches, repeats, tmp: Path) -> list[str]:
+    rows = []
+    torch.manual_seed(0)
+    calib = [torch.randn(4, *shape) for _ in range(4)]
+    q = lowbit.quantize(model, lowbit.recipes.W8A8(), calib, progress=False)
+    f_path = export_onnx_float(model, calib[0], tmp / f"{name}.fp32.onnx")
+    res = export_onnx(q, calib[0], tmp / f"{name}.int8.onnx")
+    s_path = None
+    try:
+        s_path = ort_static(f_path, [c.numpy() for c in calib], tmp / f"{name}.ort_static.onnx")
+        s_kernels = count_kernels(s_path)
+    except Exception as e:
+        print(f"{name}: ORT quantize_static failed: {type(e).__name__}: {str(e)[:120]}")
+    try:
+        ao = torch_ao_fx(model, calib[0])
+    except Exception as e:
+        ao = None
+        print(f"{name}: torch.ao FX x86 int8 unavailable: {type(e).__name__}: {str(e)[:120]}")
+    print(f"{name}: lowbit int8 {res.kernels}; parity {res.parity.fraction_within:.2%} within 1 step"
+          + (f"; ORT quantize_static {s_kernels}" if s_path else ""))
+    for b in batches:
+        x = torch.randn(b, *shape)
+        xn = x.numpy()
+        t = {}
+        with torch.no_grad():
+            t["torch fp32"] = median_ms(lambda x=x: model(x), repeats)
+            if ao is not None:
+                t["torch.ao x86 int8"] = median_ms(lambda x=x: ao(x), repeats)
+        t["ORT fp32"] = median_ms(ort_runner(f_path, xn), repeats)
+        t["lowbit int8 (ORT)"] = median_ms(ort_runner(res.path, xn), repeats)
+        if s_path:
+            t["ORT quantize_static int8"] = median_ms(ort_runner(s_path, xn), repeats)
+        base = t["ORT fp32"]
+        for k, v in t.items():
+            rows.append(f"| {name} | {b} | {k} | {v:.1f} | {base / v:.2f}x | {t['torch fp32'] / v:.2f}x |")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="ResNet-18 and MobileNetV2 at batch 1 only")
+    ap.add_argument("--repeats", type=int, default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.ERROR)  # ORT quantization tool logs advice per bias at WARNING
+    torch.set_num_threads(THREADS)
+    batches = (1,) if args.quick else (1, 32)
+    repeats = args.repeats or (15 if args.quick else 30)
+    f_ms, i_ms = gemm_ratio()
+    print(f"ORT GEMM 256x1024x1024, {THREADS} threads: fp32 {f_ms:.2f} ms, u8s8 MatMulInteger {i_ms:.2f} ms, "
+          f"int8/fp32 throughput {f_ms / i_ms:.2f}x")
+    rows = ["| model | batch | runtime | ms (median) | vs ORT fp32 | vs torch fp32 |", "|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, model, shape in image_models(args.quick):
+            rows += bench_model(name, model, shape, batches, repeats, Path(tmp))
+    print("\n".join(rows))
+    print(f"\ncommand: python bench/bench_speed.py{' --quick' if args.quick else ''}  "
+          f"(torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}, {THREADS} threads)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""ONNX QDQ export of a lowbit quantized-simulation model, checked in ONNX Runtime.
+
+``export_onnx(qmodel, example_inputs, "model.int8.onnx")`` writes the standard QDQ format: a
+QuantizeLinear/DequantizeLinear pair on every quantized activation (from each ``TensorQuantizer``), integer
+weight initializers -> DequantizeLinear (per-channel ``axis``; per-group ``block_size`` at opset 21) and,
+where both operands come from constant scales, the bias as int32 at scale ``s_x * s_w`` (zero point 0).
+ONNX Runtime's CPU provider fuses ``DQ -> Conv/Gemm/MatMul -> Q`` into QLinearConv / QGemm /
+QLinearMatMul. Route: trace with ``torch.onnx.export(dynamo=False)`` while every active quantizer is a
+placeholder node (its forward still computes the simulated value), then :mod:`._qdq_graph` turns the
+placeholders into Q/DQ nodes with the quantizers' exact scales, zero points and codes.
+
+The opset is the lowest that expresses every format: 13 for int8/uint8 (per-channel DQ), 19 for fp8,
+21 for int4/uint4/int16/uint16 and per-group weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+
+from ..errors import ConfigError, EmptyCalibrationError, ExportError
+from ..nn.layers import QuantLayerMixin
+from ..nn.quantizer import TensorQuantizer
+from . import _qdq_graph as qg
+from ._io import check_output_path
+from .verify import KernelCount, ParityReport, count_kernels, run_ort, verify_parity
+
+log = logging.getLogger("lowbit")
+
+__all__ = ["ExportResult", "export_onnx", "export_onnx_float", "export_onnx_dynamic", "as_input_tuple"]
+
+_TORCH_MAX_OPSET = 20  # the TorchScript exporter's newest opset; 21 only widens Q/DQ types, so it is bumped after
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export wrote and what ONNX Runtime made of it.
+
+    Attributes:
+        path: the written file.
+        opset: the ONNX opset of the default domain.
+        kernels: integer / float compute kernels in ORT's optimized graph (:class:`KernelCount`).
+        parity: simulated vs ORT comparison on the example inputs (None when ``verify=False``).
+        biases_int32: how many biases were stored as int32 initializers.
+    """
+
+    path: Path
+    opset: int
+    kernels: KernelCount | None
+    parity: ParityReport | None
+    biases_int32: int = 0
+
+
+def as_input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    """``example_inputs`` (a tensor or a tuple/list of tensors) as a tuple of tensors."""
+    if torch.is_tensor(example_inputs):
+        return (example_inputs,)
+    if isinstance(example_inputs, tuple | list) and all(torch.is_tensor(t) for t in example_inputs):
+        return tuple(example_inputs)
+    raise ConfigError(
+        f"example_inputs must be a tensor or a tuple of tensors (positional inputs), got {type(example_inputs).__name__}."
+    )
+
+
+def _flat_outputs(out: Any) -> list[torch.Tensor]:
+    if torch.is_tensor(out):
+        return [out]
+    if isinstance(out, tuple | list):
+        return [t for o in out for t in _flat_outputs(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _flat_outputs(o)]
+    raise ExportError(f"the model returned a {type(out).__name__}; ONNX export needs tensors (or tuples/dicts of them).")
+
+
+# ------------------------------------------------------------------------------ placeholders
+class _Placeholder(torch.autograd.Function):
+    """Identity-in-value (returns the simulated output) that exports as one ``lowbit::Q`` node."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sim: torch.Tensor, key: int) -> torch.Tensor:  # noqa: ARG004
+        return sim.clone()
+
+    @staticmethod
+    def symbolic(g, x, sim, key: int):  # noqa: ARG004
+        out = g.op(f"{qg.DOMAIN}::Q", x, key_i=key)
+        out.setType(x.type())
+        return out
+
+
+def _entries(model: nn.Module) -> list[tuple[TensorQuantizer, qg.QEntry]]:
+    weight_of: dict[int, torch.Tensor] = {}
+    for m in model.modules():
+        if isinstance(m, QuantLayerMixin) and m.weight_quantizer is not None:
+            weight_of[id(m.weight_quantizer)] = m.weight
+    out, uncalibrated = [], []
+    for _, q in ((n, m) for n, m in model.named_modules() if isinstance(m, TensorQuantizer)):
+        if not bool(q.quant_enabled):
+            continue
+        if q.needs_calibration and not q.is_calibrated:
+            uncalibrated.append(q.name)
+            continue
+        if q.lsq_offset is not None:
+            raise ExportError(
+                f"{q.name}: the LSQ+ learnable offset is not an integer zero point; export after "
+                "converting it (zero_point = round(-offset / scale)) or train with learn_offset=False."
+            )
+        role = "weight" if id(q) in weight_of else ("dynamic" if q.spec.dynamic else "activation")
+        out.append((q, qg.QEntry(q.name, q.spec, q.scale.detach(), q.zero_point.detach(), role, weight_of.get(id(q)))))
+    if uncalibrated:
+        raise EmptyCalibrationError(
+            f"{len(uncalibrated)} quantizer(s) were never calibrated: {', '.join(uncalibrated[:8])}; run "
+            "calibration data through the model (lowbit.calibrate / lowbit.quantize) before exporting."
+        )
+    return out
+
+
+@contextlib.contextmanager
+def _placeholder_mode(model: nn.Module, pairs: list[tuple[TensorQuantizer, qg.QEntry]]) -> Iterator[None]:
+    layers = [m for m in model.modules() if isinstance(m, QuantLayerMixin) and m.weight_quantizer is not None]
+    patched = []
+    try:
+        for key, (q, _) in enumerate(pairs):
+            def fwd(x, _q=q, _key=key):
+                state = torch._C._get_tracing_state()  # the simulated value is computed, not traced
+                torch._C._set_tracing_state(None)
+                try:
+                    sim = type(_q).forward(_q, x)
+                finally:
+                    torch._C._set_tracing_state(state)
+                return _Placeholder.apply(x, sim, _key)
+
+            q.forward = fwd
+            patched.append((q, "forward"))
+        for m in layers:  # bypass the inference weight cache: the tracer must see the weight quantizer run
+            m.quantized_weight = (lambda _m=m: _m.weight_quantizer(_m.weight))
+            patched.append((m, "quantized_weight"))
+        yield
+    finally:
+        for obj, attr in patched:
+            obj.__dict__.pop(attr, None)
+
+
+def _clear_weight_caches(model: nn.Module) -> None:
+    for m in model.modules():
+        m.__dict__.pop("_lowbit_wcache", None)
+
+
+def _torch_export(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: str, opset: int,
+                  dynamic_batch: bool, custom: bool) -> None:
+    n_out = len(_flat_outputs(model(*inputs)))
+    in_names = [f"input_{i}" for i in range(len(inputs))]
+    out_names = [f"output_{i}" for i in range(n_out)]
+    axes = {n: {0: "batch"} for n in in_names + out_names} if dynamic_batch else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is the one with symbolic()
+            torch.onnx.export(
+                model, inputs, path, dynamo=False, opset_version=opset, input_names=in_names,
+                output_names=out_names, dynamic_axes=axes, do_constant_folding=True,
+                custom_opsets={qg.DOMAIN: 1} if custom else None,
+            )
+    except Exception as e:  # the tracer's own errors: say what to do rather than a deep stack
+        raise ExportError(
+            f"torch.onnx.export could not trace the model: {type(e).__name__}: {str(e)[:400]}. The exporter needs "
+            "a traceable forward (no data-dependent Python control flow on tensor values)."
+        ) from e
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:  # a bug of ours, not the user's: keep the details
+        raise ExportError(f"the exported graph failed the ONNX checker: {e}") from e
+    tmp = path.with_name(path.name + ".lowbit-tmp")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def export_onnx(
+    qmodel: nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    opset: int | None = None,
+    verify: bool = True,
+    dynamic_batch: bool = True,
+    min_fraction: float = 0.99,
+) -> ExportResult:
+    """Write ``qmodel`` as a QDQ ONNX model, run it in ONNX Runtime and check it against the simulation.
+
+    Args:
+        qmodel: a lowbit quantized-simulation model (``lowbit.quantize`` output or hand-built layers).
+        example_inputs: a tensor or tuple of tensors, the model's positional inputs (float32).
+        path: output ``.onnx`` file; its directory must exist.
+        overwrite: replace an existing file.
+        opset: ONNX opset; default the lowest that expresses every format (13 int8/uint8, 19 fp8,
+            21 int4/uint4/int16/per-group). A lower explicit opset than needed is a ConfigError.
+        verify: load in ORT (CPU provider), compare outputs in output quantization steps and count the
+            integer kernels in ORT's optimized graph.
+        dynamic_batch: make dimension 0 of inputs and outputs symbolic.
+        min_fraction: the parity tolerance: at least this fraction of outputs within one output step.
+
+    Returns:
+        :class:`ExportResult`.
+
+    Raises:
+        ExportError: a quantizer ONNX cannot express (named), an untraceable model, a missing directory.
+        FileExistsRefusedError: ``path`` exists and ``overwrite`` is False.
+        EmptyCalibrationError: an uncalibrated quantizer.
+        ParityError: ORT disagrees with the simulation beyond the tolerance (see :func:`verify_parity`).
+    """
+    out_path = check_output_path(path, overwrite)
+    inputs = as_input_tuple(example_inputs)
+    was_training = qmodel.training
+    qmodel.eval()
+    pairs = _entries(qmodel)
+    entries = [e for _, e in pairs]
+    need = max([13, *(qg.required_opset(e) for e in entries)])
+    if opset is not None and opset < need:
+        raise ConfigError(f"opset {opset} cannot express this model's formats; it needs opset >= {need}.")
+    opset = opset or need
+    for e in entries:
+        if e.role == "activation" and e.spec.format.name == "int8":
+            log.info("lowbit: %s uses int8 activations; uint8 (U8S8) runs faster in ORT on x86.", e.name)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = os.path.join(tmp, "raw.onnx")
+        try:
+            with _placeholder_mode(qmodel, pairs):
+                _clear_weight_caches(qmodel)
+                _torch_export(qmodel, inputs, raw, min(opset, _TORCH_MAX_OPSET), dynamic_batch, custom=True)
+        finally:
+            _clear_weight_caches(qmodel)
+        model = onnx.load(raw)
+    qg.materialize(model, entries)
+    qg.resolve_identity_initializers(model)
+    qg.remove_noop_casts(model)
+    qg.drop_relu_before_quantize(model)
+    qg.requantize_compute_inputs(model)
+    n_bias = qg.quantize_biases(model)
+    qg.remove_unused_initializers(model)
+    qg.set_opset(model, opset)
+    _save(model, out_path)
+    qmodel.train(was_training)
+    log.info("lowbit: wrote %s (opset %d, %d quantizers, %d int32 biases)", out_path, opset, len(entries), n_bias)
+    if not verify:
+        return ExportResult(out_path, opset, None, None, n_bias)
+    kernels = count_kernels(out_path)
+    sim = [t.float().numpy() for t in _flat_outputs(qmodel(*inputs))]
+    ort_out = run_ort(out_path, inputs)
+    parity = verify_parity(sim, ort_out, model, min_fraction=min_fraction)
+    return ExportResult(out_path, opset, kernels, parity, n_bias)
+
+
+@torch.no_grad()
+def export_onnx_float(
+    model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, overwrite: bool = False,
+    opset: int = 17, dynamic_batch: bool = True,
+) -> Path:
+    """Write the float model as ONNX (the baseline the int8 export is compared with). Returns the path."""
+    out_path = check_output_path(path, overwrite)
+    inputs = as_input_tuple(example_inputs)
+    was_training = model.training
+    model.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = os.path.join(tmp, "raw.onnx")
+        _torch_export(model, inputs, raw, opset, dynamic_batch, custom=False)
+        _save(onnx.load(raw), out_path)
+    model.train(was_training)
+    return out_path
+
+
+def export_onnx_dynamic(
+    model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, overwrite: bool = False,
+    per_channel: bool = True, op_types: tuple[str, ...] = ("MatMul", "Gemm"),
+) -> Path:
+    """Write a dynamically quantized ONNX model for Linear-heavy models (transformers): the float export
+    passed through ONNX Runtime's ``quantize_dynamic`` (int8 weights, uint8 activations quantized per
+    batch by DynamicQuantizeLinear, MatMulInteger). Only MatMul/Gemm by default: dynamic ConvInteger
+    is slower than float convolutions in ORT. Returns the path."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out_path = check_output_path(path, overwrite)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "float.onnx"
+        export_onnx_float(model, example_inputs, raw)
+        dst = Path(tmp) / "dyn.onnx"
+        quantize_dynamic(str(raw), str(dst), op_types_to_quantize=list(op_types), per_channel=per_channel,
+                         weight_type=QuantType.QInt8)
+        os.replace(dst, out_path)
+    return out_path

@@ -1,0 +1,225 @@
+"""ONNX QDQ export: parity with the simulation in output steps, int8 kernels in ORT's optimized graph,
+stored codes against an independent torch computation, and every bad input."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, numpy_helper
+from torch import nn
+
+import lowbit
+from lowbit.errors import (
+    ConfigError,
+    EmptyCalibrationError,
+    ExportError,
+    FileExistsRefusedError,
+    ModelFileError,
+    ParityError,
+)
+from lowbit.export import (
+    count_kernels,
+    export_onnx,
+    export_onnx_dynamic,
+    export_onnx_float,
+    run_ort,
+    verify_parity,
+)
+from lowbit.nn import QuantLinear
+
+
+@pytest.fixture(scope="module")
+def exported(qnet, calib, tmp_path_factory):
+    path = tmp_path_factory.mktemp("onnx") / "net.int8.onnx"
+    return export_onnx(qnet, calib[0], path)
+
+
+def _inits(path):
+    return {t.name: t for t in onnx.load(str(path)).graph.initializer}
+
+
+def test_parity_in_steps_and_int8_kernels(exported, qnet, calib):
+    r = exported
+    assert r.opset == 13
+    assert r.parity.fraction_within >= 0.99 and r.parity.max_steps <= 1.0 + 1e-3
+    assert r.parity.top1_agreement == 1.0
+    # every conv and the linear run as integer kernels, nothing stays float
+    assert r.kernels.int8 == {"QLinearConv": 2, "QGemm": 1}
+    assert r.kernels.n_float == 0
+    assert r.biases_int32 == 3
+    # other inputs than the example: still within one step (scales are static)
+    torch.manual_seed(5)
+    x = torch.randn(6, 3, 16, 16)
+    with torch.no_grad():
+        sim = qnet(x).numpy()
+    rep = verify_parity([sim], run_ort(r.path, [x]), r.path)  # dynamic batch dimension
+    assert rep.fraction_within >= 0.99
+
+
+def test_stored_codes_match_independent_quantization(exported, qnet):
+    """int8 weight codes = clamp(round(w / s_w)), int32 bias = round(b / (s_x s_w)), computed here with torch."""
+    inits = _inits(exported.path)
+    model = onnx.load(str(exported.path))
+    fc = next(n for n in model.graph.node if n.op_type == "Gemm")
+    producer = {o: n for n in model.graph.node for o in n.output}
+    dq_w, dq_b, dq_x = producer[fc.input[1]], producer[fc.input[2]], producer[fc.input[0]]
+    codes = numpy_helper.to_array(inits[dq_w.input[0]])
+    assert inits[dq_w.input[0]].data_type == TensorProto.INT8
+    w, s_w = qnet.fc.weight.detach(), qnet.fc.weight_quantizer.scale
+    ref = torch.clamp(torch.round(w / s_w[:, None]), -128, 127).to(torch.int8).numpy()
+    np.testing.assert_array_equal(codes, ref)
+    np.testing.assert_array_equal(numpy_helper.to_array(inits[dq_w.input[1]]), s_w.numpy())
+    s_x = float(numpy_helper.to_array(inits[dq_x.input[1]]))
+    assert inits[dq_b.input[0]].data_type == TensorProto.INT32
+    s_b = (np.float32(s_x) * s_w.numpy()).astype(np.float32)
+    ref_b = np.round(qnet.fc.bias.detach().numpy().astype(np.float64) / s_b).astype(np.int32)
+    np.testing.assert_array_equal(numpy_helper.to_array(inits[dq_b.input[0]]), ref_b)
+    assert not numpy_helper.to_array(inits[dq_b.input[2]]).any()  # bias zero point 0
+    # activations: uint8 (U8S8, the fast form on x86)
+    assert inits[dq_x.input[2]].data_type == TensorProto.UINT8
+
+
+def test_model_unchanged_by_export(small_net, calib, tmp_path):
+    q = lowbit.quantize(small_net, lowbit.recipes.W8A8(), calib, progress=False)
+    with torch.no_grad():
+        before = q(calib[1]).clone()
+    export_onnx(q, calib[0], tmp_path / "a.onnx", verify=False)
+    assert all("forward" not in m.__dict__ and "quantized_weight" not in m.__dict__ for m in q.modules())
+    with torch.no_grad():
+        assert torch.equal(q(calib[1]), before)
+
+
+def test_integer_runtime_agrees_with_ort(exported, calib):
+    rt = pytest.importorskip("lowbit.runtime")
+    ort_out = run_ort(exported.path, [calib[0]])[0]
+    try:
+        out = rt.IntegerRuntime(str(exported.path), requant="float").run({"input_0": calib[0].numpy()})
+    except lowbit.QuantizationError as e:  # pragma: no cover - the runtime is another module's work
+        pytest.skip(f"integer runtime cannot run this graph: {e}")
+    got = next(iter(out.values()))
+    np.testing.assert_allclose(got, ort_out, rtol=0, atol=1e-6)
+
+
+def test_linear_on_3d_input_matmul(calib, tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    data = [torch.randn(2, 20, 16) for _ in range(2)]
+    q = lowbit.quantize(m, lowbit.recipes.W8A8(), data, progress=False)
+    r = export_onnx(q, data[0], tmp_path / "mlp.onnx")
+    assert r.parity.fraction_within >= 0.99
+    assert r.kernels.n_int8 >= 1
+
+
+def test_int4_group_weights_opset21(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
+    x = torch.randn(8, 32)
+    q = lowbit.quantize(m, lowbit.recipes.W4A16(group_size=16), None, progress=False)
+    r = export_onnx(q, x, tmp_path / "w4.onnx")
+    assert r.opset == 21
+    inits = _inits(r.path)
+    code_types = {t.data_type for n, t in inits.items() if n.endswith("_codes")}
+    assert code_types == {TensorProto.UINT4}
+    dq = [n for n in onnx.load(str(r.path)).graph.node if n.op_type == "DequantizeLinear"]
+    assert all(any(a.name == "block_size" and a.i == 16 for a in n.attribute) for n in dq)
+    with torch.no_grad():
+        sim = q(x).numpy()
+    np.testing.assert_allclose(run_ort(r.path, [x])[0], sim, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_recipe_exports_dynamic_quantize_linear(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
+    x = torch.randn(8, 32)
+    q = lowbit.quantize(m, lowbit.recipes.W8A8Dynamic(), None, progress=False)
+    r = export_onnx(q, x, tmp_path / "dyn.onnx")
+    ops = [n.op_type for n in onnx.load(str(r.path)).graph.node]
+    assert ops.count("DynamicQuantizeLinear") == 2
+    assert r.parity.fraction_within >= 0.99
+
+
+def test_float_and_ort_dynamic_exports(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32)).eval()
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        ref = m(x).numpy()
+    pf = export_onnx_float(m, x, tmp_path / "f.onnx")
+    np.testing.assert_allclose(run_ort(pf, [x])[0], ref, rtol=1e-4, atol=1e-5)
+    pd = export_onnx_dynamic(m, x, tmp_path / "d.onnx")
+    k = count_kernels(pd)
+    assert k.n_int8 == 2 and k.n_float == 0
+    err = np.abs(run_ort(pd, [x])[0] - ref).max() / np.abs(ref).max()
+    assert 0 < err < 0.05  # quantized (not bit-identical to float), but close
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_missing_parent_dir(qnet, calib, tmp_path):
+    with pytest.raises(ExportError, match="does not exist"):
+        export_onnx(qnet, calib[0], tmp_path / "no" / "such" / "m.onnx")
+
+
+def test_existing_file_refused_unless_overwrite(qnet, calib, tmp_path):
+    p = tmp_path / "m.onnx"
+    p.write_bytes(b"old")
+    with pytest.raises(FileExistsRefusedError, match="overwrite=True"):
+        export_onnx(qnet, calib[0], p, verify=False)
+    assert p.read_bytes() == b"old"
+    export_onnx(qnet, calib[0], p, overwrite=True, verify=False)
+    assert onnx.load(str(p)).graph.node
+
+
+def test_unexpressible_layer_named(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    q = lowbit.quantize(m, lowbit.recipes.BinaryWeights(), None, progress=False)
+    with pytest.raises(ExportError, match=r"0\.weight.*binary"):
+        export_onnx(q, torch.randn(2, 8), tmp_path / "b.onnx")
+
+
+def test_per_token_dynamic_refused(tmp_path):
+    m = nn.Sequential(nn.Linear(8, 4)).eval()
+    q = lowbit.quantize(m, lowbit.recipes.W8A8Dynamic(granularity="token"), None, progress=False)
+    with pytest.raises(ExportError, match="DynamicQuantizeLinear"):
+        export_onnx(q, torch.randn(2, 8), tmp_path / "t.onnx")
+
+
+def test_opset_too_low(tmp_path):
+    m = nn.Sequential(nn.Linear(32, 4)).eval()
+    q = lowbit.quantize(m, lowbit.recipes.W4A16(group_size=16), None, progress=False)
+    with pytest.raises(ConfigError, match="opset >= 21"):
+        export_onnx(q, torch.randn(2, 32), tmp_path / "o.onnx", opset=13)
+
+
+def test_uncalibrated_quantizer(tmp_path):
+    spec = lowbit.QuantSpec("int8", granularity="channel")
+    layer = QuantLinear.from_float(nn.Linear(8, 4), spec, output_spec=lowbit.QuantSpec("uint8", symmetric=False))
+    with pytest.raises(EmptyCalibrationError, match="output"):
+        export_onnx(layer, torch.randn(2, 8), tmp_path / "u.onnx")
+
+
+def test_corrupted_file_to_loader(tmp_path):
+    p = tmp_path / "bad.onnx"
+    p.write_bytes(b"\x00not an onnx model" * 10)
+    with pytest.raises(ModelFileError, match="cannot load"):
+        count_kernels(p)
+
+
+def test_parity_error_beyond_tolerance(exported, calib):
+    ort_out = run_ort(exported.path, [calib[0]])[0]
+    scale = 0.5 * float(np.abs(ort_out).max())  # nonsense scale is not used: the graph's own scale is
+    s_out = [t for t in onnx.load(str(exported.path)).graph.output]
+    assert s_out
+    rep = verify_parity([ort_out], [ort_out], exported.path)
+    assert rep.max_steps == 0.0 and rep.fraction_within == 1.0
+    model = onnx.load(str(exported.path))
+    from lowbit.export.verify import output_scales
+
+    s = output_scales(model)[0]
+    assert s is not None and s < scale
+    shifted = ort_out + 2.0 * s  # two steps everywhere
+    with pytest.raises(ParityError, match="within one output quantization step"):
+        verify_parity([shifted], [ort_out], model)
+    one_step = ort_out.copy()
+    one_step.flat[0] += 0.999 * s
+    assert verify_parity([one_step], [ort_out], model).fraction_within == 1.0
