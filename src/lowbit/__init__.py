@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from . import formats
+# ``lowbit.quantize`` is the model entry point; given a tensor first it forwards to ``lowbit.ops.quantize``.
+from . import formats, recipes
+from .api import calibrate, decision_log, quantize
+from .capture.readback import format_quant_table, format_sqnr_table, layer_sqnr, quant_table
 from .errors import (
     ConfigError,
     EmptyCalibrationError,
@@ -11,8 +14,12 @@ from .errors import (
     ShapeMismatchError,
     UnsupportedLayerError,
 )
+from .export import export_onnx, export_onnx_dynamic, export_onnx_float, load, save  # deployment (issue 4)
 from .granularity import PerChannel, PerGroup, PerTensor, PerToken
-from .ops import dequantize, fake_quantize, quantize
+from .nn import TensorQuantizer, calibrating, quantizers
+from .nn.int8 import convert
+from .ops import dequantize, fake_quantize
+from .qat import distillation_loss, prepare_qat  # quantization-aware training (issue 7)
 from .spec import QuantSpec, compute_qparams
 
 __version__ = "0.1.0"
@@ -22,4 +29,8 @@ __all__ = [
     "quantize", "dequantize", "fake_quantize",
     "QuantizationError", "ConfigError", "NonFiniteError", "EmptyCalibrationError", "ShapeMismatchError",
     "UnsupportedLayerError",
+    "recipes", "calibrate", "decision_log", "quant_table", "format_quant_table", "layer_sqnr", "format_sqnr_table",
+    "TensorQuantizer", "calibrating", "quantizers",
+    "export_onnx", "export_onnx_float", "export_onnx_dynamic", "save", "load", "convert",
+    "prepare_qat", "distillation_loss",
 ]

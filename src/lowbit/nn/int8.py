@@ -194,6 +194,12 @@ def convert(
 
     Returns the converted model; ``model.lowbit_convert_log`` lists ``(name, kind or "kept", reason)``.
     """
+    from ..qat.prepare import is_qat_model  # QAT path (issue 7): fold BN, freeze LSQ -> the exporter's structure
+
+    if is_qat_model(getattr(qmodel, "module", qmodel)):
+        from ..qat.convert import convert as convert_qat
+
+        return convert_qat(qmodel, inplace=inplace)
     if backend != "torch":
         raise ConfigError(f"convert backend {backend!r} is not supported; use backend='torch' (ONNX: lowbit.export_onnx).")
     if activations not in ("dynamic", "none"):

@@ -1,0 +1,244 @@
+"""Read a quantized model back: every quantizer's spec, scale and zero point (:func:`quant_table`),
+and the per-layer SQNR of quantized vs float outputs (:func:`layer_sqnr`)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..nn.layers import QuantJoin, QuantLayerMixin
+from ..nn.quantizer import quantizers
+from ..spec import QuantSpec
+from .data import iter_calls
+
+__all__ = ["deployed_size_bytes", "QuantRecord", "quant_table", "format_quant_table", "quantization_disabled", "LayerSQNR", "layer_sqnr",
+           "format_sqnr_table"]
+
+
+@dataclass(frozen=True)
+class QuantRecord:
+    """One quantized tensor: ``module`` path of its TensorQuantizer, the tensor's ``name``, ``role``
+    ("weight", "input", "output", "edge"), ``spec``, ``scale`` (float32) and ``zero_point`` (int32) in
+    the granularity's scale shape (empty tensors for dynamic quantizers: measured per batch)."""
+
+    module: str
+    name: str
+    role: str
+    spec: QuantSpec
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    calibrated: bool
+
+
+def _role(module_path: str) -> str:
+    last = module_path.rsplit(".", 1)[-1]
+    if last == "weight_quantizer":
+        return "weight"
+    if last == "input_quantizer" or module_path.split(".")[-2:-1] == ["input_quantizers"]:
+        return "input"
+    if last == "output_quantizer":
+        return "output"
+    return "edge"
+
+
+def quant_table(model: nn.Module) -> list[QuantRecord]:
+    """Every :class:`~lowbit.nn.TensorQuantizer` in ``model`` with its spec, scale and zero point.
+
+    >>> from lowbit.nn import QuantLinear
+    >>> q = QuantLinear.from_float(nn.Linear(2, 2), QuantSpec("int8", granularity="channel"), name="fc")
+    >>> [(r.name, r.role, tuple(r.scale.shape)) for r in quant_table(q)]
+    [('fc.weight', 'weight', (2,))]
+    """
+    out = []
+    for path, q in quantizers(model):
+        dyn = q.spec.dynamic
+        out.append(QuantRecord(
+            module=path, name=q.name, role=_role(path) if path else "edge", spec=q.spec,
+            scale=torch.empty(0) if dyn else q.scale.detach().clone(),
+            zero_point=torch.empty(0, dtype=torch.int32) if dyn else q.zero_point.detach().clone(),
+            calibrated=q.is_calibrated,
+        ))
+    return out
+
+
+def format_quant_table(model: nn.Module) -> str:
+    """:func:`quant_table` as plain text (scales summarised as min..max when there are several)."""
+    lines = [f"{'tensor':40s} {'role':7s} {'spec':48s} scale / zero point"]
+    for r in quant_table(model):
+        if r.spec.dynamic:
+            qp = "dynamic (per batch)"
+        elif r.scale.numel() == 1:
+            qp = f"{float(r.scale):.6g} / {int(r.zero_point)}"
+        else:
+            qp = f"[{float(r.scale.min()):.4g}..{float(r.scale.max()):.4g}] x{r.scale.numel()}"
+        lines.append(f"{r.name:40s} {r.role:7s} {str(r.spec):48s} {qp}")
+    return "\n".join(lines)
+
+
+def _passthrough(x, *args, **kwargs):
+    return x
+
+
+@contextlib.contextmanager
+def quantization_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block every TensorQuantizer of ``model`` (static and dynamic) returns its input
+    unchanged: ``model`` computes the float (BN-folded) function. Restored on exit."""
+    qs = [q for _, q in quantizers(model)]
+    for q in qs:
+        q.forward = _passthrough  # instance attribute shadows the class method; nn.Module.__call__ uses it
+    try:
+        yield model
+    finally:
+        for q in qs:
+            del q.forward
+
+
+@dataclass(frozen=True)
+class LayerSQNR:
+    """SQNR in dB of one quantized layer's output (quantized model vs the same model with every
+    quantizer off), accumulated over all batches: ``10 log10(sum y^2 / sum (y - y_q)^2)``."""
+
+    name: str
+    kind: str
+    sqnr_db: float
+    numel: int
+
+
+def _reportable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayerMixin | QuantJoin)]
+
+
+def _first_tensor(out):
+    if torch.is_tensor(out):
+        return out
+    if isinstance(out, tuple | list):
+        for o in out:
+            t = _first_tensor(o)
+            if t is not None:
+                return t
+    if isinstance(out, dict):
+        for o in out.values():
+            t = _first_tensor(o)
+            if t is not None:
+                return t
+    if hasattr(out, "to_tuple"):
+        return _first_tensor(out.to_tuple())
+    return None
+
+
+@torch.no_grad()
+def layer_sqnr(
+    float_model: nn.Module | None,
+    qmodel: nn.Module,
+    data: Iterable,
+    *,
+    num_batches: int | None = None,
+    progress: bool = False,
+) -> list[LayerSQNR]:
+    """Per-layer SQNR of every quantized layer and join of ``qmodel`` (forward hooks).
+
+    The float reference of a layer is its output when the whole model runs with quantization off
+    (:func:`quantization_disabled`): the float, BN-folded model, so fused units (Conv-BN-ReLU) compare
+    like with like. With ``float_model`` given, a final row ``"<model output>"`` compares
+    ``float_model``'s output with ``qmodel``'s.
+
+    Args:
+        data: an iterable of batches as for calibration (tensors, tuples, dicts).
+        num_batches: cap on the batches used.
+
+    Returns:
+        One :class:`LayerSQNR` per layer, in module order (``inf`` when the outputs are identical).
+    """
+    layers = _reportable(qmodel)
+    sig = {n: 0.0 for n, _ in layers}
+    noise = {n: 0.0 for n, _ in layers}
+    count = {n: 0 for n, _ in layers}
+    ref: dict[str, list[torch.Tensor]] = {}
+    mode = {"float": True}
+    out_sig, out_noise = 0.0, 0.0
+
+    def hook_for(name):
+        def hook(_m, _inp, out):
+            y = _first_tensor(out)
+            if y is None:
+                return
+            y = y.detach().double()
+            if mode["float"]:
+                ref.setdefault(name, []).append(y)
+            else:
+                r = ref[name].pop(0)
+                sig[name] += float((r * r).sum())
+                noise[name] += float(((r - y) ** 2).sum())
+                count[name] += y.numel()
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in layers]
+    was_training = qmodel.training
+    qmodel.eval()
+    try:
+        for args, kwargs in iter_calls(data, qmodel, num_batches, progress, desc="layer SQNR"):
+            ref.clear()
+            mode["float"] = True
+            with quantization_disabled(qmodel):
+                qmodel(*args, **kwargs)
+            mode["float"] = False
+            yq = _first_tensor(qmodel(*args, **kwargs))
+            if float_model is not None:
+                yf = _first_tensor(float_model(*args, **kwargs))
+                out_sig += float((yf.double() ** 2).sum())
+                out_noise += float(((yf.double() - yq.double()) ** 2).sum())
+    finally:
+        for h in handles:
+            h.remove()
+        qmodel.train(was_training)
+
+    def db(s: float, n: float) -> float:
+        if n == 0.0:
+            return math.inf
+        if s == 0.0:
+            return -math.inf
+        return 10.0 * math.log10(s / n)
+
+    rows = [LayerSQNR(n, type(m).__name__, db(sig[n], noise[n]), count[n]) for n, m in layers]
+    if float_model is not None:
+        rows.append(LayerSQNR("<model output>", type(qmodel).__name__, db(out_sig, out_noise), 0))
+    return rows
+
+
+def format_sqnr_table(rows: list[LayerSQNR]) -> str:
+    """The :func:`layer_sqnr` rows as plain text."""
+    lines = [f"{'layer':40s} {'kind':22s} {'SQNR dB':>8s}"]
+    lines += [f"{r.name:40s} {r.kind:22s} {r.sqnr_db:8.2f}" for r in rows]
+    return "\n".join(lines)
+
+
+
+def deployed_size_bytes(qmodel: nn.Module) -> int:
+    """Bytes a deployment of ``qmodel`` stores: each quantized weight at its format's bits
+    (``ceil(numel * bits / 8)``) plus one float32 scale per block and, for affine formats, one zero point
+    per block at the format's bits; unscaled casts (fp16/bf16) at their bits; every other parameter and
+    float buffer (biases, norms, float layers) at its own element size. Quantizer state buffers
+    (flags, activation scales) are a few bytes each and are counted as stored."""
+    total = 0
+    counted: set[int] = set()
+    for _, m in qmodel.named_modules():
+        wq = getattr(m, "weight_quantizer", None)
+        if isinstance(m, QuantLayerMixin) and wq is not None:
+            w = m.weight
+            counted.update((id(w), id(wq.scale), id(wq.zero_point)))
+            bits = wq.spec.format.bits
+            total += math.ceil(w.numel() * bits / 8)
+            if wq.spec.scaled:
+                n = wq.scale.numel()
+                total += 4 * n
+                if not wq.spec.symmetric:
+                    total += math.ceil(n * bits / 8)
+    for p in list(qmodel.parameters()) + [b for b in qmodel.buffers() if b.is_floating_point()]:
+        if id(p) not in counted and p.numel() > 1:
+            total += p.nbytes
+    return total

@@ -1,0 +1,383 @@
+"""Quantized-simulation layers: float layers that quantize-dequantize their weight, input and output.
+
+Contract (the ONNX QDQ exporter and the runtime read models through it)
+-----------------------------------------------------------------------
+Every quantized layer **subclasses its float layer** (``QuantLinear(nn.Linear)``, ``QuantConv2d(nn.Conv2d)``
+...), keeps the float parameters (``weight``, ``bias``) unchanged, and is built with
+``Cls.from_float(module, weight_spec, *, input_spec=None, output_spec=None, activation=None, name=...)``.
+It holds four optional parts, always under these attribute names:
+
+==================  ==========================  ===================================================
+attribute           type                        role
+==================  ==========================  ===================================================
+``weight_quantizer``  ``TensorQuantizer | None``   quantizes ``weight`` on the fly at every forward
+                                                   (calibrates itself from the weight when not yet
+                                                   calibrated; ``from_float`` calibrates it at once)
+``input_quantizer``   ``TensorQuantizer | None``   quantizes the layer's input: used for dynamic
+                                                   activation quantization and by the module-swap
+                                                   fallback (no graph, so each layer guards its input)
+``activation``        ``nn.Module | None``         fused activation (ReLU, ReLU6, GELU ...) applied to
+                                                   the layer's output: Conv-BN-ReLU is one unit
+``output_quantizer``  ``TensorQuantizer | None``   quantizes the output *after* ``activation``
+==================  ==========================  ===================================================
+
+Forward of a weighted layer, exactly::
+
+    x = input_quantizer(x)        if present
+    w = weight_quantizer(weight)  if present
+    y = float_op(x, w, bias)      (bias stays float: an int8 backend stores it as int32 at s_x * s_w,
+                                   which differs from the float bias by at most s_x * s_w / 2)
+    y = activation(y)             if present
+    y = output_quantizer(y)       if present
+
+In graph mode the capture puts an activation quantizer where an int8 backend (ONNX Runtime QDQ)
+puts a Q/DQ pair: on each model input and on each quantized op's output (after the fused activation),
+exactly one quantizer per tensor, shared by all consumers, so ``DQ -> op -> Q`` is fusable into
+QLinearConv / QLinearMatMul / QLinearAdd. Quantized joins (:class:`QuantMatMul`, :class:`QuantAdd`,
+:class:`QuantMul`, :class:`QuantCat`) hold ``input_quantizers`` (an ``nn.ModuleList`` with one entry
+per tensor input: a ``TensorQuantizer``, or ``nn.Identity`` where the input is already quantized
+upstream), the same optional ``activation`` and ``output_quantizer``.
+
+Weight quantizer names are ``"<layer>.weight"``, input ``"<layer>.input"``, output ``"<layer>.output"``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UnsupportedLayerError
+from ..granularity import PerChannel, PerGroup
+from ..spec import QuantSpec
+from .quantizer import TensorQuantizer
+
+__all__ = [
+    "QuantLayerMixin",
+    "QuantLinear",
+    "QuantConv1d",
+    "QuantConv2d",
+    "QuantConvTranspose2d",
+    "QuantEmbedding",
+    "QuantJoin",
+    "QuantMatMul",
+    "QuantAdd",
+    "QuantMul",
+    "QuantCat",
+    "QUANT_LAYERS",
+    "quant_class_for",
+    "weight_spec_for",
+    "is_quant_layer",
+]
+
+
+def _weight_axes(module: nn.Module) -> tuple[int, int]:
+    """(output-channel axis, input-channel axis) of ``module.weight``."""
+    if isinstance(module, nn.ConvTranspose2d):
+        return 1, 0
+    if isinstance(module, nn.Embedding):
+        return 0, 1  # one scale per row (token) of the table
+    return 0, 1
+
+
+def weight_spec_for(module: nn.Module, spec: QuantSpec, name: str = "layer") -> QuantSpec:
+    """Adapt a recipe's weight spec to ``module``'s weight layout and check the layer can take it.
+
+    * ``PerChannel(axis=0)`` means "per output channel": it becomes axis 1 for ConvTranspose2d, whose
+      weight is ``(in, out / groups, kH, kW)``;
+    * ``PerGroup(g, axis=-1)`` means "groups along the reduction (input) dimension": for convolutions
+      it becomes axis 1 (input channels), for Linear it stays the last axis.
+
+    Raises :class:`~lowbit.errors.UnsupportedLayerError` when the layer cannot take the spec (group size
+    not dividing the input channels, per-channel on a grouped ConvTranspose2d, a dynamic weight spec).
+    """
+    w = module.weight
+    g = spec.granularity
+    out_axis, in_axis = _weight_axes(module)
+    if spec.dynamic:
+        raise UnsupportedLayerError(
+            f"{name}: a weight spec cannot be dynamic (weights are constant; their range is measured once). "
+            "Use dynamic=True on the activation spec instead."
+        )
+    if isinstance(g, PerChannel):
+        if g.axis == 0 and out_axis != 0:
+            if getattr(module, "groups", 1) != 1:
+                raise UnsupportedLayerError(
+                    f"{name}: per-channel weights of a grouped {type(module).__name__} (groups={module.groups}) "
+                    "have no single output-channel axis; use granularity='tensor' for this layer (overrides=) "
+                    "or exclude it."
+                )
+            spec = spec.replace(granularity=PerChannel(out_axis))
+        elif not -w.dim() <= g.axis < w.dim():
+            raise UnsupportedLayerError(
+                f"{name}: per-channel axis {g.axis} does not exist on a weight of shape {tuple(w.shape)}."
+            )
+    elif isinstance(g, PerGroup):
+        axis = in_axis if (g.axis in (-1, w.dim() - 1) and w.dim() > 2) else g.axis
+        size = w.shape[axis]
+        if size % g.group_size:
+            raise UnsupportedLayerError(
+                f"{name}: group size {g.group_size} does not divide the {size} input channels of its weight "
+                f"{tuple(w.shape)}; choose a group size that divides {size} or exclude this layer."
+            )
+        spec = spec.replace(granularity=PerGroup(g.group_size, axis))
+    return spec
+
+
+def _quantizer(spec: QuantSpec | None, name: str) -> TensorQuantizer | None:
+    return None if spec is None else TensorQuantizer(spec, name=name)
+
+
+class QuantLayerMixin:
+    """Shared parts of the weighted quantized layers (see the module docstring for the contract)."""
+
+    weight_quantizer: TensorQuantizer | None
+    input_quantizer: TensorQuantizer | None
+    activation: nn.Module | None
+    output_quantizer: TensorQuantizer | None
+
+    def _init_quant(
+        self,
+        weight_spec: QuantSpec | None,
+        input_spec: QuantSpec | None,
+        output_spec: QuantSpec | None,
+        activation: nn.Module | None,
+        name: str,
+    ) -> None:
+        self.lowbit_name = name
+        if weight_spec is not None:
+            weight_spec = weight_spec_for(self, weight_spec, name)
+        self.weight_quantizer = _quantizer(weight_spec, f"{name}.weight")
+        self.input_quantizer = _quantizer(input_spec, f"{name}.input")
+        self.activation = activation
+        self.output_quantizer = _quantizer(output_spec, f"{name}.output")
+        if self.weight_quantizer is not None:
+            self.calibrate_weight()
+
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.Module,
+        weight_spec: QuantSpec | None,
+        *,
+        input_spec: QuantSpec | None = None,
+        output_spec: QuantSpec | None = None,
+        activation: nn.Module | None = None,
+        name: str = "layer",
+    ):
+        """A quantized copy of float ``module`` sharing its parameters (same ``weight``/``bias`` objects).
+
+        Args:
+            module: the float layer (exactly the float base class of ``cls``).
+            weight_spec: spec of the weight, or None to keep it float.
+            input_spec: spec of the input (dynamic activation quantization, module-swap fallback).
+            output_spec: spec of the output, applied after ``activation``.
+            activation: fused activation module (ReLU, ReLU6, GELU, SiLU, Hardswish ...).
+            name: the layer's qualified name in the model (used for quantizer names and errors).
+        """
+        base = cls.__mro__[2] if cls.__mro__[1] is QuantLayerMixin else cls.__mro__[1]
+        if type(module) is not base and not isinstance(module, base):
+            raise UnsupportedLayerError(f"{cls.__name__}.from_float takes a {base.__name__}, got {type(module).__name__}.")
+        new = copy.copy(module)  # shares parameters and buffers; new object for the new class
+        new.__dict__ = dict(module.__dict__)
+        for key in ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks"):
+            if key in new.__dict__:
+                new.__dict__[key] = copy.copy(module.__dict__[key])
+        new.__class__ = cls
+        new._init_quant(weight_spec, input_spec, output_spec, activation, name)
+        return new
+
+    @torch.no_grad()
+    def calibrate_weight(self) -> None:
+        """Set the weight quantizer's scale and zero point from the current weight (``calibrate_now``)."""
+        if self.weight_quantizer is not None:
+            self.weight_quantizer.calibrate_now(self.weight.detach())
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight as the quantized model uses it (fake-quantized, float dtype, weight's shape)."""
+        wq = self.weight_quantizer
+        if wq is None:
+            return self.weight
+        if wq.needs_calibration and not wq.is_calibrated:
+            self.calibrate_weight()
+        if torch.is_grad_enabled() and (self.weight.requires_grad or wq.learnable):
+            return wq(self.weight)  # training (QAT): no cache, gradients flow through the STE
+        # Inference: the fake-quantized weight only changes when the weight or the qparams do.
+        key = (self.weight.data_ptr(), self.weight._version, wq.scale.data_ptr(), wq.scale._version,
+               wq.zero_point.data_ptr(), wq.zero_point._version, bool(wq.quant_enabled), "forward" in wq.__dict__)
+        cache = self.__dict__.get("_lowbit_wcache")
+        if cache is None or cache[0] != key:
+            cache = (key, wq(self.weight).detach())
+            self.__dict__["_lowbit_wcache"] = cache
+        return cache[1]
+
+    def _pre(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_quantizer is None else self.input_quantizer(x)
+
+    def _post(self, y: torch.Tensor) -> torch.Tensor:
+        if self.activation is not None:
+            y = self.activation(y)
+        if self.output_quantizer is not None:
+            y = self.output_quantizer(y)
+        return y
+
+    def quant_extra_repr(self) -> str:
+        parts = []
+        if self.activation is not None:
+            parts.append(f"fused={type(self.activation).__name__}")
+        return ", ".join(parts)
+
+
+class QuantLinear(QuantLayerMixin, nn.Linear):
+    """``y = act(q_in(x) @ q_w(W)^T + b)``, then ``q_out``. Input ``(*, in_features)``, output ``(*, out_features)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._post(F.linear(self._pre(x), self.quantized_weight(), self.bias))
+
+
+class QuantConv1d(QuantLayerMixin, nn.Conv1d):
+    """Conv1d with quantized weight/input/output; input ``(N, C_in, L)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._post(self._conv_forward(self._pre(x), self.quantized_weight(), self.bias))
+
+
+class QuantConv2d(QuantLayerMixin, nn.Conv2d):
+    """Conv2d (any groups: depthwise, grouped) with quantized weight/input/output; input ``(N, C_in, H, W)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._post(self._conv_forward(self._pre(x), self.quantized_weight(), self.bias))
+
+
+class QuantConvTranspose2d(QuantLayerMixin, nn.ConvTranspose2d):
+    """ConvTranspose2d with quantized weight (per output channel = weight axis 1)/input/output."""
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        x = self._pre(x)
+        output_padding = self._output_padding(
+            x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation
+        )
+        y = F.conv_transpose2d(
+            x, self.quantized_weight(), self.bias, self.stride, self.padding, output_padding, self.groups, self.dilation
+        )
+        return self._post(y)
+
+
+class QuantEmbedding(QuantLayerMixin, nn.Embedding):
+    """Embedding with a quantized table (weight-only; one scale per row with ``PerChannel(0)``).
+    Input: integer indices of any shape; output ``(*indices.shape, embedding_dim)``. An
+    ``output_quantizer`` may be set (the looked-up rows are activations for the next layer)."""
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        w = self.quantized_weight()
+        y = F.embedding(idx, w, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
+        return self._post(y)
+
+
+QUANT_LAYERS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Linear: QuantLinear,
+    nn.Conv1d: QuantConv1d,
+    nn.Conv2d: QuantConv2d,
+    nn.ConvTranspose2d: QuantConvTranspose2d,
+    nn.Embedding: QuantEmbedding,
+}
+"""The registry float layer type -> quantized layer type (exact types; subclasses of these float
+layers that override ``forward`` are not swapped)."""
+
+
+def quant_class_for(module: nn.Module) -> type[nn.Module] | None:
+    """The quantized class for ``module``'s exact type, or None when it has none."""
+    return QUANT_LAYERS.get(type(module))
+
+
+def is_quant_layer(module: nn.Module) -> bool:
+    """True for the quantized weighted layers and joins of this module."""
+    return isinstance(module, QuantLayerMixin | QuantJoin)
+
+
+# ------------------------------------------------------------------------------------------ joins
+class QuantJoin(nn.Module):
+    """Base of the quantized functional ops with several tensor inputs (matmul, add, mul, cat).
+
+    Args:
+        input_specs: one entry per tensor input: a spec (a quantizer is created for that input) or None
+            (the input is already quantized upstream: an ``nn.Identity`` takes its place).
+        output_spec: spec of the output (after ``activation``), or None.
+        activation: fused activation (e.g. the ReLU after a residual add), or None.
+        name: qualified name (quantizers are ``<name>.input<i>`` and ``<name>.output``).
+    """
+
+    def __init__(
+        self,
+        input_specs: tuple[QuantSpec | None, ...] | list[QuantSpec | None] = (None, None),
+        output_spec: QuantSpec | None = None,
+        activation: nn.Module | None = None,
+        name: str = "join",
+    ) -> None:
+        super().__init__()
+        self.lowbit_name = name
+        self.input_quantizers = nn.ModuleList(
+            nn.Identity() if s is None else TensorQuantizer(s, name=f"{name}.input{i}") for i, s in enumerate(input_specs)
+        )
+        self.activation = activation
+        self.output_quantizer = _quantizer(output_spec, f"{name}.output")
+
+    def _q(self, i: int, x):
+        if i < len(self.input_quantizers) and torch.is_tensor(x):
+            return self.input_quantizers[i](x)
+        return x
+
+    def _post(self, y: torch.Tensor) -> torch.Tensor:
+        if self.activation is not None:
+            y = self.activation(y)
+        if self.output_quantizer is not None:
+            y = self.output_quantizer(y)
+        return y
+
+
+class QuantMatMul(QuantJoin):
+    """``torch.matmul(q0(a), q1(b))`` (also used for ``bmm`` and the ``@`` operator), then ``q_out``."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self._post(torch.matmul(self._q(0, a), self._q(1, b)))
+
+
+class QuantAdd(QuantJoin):
+    """``q0(a) + q1(b)`` (tensors or a tensor and a number), then fused activation and ``q_out``."""
+
+    def forward(self, a, b, alpha=None) -> torch.Tensor:
+        a, b = self._q(0, a), self._q(1, b)
+        y = a + b if alpha is None else torch.add(a, b, alpha=alpha)
+        return self._post(y)
+
+
+class QuantMul(QuantJoin):
+    """``q0(a) * q1(b)``, then ``q_out``."""
+
+    def forward(self, a, b) -> torch.Tensor:
+        return self._post(self._q(0, a) * self._q(1, b))
+
+
+class QuantCat(QuantJoin):
+    """``torch.cat([q_i(x_i)], dim)``, then ``q_out`` (one scale for the joined tensor, as QLinearConcat)."""
+
+    def __init__(self, input_specs=(None, None), output_spec=None, activation=None, name="cat", dim: int = 0) -> None:
+        super().__init__(input_specs, output_spec, activation, name)
+        self.dim = dim
+
+    def forward(self, tensors, dim: int | None = None) -> torch.Tensor:
+        xs = [self._q(i, t) for i, t in enumerate(tensors)]
+        return self._post(torch.cat(xs, self.dim if dim is None else dim))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+def spec_summary(spec: QuantSpec | None) -> dict | None:
+    """A plain-dict view of a spec (for tables and logs)."""
+    if spec is None:
+        return None
+    return {f.name: str(getattr(spec, f.name)) for f in dataclasses.fields(spec)}

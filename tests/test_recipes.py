@@ -1,0 +1,136 @@
+"""Recipes: the specs each preset gives, overrides / exclude resolution, errors."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from lowbit import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
+from lowbit.capture.plan import Planner
+from lowbit.errors import ConfigError
+from lowbit.recipes import (
+    BF16,
+    FP8,
+    FP16,
+    W4A16,
+    W8A8,
+    W8A16,
+    BinaryWeights,
+    Custom,
+    LayerSpec,
+    PowerOfTwoWeights,
+    TernaryWeights,
+    W8A8Dynamic,
+    WeightOnly,
+)
+
+LIN, CONV, EMB = nn.Linear(4, 4), nn.Conv2d(4, 4, 1), nn.Embedding(5, 4)
+
+
+def test_w8a8_specs():
+    r = W8A8(calibrator="kl")
+    s = r.layer_spec(CONV)
+    assert s.weight.format.name == "int8" and s.weight.symmetric and s.weight.granularity == PerChannel(0)
+    assert s.activation.format.name == "uint8" and not s.activation.symmetric
+    assert s.activation.calibrator.name == "kl" and s.activation.granularity == PerTensor()
+    assert r.layer_spec(EMB).activation is None  # embeddings are weight-only
+    assert r.layer_spec(join="add").activation == r.edge_spec()
+    assert W8A8(per_channel=False).layer_spec(LIN).weight.granularity == PerTensor()
+    sym = W8A8(act_dtype="int8", symmetric_act=True).activation_spec()
+    assert sym.format.name == "int8" and sym.symmetric
+    for cal in ("minmax", "moving_average", "kl", "percentile", "mse"):
+        assert W8A8(calibrator=cal).activation_spec().calibrator.name == cal
+
+
+def test_w8a8_bad_values():
+    with pytest.raises(ConfigError, match="act_dtype"):
+        W8A8(act_dtype="int4")
+    with pytest.raises(ConfigError, match="signed"):
+        W8A8(symmetric_act=True)
+    with pytest.raises(ConfigError, match="unknown calibrator"):
+        W8A8(calibrator="entropyy").activation_spec()
+
+
+def test_dynamic_covers_linear_only():
+    r = W8A8Dynamic()
+    assert r.edge_spec() is None
+    s = r.layer_spec(LIN)
+    assert s.activation.dynamic and s.activation.granularity == PerTensor()
+    assert r.layer_spec(CONV).is_float
+    assert W8A8Dynamic(granularity="token").layer_spec(LIN).activation.granularity == PerToken()
+    assert r.layer_spec(join="matmul").is_float
+
+
+def test_weight_only_and_w4a16():
+    s = W4A16().layer_spec(LIN)
+    assert s.activation is None and s.weight.format.name == "uint4" and not s.weight.symmetric
+    assert s.weight.granularity == PerGroup(128, -1)
+    assert WeightOnly(bits=2, group_size=32, symmetric=True).layer_spec(LIN).weight.format.name == "int2"
+    assert WeightOnly(bits=8).layer_spec(LIN).weight.granularity == PerChannel(0)
+    with pytest.raises(ConfigError):
+        WeightOnly(bits=1)
+    with pytest.raises(ConfigError):
+        W4A16(group_size=0)
+
+
+def test_other_presets():
+    assert W8A16().activation_spec().format.name == "int16"
+    f8 = FP8().layer_spec(LIN)
+    assert f8.weight.format.name == "fp8_e4m3" and f8.activation.format.name == "fp8_e4m3"
+    assert FP16().layer_spec(LIN).weight.scaled is False and BF16().weight_spec(LIN).format.name == "bf16"
+    assert FP16(activations=False).edge_spec() is None
+    assert BinaryWeights().weight_spec(LIN).format.name == "binary" and BinaryWeights().edge_spec() is None
+    assert TernaryWeights().weight_spec(LIN).format.name == "ternary"
+    assert PowerOfTwoWeights(bits=4).weight_spec(LIN).format.name.startswith("log2")
+    c = Custom(weight=QuantSpec("int4", granularity="channel"), activation=None, layer_types=(nn.Linear,))
+    assert c.layer_spec(LIN).weight.format.name == "int4" and c.layer_spec(CONV).is_float
+    with pytest.raises(ConfigError, match="no quantized layer"):
+        Custom(layer_types=(nn.LSTM,))
+
+
+def test_recipes_are_frozen():
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        W8A8().calibrator = "kl"  # type: ignore[misc]
+
+
+NAMES = ["features.0", "features.1", "features.2.conv", "classifier", "add_1"]
+
+
+def test_planner_override_order_and_exclude():
+    int4 = QuantSpec("int4", granularity="channel")
+    r = W8A8(
+        exclude=("features.0",),
+        overrides={"classifier": None, r"features\.2\..*": int4, nn.Conv2d: LayerSpec(None, None), "add_1": W8A16()},
+    )
+    p = Planner(r, NAMES)
+    assert p.resolve("features.0", CONV).spec.is_float and "exclude" in p.resolve("features.0", CONV).source
+    assert p.resolve("classifier", LIN).spec.is_float
+    res = p.resolve("features.2.conv", CONV)  # regex beats type
+    assert res.spec.weight == int4 and res.spec.activation == r.activation_spec() and res.explicit
+    assert p.resolve("features.1", CONV).spec.is_float  # type override
+    assert p.resolve("add_1", join="add").spec.activation.format.name == "int16"
+    assert not p.resolve("features.1", LIN).explicit
+
+
+def test_unknown_override_lists_close_matches():
+    with pytest.raises(ConfigError, match=r"'clasifier'.*Did you mean: 'classifier'"):
+        Planner(W8A8(overrides={"clasifier": None}), NAMES)
+    with pytest.raises(ConfigError, match="features.9"):
+        Planner(W8A8(exclude=("features.9",)), NAMES)
+    with pytest.raises(ConfigError, match="must be a QuantSpec"):
+        W8A8(overrides={"classifier": "int4"})
+
+
+def test_keep_first_last_8bit():
+    r = W4A16(group_size=2, keep_first_last_8bit=True)
+    p = Planner(r, NAMES, ["features.0", "features.1", "classifier"])
+    first = p.resolve("features.0", CONV).spec.weight
+    assert first.format.name == "int8" and first.granularity == PerChannel(0)
+    assert p.resolve("features.1", CONV).spec.weight.format.name == "uint4"
+    assert p.resolve("classifier", LIN).spec.weight.format.name == "int8"
+
+
+def test_layer_spec_for_unknown_module_is_float():
+    assert W8A8().layer_spec(nn.LSTM(2, 2)).is_float
