@@ -207,9 +207,9 @@ def test_layer_sqnr_is_inf_when_nothing_changes():
     assert rows[0].sqnr_db == math.inf
 
 
-def test_tensor_first_is_tensor_level_quantize():
-    codes = lowbit.quantize(torch.tensor([0.26, -2.0]), torch.tensor(0.1), torch.tensor(0), QuantSpec("int8"))
-    assert codes.tolist() == [3, -20] and codes.dtype == torch.int8
+def test_quantize_rejects_a_tensor_with_a_pointer_to_ops():
+    with pytest.raises(lowbit.QuantizationError, match="nn.Module"):
+        lowbit.quantize(torch.tensor([0.26, -2.0]), W8A8(), [torch.zeros(1)])
 
 
 def test_resnet18_and_mobilenet_v2():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-# ``lowbit.quantize`` is the model entry point; given a tensor first it forwards to ``lowbit.ops.quantize``.
+# ``lowbit.quantize`` is the model entry point; tensor-level quantize/dequantize live in ``lowbit.ops``.
 from . import formats, recipes
 from .api import calibrate, decision_log, quantize
 from .capture.readback import format_quant_table, format_sqnr_table, layer_sqnr, quant_table

@@ -135,7 +135,6 @@ def quantize(
     strict: bool = False,
     progress: bool = True,
     inplace: bool = False,
-    **tensor_kwargs: Any,
 ):
     """Quantize ``model`` with ``recipe``; return an ordinary ``nn.Module`` that simulates the quantized
     model (quantize-dequantize in float).
@@ -172,18 +171,13 @@ def quantize(
         NonFiniteError: a calibration batch with NaN/Inf (names the batch).
         UnsupportedLayerError: an explicitly requested spec a layer cannot take; any skip with ``strict``.
 
-    ``lowbit.quantize(tensor, scale, zero_point, spec)`` (a tensor first) is the tensor-level
-    :func:`lowbit.ops.quantize`, kept under this name for compatibility.
+    The tensor-level functions are :func:`lowbit.ops.quantize` / :func:`lowbit.ops.fake_quantize`.
     """
-    if torch.is_tensor(model):
-        from .ops import quantize as quantize_tensor
-
-        extra = [a for a in (recipe, calib_data, example_inputs) if a is not None]
-        return quantize_tensor(model, *extra, **tensor_kwargs)
-    if tensor_kwargs:
-        raise TypeError(f"quantize() got unexpected keyword arguments {sorted(tensor_kwargs)}")
     if not isinstance(model, nn.Module):
-        raise QuantizationError(f"quantize() takes an nn.Module, got {type(model).__name__}.")
+        raise QuantizationError(
+            f"quantize() takes an nn.Module, got {type(model).__name__}; to quantize a tensor use "
+            "lowbit.ops.quantize(x, scale, zero_point, spec) or lowbit.fake_quantize."
+        )
     recipe = with_options(recipe, exclude=exclude, overrides=overrides)
     edge = recipe.edge_spec()
 
