@@ -30,7 +30,7 @@ _COMM_HOOKS = (
     "payload_bytes",
 )
 # Submodules searched, in order, for names not listed above (stats.py is written separately).
-_OTHER_SUBMODULES = ("stats",)
+_OTHER_SUBMODULES = ("stats", "sync")
 
 
 def __getattr__(name: str) -> Any:

@@ -194,7 +194,8 @@ def convert(
 
     Returns the converted model; ``model.lowbit_convert_log`` lists ``(name, kind or "kept", reason)``.
     """
-    from ..qat.prepare import is_qat_model  # QAT path (issue 7): fold BN, freeze LSQ -> the exporter's structure
+    # QAT path (issue 7): fold BN, freeze LSQ -> the structure lowbit.quantize returns and the exporter takes.
+    from ..qat.prepare import is_qat_model
 
     if is_qat_model(getattr(qmodel, "module", qmodel)):
         from ..qat.convert import convert as convert_qat
