@@ -128,7 +128,7 @@ def weight_spec_for(module: nn.Module, spec: QuantSpec, name: str = "layer") -> 
 
 
 def _quantizer(spec: QuantSpec | None, name: str) -> TensorQuantizer | None:
-    return None if spec is None else TensorQuantizer(spec, name=name)
+    return None if spec is None else TensorQuantizer(spec, name=name, is_weight=name.endswith(".weight"))
 
 
 class QuantLayerMixin:

@@ -33,6 +33,8 @@ class TensorQuantizer(nn.Module):
     Args:
         spec: how to quantize (format, symmetric, granularity, rounding, calibrator, dynamic).
         name: the tensor's name (module path + role), used in logs, errors and reports.
+        is_weight: a weight quantizer (the whole tensor is one sample) rather than an activation
+            quantizer (dimension 0 is the batch). Only the LSQ gradient scale depends on it.
 
     Forward: ``x`` of any shape the granularity accepts -> same shape and dtype; the clipped STE
     gradient (or the LSQ gradients when learnable).
@@ -44,10 +46,11 @@ class TensorQuantizer(nn.Module):
     (0.34, 0.02)
     """
 
-    def __init__(self, spec: QuantSpec, name: str = "tensor") -> None:
+    def __init__(self, spec: QuantSpec, name: str = "tensor", is_weight: bool = False) -> None:
         super().__init__()
         self.spec = spec
         self.name = name
+        self.is_weight = is_weight
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
         self.register_buffer("observer_enabled", torch.tensor(False))
@@ -160,8 +163,16 @@ class TensorQuantizer(nn.Module):
             offset = self.lsq_offset
             if offset is None and not self.spec.symmetric:  # LSQ on an affine grid: zero point stays fixed
                 offset = -self.zero_point.float() * self.scale.detach()
-            return fake_quantize_lsq(x, self.scale, offset, self.spec)
+            return fake_quantize_lsq(x, self.scale, offset, self.spec, grad_scale=self._lsq_grad_scale(x))
         return fake_quantize(x, self.scale, self.zero_point, self.spec)
+
+    def _lsq_grad_scale(self, x: torch.Tensor) -> float:
+        """LSQ's ``g = 1 / sqrt(N * qmax)``, N = elements per scale of one sample: all of a weight, one
+        batch element of an activation, so the scale's gradient does not depend on the batch size
+        (and DDP ranks with half batches get the single-process gradient)."""
+        n = x.numel() if self.is_weight or x.dim() < 2 else x[0].numel()
+        n_per_scale = max(1, n // max(1, self.scale.numel()))
+        return 1.0 / (n_per_scale * max(1.0, float(self.spec.format.max_value))) ** 0.5
 
     def _forward_dynamic(self, x: torch.Tensor) -> torch.Tensor:
         check_finite(x.detach(), self.name)
