@@ -120,3 +120,109 @@ def test_make_observer_registry():
     for name, cls in [("kl", HistogramObserver), ("mse", HistogramObserver), ("percentile", HistogramObserver),
                       ("admm", ADMMObserver), ("moving_average", MovingAverageMinMaxObserver)]:
         assert type(make_observer(QuantSpec("int8", calibrator=name))) is cls
+
+
+# --- the one-pass binning (count_bins) against an independent float64 numpy reference -------------
+
+def _numpy_reference(x: np.ndarray, e: int, nb: int) -> tuple[np.ndarray, np.ndarray]:
+    """Counts by the definition: floor(x / 2**e) for x >= 0, floor(-x / 2**e) for x < 0 (float64 exact)."""
+    x = x.astype(np.float64)
+    k = np.floor(np.abs(x) / 2.0**e).astype(np.int64)
+    neg = x < 0
+    return np.bincount(k[~neg], minlength=nb), np.bincount(k[neg], minlength=nb)
+
+
+_EDGE_CASES = {
+    # exact bin edges on both sides: +-k w must land in bin k on its own side
+    "edges": lambda g: (torch.randint(-63, 64, (4000,), generator=g).float() * 2.0**-3),
+    "negative_zero": lambda g: torch.tensor([-0.0, 0.0, -0.0, 1.0, -1.0, -0.125]),
+    "subnormal": lambda g: torch.randn(3000, generator=g) * 1e-41,  # 2**-e is not a float32: float64 path
+    "huge": lambda g: torch.rand(3000, generator=g) * 3e38 - 1.5e38,
+    "heavy_tail": lambda g: torch.randn(5000, generator=g) ** 5,
+}
+
+
+@pytest.mark.parametrize("case", sorted(_EDGE_CASES))
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_binning_matches_definition(case, chunk, monkeypatch):
+    import lowbit.calibration.histogram as hmod
+
+    if chunk is not None:  # many chunks, ragged last one: chunking must not change a count
+        monkeypatch.setattr(hmod, "CHUNK_ELEMENTS", chunk)
+    x = _EDGE_CASES[case](torch.Generator().manual_seed(3))
+    nb = 64
+    obs = _obs(nb=nb)
+    obs.update(x)
+    e = int(obs.stats.exponent[0])
+    assert nb * 2.0**e > float(x.abs().max()) >= nb * 2.0 ** (e - 1)
+    pos, neg = _numpy_reference(x.numpy(), e, nb)
+    assert np.array_equal(obs.stats.hist[0, 0].numpy(), pos)
+    assert np.array_equal(obs.stats.hist[0, 1].numpy(), neg)
+
+
+def test_negative_zero_counts_as_non_negative():
+    obs = _obs(nb=16)
+    obs.update(torch.tensor([-0.0, -0.0, 0.0, 3.0]))
+    assert obs.stats.hist[0, 0].tolist()[0] == 3 and int(obs.stats.hist[0, 1].sum()) == 0
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_per_channel_binning_matches_definition(chunk, monkeypatch):
+    import lowbit.calibration.histogram as hmod
+
+    if chunk is not None:
+        monkeypatch.setattr(hmod, "CHUNK_ELEMENTS", chunk)
+    g = torch.Generator().manual_seed(4)
+    scales = torch.tensor([1e-3, 1.0, 0.0, 2.0**-3, 1e4])
+    x = torch.randint(-40, 41, (6, 5, 9), generator=g).float() * scales[None, :, None] / 8
+    obs = _obs(nb=32, granularity="channel:1")
+    obs.update(x)
+    for c in range(5):
+        e = int(obs.stats.exponent[c])
+        xc = x[:, c].numpy()
+        if scales[c] == 0:  # an all-zero block: no width yet, every count in the non-negative bin 0
+            assert obs.stats.hist[c, 0, 0] == xc.size and int(obs.stats.hist[c].sum()) == xc.size
+            continue
+        pos, neg = _numpy_reference(xc, e, 32)
+        assert np.array_equal(obs.stats.hist[c, 0].numpy(), pos), c
+        assert np.array_equal(obs.stats.hist[c, 1].numpy(), neg), c
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_dtypes_count_as_their_float32_values(dtype):
+    torch.manual_seed(5)
+    x = (torch.randn(3000) * 7).to(dtype)
+    a, b = _obs(nb=128), _obs(nb=128)
+    a.update(x)
+    b.update(x.float())
+    assert torch.equal(a.stats.hist, b.stats.hist) and torch.equal(a.stats.exponent, b.stats.exponent)
+    assert torch.equal(a.stats.min_val, b.stats.min_val) and torch.equal(a.stats.max_val, b.stats.max_val)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel:1"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_batch_raises_and_leaves_state_unchanged(granularity, bad):
+    torch.manual_seed(6)
+    obs = _obs(granularity=granularity)
+    with pytest.raises(NonFiniteError, match="batch 0"):  # a bad first batch fixes no shape either
+        obs.update(torch.tensor([[1.0, bad], [2.0, 3.0]]))
+    good = torch.randn(4, 2)
+    obs.update(good)
+    poisoned = torch.randn(4, 2) * 100
+    poisoned[2, 1] = bad
+    with pytest.raises(NonFiniteError, match="NaN" if bad != bad else "Inf"):
+        obs.update(poisoned)
+    ref = _obs(granularity=granularity)
+    ref.update(good)
+    assert obs.num_batches == 1
+    assert torch.equal(obs.stats.hist, ref.stats.hist) and torch.equal(obs.stats.exponent, ref.stats.exponent)
+    assert torch.equal(obs.stats.min_val, ref.stats.min_val) and torch.equal(obs.stats.max_val, ref.stats.max_val)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.floats(0.0, 2.0**127, width=32) | st.sampled_from([2.0**-149, 2.0**-130, 1.0, 96.0, 2.0**127]),
+       st.sampled_from([2, 3, 16, 100, 2048, 4096]))
+def test_scalar_exponent_equals_tensor_exponent(amax, nb):
+    from lowbit.calibration.histogram import covering_exponent, covering_exponent_scalar
+
+    assert covering_exponent_scalar(amax, nb) == int(covering_exponent(torch.tensor([amax]), nb)[0])

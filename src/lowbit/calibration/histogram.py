@@ -13,11 +13,13 @@ Memory: ``B * 2 * nb`` int64 counts plus per-block min/max, independent of the n
 
 from __future__ import annotations
 
+import math
+import threading
 from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import ConfigError, ShapeMismatchError
+from ..errors import ConfigError, NonFiniteError, ShapeMismatchError, check_finite
 from .base import Observer
 from .estimators import mse_range, percentile_range
 from .kl import kl_range
@@ -53,6 +55,90 @@ def covering_exponent(amax: torch.Tensor, num_bins: int) -> torch.Tensor:
     e = torch.where(a >= num_bins * torch.ldexp(torch.ones_like(a), e), e + 1, e)
     e = torch.where(a < num_bins * torch.ldexp(torch.ones_like(a), e - 1), e - 1, e)
     return torch.where(a > 0, e, torch.full_like(e, EMPTY_EXPONENT))
+
+
+CHUNK_ELEMENTS = 1 << 16
+"""Elements binned at a time: the chunk and its temporaries stay in cache, and no temporary grows with
+the batch (peak memory of an update is independent of the batch size)."""
+
+
+def covering_exponent_scalar(amax: float, num_bins: int) -> int:
+    """:func:`covering_exponent` of one value, in Python arithmetic (no tensor overhead per batch)."""
+    if amax == 0:
+        return EMPTY_EXPONENT
+    _, k = math.frexp(amax)  # 2**(k - 1) <= amax < 2**k
+    e = k - (num_bins.bit_length() - 1)  # num_bins * 2**e >= 2**k > amax
+    while amax < math.ldexp(num_bins, e - 1):  # exact: num_bins * 2**e is a float64
+        e -= 1
+    return e
+
+
+def count_bins(xb: torch.Tensor, exponent: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """Counts of ``xb`` (B, n) on the signed grid of each block: (B, 2 nb) int64, where column ``nb + k``
+    counts ``x >= 0`` with ``floor(x / w) = k`` and column ``nb - 1 - k`` counts ``x < 0`` with
+    ``floor(-x / w) = k``, ``w = 2**exponent[b]`` (0 for an all-zero block: everything in ``nb``).
+
+    Exact, with one multiply and one cast per element: ``s = x * 2**-e`` is exact (a power-of-two scale
+    that cannot overflow, since ``|x| < nb w``; an underflow only touches ``|s| < 1``), the cast to int
+    truncates toward zero, i.e. gives ``sign(x) floor(|x| / w)``, and the sign bit of ``s`` (``-1`` after
+    an arithmetic shift) moves negatives one column down so ``(-w, 0)`` and ``[0, w)`` stay apart.
+    ``s + 0.0`` turns ``-0.0`` into ``+0.0``: a negative zero counts as ``x >= 0``. Works in float32 while
+    ``2**-e`` is a normal float32, else in float64. Caller guarantees ``|x| < nb * 2**exponent``.
+    """
+    n_blocks, n = xb.shape
+    live = exponent != EMPTY_EXPONENT
+    e_live = exponent[live]
+    wide = bool(e_live.numel()) and not (-126 <= int(e_live.min()) and int(e_live.max()) <= 126)
+    work, itype, sign_shift = (torch.float64, torch.int64, 63) if wide else (torch.float32, torch.int32, 31)
+    inv = torch.where(live, torch.ldexp(torch.ones(n_blocks, dtype=torch.float64), (-exponent).clamp(-1100, 1100)),
+                      torch.zeros(n_blocks, dtype=torch.float64))
+    cols = min(n, CHUNK_ELEMENTS)
+    rows = max(1, CHUNK_ELEMENTS // cols)
+    counts = torch.zeros(n_blocks * 2 * num_bins, dtype=torch.int64)
+    if n_blocks == 1:
+        scale, offset = float(inv[0]), num_bins
+    else:
+        scale = inv.to(work)[:, None]
+        offset = (torch.arange(n_blocks, dtype=itype) * (2 * num_bins) + num_bins)[:, None]
+    for r0 in range(0, n_blocks, rows):
+        r1 = min(r0 + rows, n_blocks)
+        sc = scale if n_blocks == 1 else scale[r0:r1]
+        off = offset if n_blocks == 1 else offset[r0:r1] - r0 * 2 * num_bins
+        out = counts[r0 * 2 * num_bins:r1 * 2 * num_bins]
+        for c0 in range(0, n, cols):
+            part = xb[r0:r1, c0:c0 + cols]
+            s_buf, i_buf = _workspace(work, itype, part.numel())
+            s = s_buf.view(part.shape)
+            torch.mul(part if part.dtype == work else part.to(work), sc, out=s).add_(0.0)
+            idx = i_buf.view(part.shape)
+            idx.copy_(s)  # float -> int casts truncate toward zero
+            idx += s.view(itype).bitwise_right_shift_(sign_shift)
+            idx += off
+            out += torch.bincount(idx.reshape(-1), minlength=out.numel())
+    return counts.view(n_blocks, 2 * num_bins)
+
+
+_SCRATCH = threading.local()
+
+
+def _workspace(work: torch.dtype, itype: torch.dtype, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-thread scratch buffers of ``numel`` elements, reused across calls. A fresh pair of temporaries
+    per chunk would be allocated between the model's large activation buffers and, with glibc malloc,
+    keep freed activation memory from being returned to the OS: RSS then creeps up with every batch."""
+    key = (work, itype)
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = {}
+    pair = bufs.get(key)
+    if pair is None or pair[0].numel() < numel:
+        pair = bufs[key] = (torch.empty(max(numel, CHUNK_ELEMENTS), dtype=work),
+                            torch.empty(max(numel, CHUNK_ELEMENTS), dtype=itype))
+    return pair[0][:numel], pair[1][:numel]
+
+
+def _raise_non_finite(x: torch.Tensor, name: str) -> None:
+    check_finite(x.float(), name)  # counts NaN / Inf for the message
+    raise NonFiniteError(f"{name} contains NaN or Inf values; quantization ranges need finite data.")
 
 
 def rescale_counts(hist: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -97,26 +183,35 @@ class Histogram:
         self.hist = rescale_counts(self.hist, torch.where(exponent == EMPTY_EXPONENT, 0, shift))
         self.exponent = exponent.clone()
 
-    def add(self, xb: torch.Tensor) -> None:
-        """Count the rows of ``xb`` (B, n) float32 into their blocks."""
+    def add(self, xb: torch.Tensor, name: str = "tensor") -> None:
+        """Count the rows of ``xb`` (B, n), float32 / float16 / bfloat16, into their blocks.
+
+        One ``aminmax`` pass gives the extremes and the finite check together (NaN propagates through
+        min/max, +-Inf shows as an extreme), then :func:`count_bins` bins the data chunk by chunk.
+        Raises :class:`~lowbit.errors.NonFiniteError` (naming ``name``) before changing any state.
+        """
         n_blocks, nb = self.hist.shape[0], self.num_bins
-        mn, mx = torch.aminmax(xb, dim=1)
-        self.min_val = torch.minimum(self.min_val, mn)
-        self.max_val = torch.maximum(self.max_val, mx)
-        self.align_to(torch.maximum(self.exponent, covering_exponent(torch.maximum(-mn, mx), nb)))
-        empty = self.exponent == EMPTY_EXPONENT
-        inv = torch.ldexp(torch.ones(n_blocks, dtype=torch.float64), (-self.exponent).clamp(max=1100))
-        inv = torch.where(empty, torch.zeros_like(inv), inv)
-        # |x| * 2**-e is exact in float32 unless it under/overflows the exponent range.
-        work = torch.float32 if bool((inv < 2.0**100).all() and (inv[~empty] > 2.0**-100).all()) else torch.float64
-        scaled = xb.abs().to(work).mul_(inv.to(work)[:, None])
-        bins = scaled.floor_().long()
-        bins.clamp_(max=nb - 1)  # guards float edge cases only; the exponent guarantees bins < nb
-        bins.add_((xb < 0).long().mul_(nb))
-        if n_blocks > 1:
-            bins += torch.arange(n_blocks, dtype=torch.int64)[:, None] * (2 * nb)
-        counts = torch.bincount(bins.reshape(-1), minlength=n_blocks * 2 * nb)
-        self.hist += counts.view(n_blocks, 2, nb)
+        if n_blocks == 1:
+            mn, mx = torch.aminmax(xb)
+            lo, hi = float(mn), float(mx)
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                _raise_non_finite(xb, name)
+            e = covering_exponent_scalar(max(-lo, hi), nb)
+            if e > int(self.exponent[0]):
+                self.align_to(torch.tensor([e], dtype=torch.int64))
+            self.min_val = torch.minimum(self.min_val, mn.float().reshape(1))
+            self.max_val = torch.maximum(self.max_val, mx.float().reshape(1))
+        else:
+            mn, mx = torch.aminmax(xb, dim=1)
+            mn, mx = mn.float(), mx.float()
+            if not bool(torch.isfinite(mn).all() & torch.isfinite(mx).all()):
+                _raise_non_finite(xb, name)
+            self.align_to(torch.maximum(self.exponent, covering_exponent(torch.maximum(-mn, mx), nb)))
+            self.min_val = torch.minimum(self.min_val, mn)
+            self.max_val = torch.maximum(self.max_val, mx)
+        counts = count_bins(xb, self.exponent, nb)
+        self.hist[:, 0] += counts[:, nb:]
+        self.hist[:, 1] += counts[:, :nb].flip(-1)
 
     def merge(self, other: Histogram) -> None:
         """Add another histogram of the same blocks and bin count (exactly)."""
@@ -158,20 +253,34 @@ class HistogramObserver(Observer):
         self.stats: Histogram | None = None
         self.scale_shape: tuple[int, ...] | None = None
 
+    def update(self, x: torch.Tensor) -> None:
+        """Add one batch. Same contract as :meth:`Observer.update` (NonFiniteError on NaN/Inf), but the
+        finite check comes from the histogram's own min/max pass instead of a separate pass, and
+        float16/bfloat16 batches are widened chunk by chunk instead of copied whole."""
+        x = x.detach()
+        if x.numel() == 0:
+            return
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            x = x.float()
+        self._update(x)
+        self.num_batches += 1
+
     def _update(self, x: torch.Tensor) -> None:
         shape = tuple(self.spec.granularity.scale_shape(tuple(x.shape) or (1,)))
         if self.stats is None:
-            self.scale_shape = shape
             n_blocks = 1
             for s in shape:
                 n_blocks *= s
-            self.stats = Histogram(n_blocks, self.num_bins)
-        elif shape != self.scale_shape:
+            stats = Histogram(n_blocks, self.num_bins)
+            stats.add(blocks_2d(x, self.spec.granularity), f"{self.name} (batch 0)")
+            self.stats, self.scale_shape = stats, shape  # only once the first batch is known to be valid
+            return
+        if shape != self.scale_shape:
             raise ShapeMismatchError(
                 f"{self.name}: batch of shape {tuple(x.shape)} gives scales of shape {shape}, but earlier batches "
                 f"gave {self.scale_shape}; per-channel observers need the same channel count every batch."
             )
-        self.stats.add(blocks_2d(x, self.spec.granularity))
+        self.stats.add(blocks_2d(x, self.spec.granularity), f"{self.name} (batch {self.num_batches})")
 
     def _merge(self, other: HistogramObserver) -> None:
         self.stats.merge(other.stats)
