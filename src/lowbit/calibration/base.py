@@ -102,8 +102,12 @@ class MinMaxObserver(Observer):
         if self.min_val is None:
             self.min_val, self.max_val = mn, mx
         else:
-            self.min_val = torch.minimum(self.min_val, mn)
-            self.max_val = torch.maximum(self.max_val, mx)
+            self._combine(mn, mx)
+
+    def _combine(self, mn: torch.Tensor, mx: torch.Tensor) -> None:
+        """Fold one batch's per-block min/max into the running state (first batch excluded)."""
+        self.min_val = torch.minimum(self.min_val, mn)
+        self.max_val = torch.maximum(self.max_val, mx)
 
     def _merge(self, other: MinMaxObserver) -> None:
         self.min_val = torch.minimum(self.min_val, other.min_val)

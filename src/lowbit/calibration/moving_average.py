@@ -12,14 +12,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import ConfigError
-from ..granularity import reduce_blocks
-from .base import Observer
+from .base import MinMaxObserver
 
 if TYPE_CHECKING:
     from ..spec import QuantSpec
 
 
-class MovingAverageMinMaxObserver(Observer):
+class MovingAverageMinMaxObserver(MinMaxObserver):
     """Moving-average min/max per block (shape ``granularity.scale_shape(x.shape)``), constant ``c``
     from ``spec.calibrator`` (``MovingAverageMinMax(c=0.01)``).
 
@@ -39,17 +38,10 @@ class MovingAverageMinMaxObserver(Observer):
         self.c = float(getattr(spec.calibrator, "c", 0.01))
         if not 0.0 < self.c <= 1.0:
             raise ConfigError(f"MovingAverageMinMax: c must be in (0, 1], got {self.c}; 0.01 is the usual value.")
-        self.min_val: torch.Tensor | None = None
-        self.max_val: torch.Tensor | None = None
 
-    def _update(self, x: torch.Tensor) -> None:
-        mn = reduce_blocks(x, self.spec.granularity, "amin")
-        mx = reduce_blocks(x, self.spec.granularity, "amax")
-        if self.min_val is None:
-            self.min_val, self.max_val = mn, mx
-        else:
-            self.min_val = self.min_val + self.c * (mn - self.min_val)
-            self.max_val = self.max_val + self.c * (mx - self.max_val)
+    def _combine(self, mn: torch.Tensor, mx: torch.Tensor) -> None:
+        self.min_val = self.min_val + self.c * (mn - self.min_val)
+        self.max_val = self.max_val + self.c * (mx - self.max_val)
 
     def _merge(self, other: MovingAverageMinMaxObserver) -> None:
         n, m = self.num_batches, other.num_batches
@@ -58,6 +50,3 @@ class MovingAverageMinMaxObserver(Observer):
 
     def _state_tensors(self) -> list[tuple[str, str]]:
         return [("min_val", "mean"), ("max_val", "mean")]
-
-    def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.min_val.clone(), self.max_val.clone()
