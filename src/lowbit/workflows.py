@@ -1,0 +1,726 @@
+"""The flows behind the ``lowbit`` command line, usable from Python too.
+
+Each flow takes plain values (strings for MODEL and DATA, see :mod:`lowbit.loading`), composes
+:func:`lowbit.quantize`, the passes, the exporters and the report, and returns a frozen result::
+
+    from lowbit.workflows import run_quantize
+    summary = run_quantize("torchvision:resnet18", calib="images/", out_dir="out")
+    print(summary.table())
+
+Figures: *size* is the bytes the weights take at the precision they are stored in (fp32 for float
+tensors; ``ceil(numel * bits / 8)`` plus one fp32 scale and, for affine formats, one zero point per
+block for quantized weights); *latency* is the median of ``iters`` timed runs after ``warmup``
+runs, in milliseconds per batch, with ``torch.get_num_threads()`` threads for both PyTorch and ONNX
+Runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import recipes as R
+from .errors import ConfigError, ExportError, FileExistsRefusedError, ParityError, QuantizationError
+from .loading import LoadedData, LoadedModel, load_data, load_model
+from .report.data import ResultRow
+
+log = logging.getLogger("lowbit.workflows")
+
+__all__ = [
+    "RECIPE_NAMES", "make_recipe", "prepare_out_dir", "quantized_size_bytes", "float_size_bytes", "time_ms",
+    "Summary", "run_quantize", "EvalSummary", "run_eval", "BenchRow", "run_bench", "run_inspect", "run_explain",
+    "DemoResult", "run_demo", "format_rows",
+]
+
+RECIPE_NAMES: dict[str, str] = {
+    "w8a8": "int8 per-channel weights, uint8 per-tensor static activations (calibrated)",
+    "w8a8-dynamic": "int8 per-channel weights, activations quantized per batch (Linear layers only)",
+    "w8a16": "int8 per-channel weights, int16 activations",
+    "w4a16": "weight-only int4, groups of 128 input channels (affine)",
+    "w4-g32": "weight-only int4, groups of 32 input channels (affine)",
+    "w4": "weight-only int4 per output channel (affine), first/last layer int8",
+    "fp8": "fp8 e4m3 weights (per channel) and activations (per tensor)",
+    "fp16": "fp16 casts of weights and activations",
+    "bf16": "bf16 casts of weights and activations",
+}
+
+
+def make_recipe(name: str, calibrator: str = "minmax") -> R.Recipe:
+    """The preset called ``name`` (a key of :data:`RECIPE_NAMES`); ``calibrator`` sets the activation range
+    method of static recipes (``"minmax"``, ``"kl"``, ``"percentile"``, ``"mse"``, ``"moving_average"``).
+
+    >>> make_recipe("w8a8", "kl").activation_spec().calibrator.name
+    'kl'
+    """
+    from .calibration.config import as_calibrator
+
+    as_calibrator(calibrator)  # validates the name
+    key = name.strip().lower()
+    table: dict[str, Callable[[], R.Recipe]] = {
+        "w8a8": lambda: R.W8A8(calibrator=calibrator),
+        "w8a8-dynamic": lambda: R.W8A8Dynamic(),
+        "w8a16": lambda: R.W8A16(calibrator=calibrator),
+        "w4a16": lambda: R.W4A16(),
+        "w4-g32": lambda: R.WeightOnly(bits=4, group_size=32),
+        "w4": lambda: R.WeightOnly(bits=4, keep_first_last_8bit=True),
+        "fp8": lambda: R.FP8(calibrator=calibrator),
+        "fp16": lambda: R.FP16(),
+        "bf16": lambda: R.BF16(),
+    }
+    if key not in table:
+        raise ConfigError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPE_NAMES)}.")
+    return table[key]()
+
+
+def prepare_out_dir(path: str | Path, overwrite: bool) -> Path:
+    """Create ``path`` (parents too). An existing non-empty folder is refused unless ``overwrite``, in
+    which case its contents are removed first. Raises :class:`FileExistsRefusedError` / ConfigError."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"output path {p} is a file; pass a folder name for --out.")
+    if p.is_dir() and any(p.iterdir()):
+        if not overwrite:
+            raise FileExistsRefusedError(
+                f"output folder {p} already exists and is not empty; pass --overwrite to replace its contents "
+                "or choose another --out folder."
+            )
+        for child in p.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+# ------------------------------------------------------------------------------------------- figures
+def float_size_bytes(model: nn.Module) -> int:
+    """Bytes of every distinct parameter and buffer of ``model`` at its own dtype."""
+    from .zoo.metrics import model_size_bytes
+
+    return model_size_bytes(model)
+
+
+def quantized_size_bytes(qmodel: nn.Module) -> int:
+    """Deployed weight bytes of a :func:`lowbit.quantize` model.
+
+    A quantized weight costs ``ceil(numel * bits / 8)`` + 4 bytes per scale + ``ceil(bits / 8)`` per zero
+    point (affine formats only). Every other parameter and buffer (biases, float layers) costs its dtype
+    size; the quantizers' own buffers are not counted twice (only activation scales: 4 bytes + zero point).
+    """
+    from .nn.quantizer import TensorQuantizer
+
+    seen: set[int] = set()
+    weight_quantizers: set[int] = set()
+    total = 0
+    for m in qmodel.modules():
+        wq = getattr(m, "weight_quantizer", None)
+        w = getattr(m, "weight", None)
+        if isinstance(wq, TensorQuantizer) and torch.is_tensor(w):
+            bits = wq.spec.format.bits
+            n_scales = max(1, wq.scale.numel()) if wq.spec.scaled else 0
+            total += (w.numel() * bits + 7) // 8 + 4 * n_scales
+            if not wq.spec.symmetric:
+                total += n_scales * ((bits + 7) // 8)
+            seen.add(id(w))
+            weight_quantizers.add(id(wq))
+    for m in qmodel.modules():
+        if not isinstance(m, TensorQuantizer):
+            continue
+        if id(m) not in weight_quantizers and m.spec.scaled and not m.spec.dynamic:
+            total += 4 * m.scale.numel() + (0 if m.spec.symmetric else m.scale.numel())
+        seen.update(id(t) for t in list(m.buffers(recurse=False)) + list(m.parameters(recurse=False)))
+    for t in list(qmodel.parameters()) + list(qmodel.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def time_ms(fn: Callable[[], Any], warmup: int = 2, iters: int = 10) -> float:
+    """Median wall time of ``fn()`` in milliseconds over ``iters`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(1, iters)):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _torch_latency(model: nn.Module, x: torch.Tensor, iters: int) -> float:
+    with torch.no_grad():
+        return time_ms(lambda: model(x), iters=iters)
+
+
+def _ort_latency(path: Path, x: torch.Tensor, iters: int) -> float:
+    from .export.verify import make_session
+
+    sess = make_session(path, threads=torch.get_num_threads())
+    name = sess.get_inputs()[0].name
+    arr = x.numpy()
+    return time_ms(lambda: sess.run(None, {name: arr}), iters=iters)
+
+
+def _bytes(n: int) -> str:
+    for div, unit in ((1e6, "MB"), (1e3, "kB")):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n} B"
+
+
+def format_rows(rows: Sequence[ResultRow], title: str = "") -> str:
+    """A text table, one line per variant: each metric, size (MB, ratio to float) and latency (ms)."""
+    variants: list[str] = []
+    metrics: list[str] = []
+    for r in rows:
+        variants += [r.variant] if r.variant not in variants else []
+        metrics += [r.metric] if r.metric not in metrics else []
+    val = {(r.variant, r.metric): r for r in rows}
+    size = {r.variant: r.size_bytes for r in rows if r.size_bytes is not None}
+    lat = {r.variant: r.latency_ms for r in rows if r.latency_ms is not None}
+    ref_size = size.get(variants[0]) if variants else None
+    header = ["variant", *metrics, "size", "latency"]
+    table = [header]
+    for v in variants:
+        cells = [v]
+        for m in metrics:
+            r = val.get((v, m))
+            cells.append("-" if r is None or r.value is None or math.isnan(r.value) else f"{r.value:.4f}")
+        s = size.get(v)
+        cells.append("-" if s is None else _bytes(s) + (f" ({ref_size / s:.1f}x)" if ref_size and v != variants[0] else ""))
+        la = lat.get(v)
+        cells.append("-" if la is None else f"{la:.1f} ms")
+        table.append(cells)
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = [title] if title else []
+    for i, row in enumerate(table):
+        lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- data
+def _resolve_data(loaded: LoadedModel, data: str | None, what: str) -> LoadedData:
+    spec = data or loaded.default_data
+    if spec is None:
+        raise ConfigError(f"{loaded.name} has no built-in data: pass {what} DATA (an image folder, a .npy/.npz file, "
+                          "or imagenet-samples / foolbox-imagenet / fashion-mnist).")
+    return load_data(spec, loaded.preprocess)
+
+
+def _batches(ds: LoadedData, batch_size: int, num_batches: int | None, labels: bool = False) -> list:
+    from .zoo.data import loader
+
+    out = []
+    for b in loader(ds.dataset, batch_size=batch_size):
+        out.append((b[0], b[1]) if labels and len(b) > 1 else b[0])
+        if num_batches is not None and len(out) >= num_batches:
+            break
+    if not out:
+        raise QuantizationError(f"the data {ds.name} holds no samples; give at least one.")
+    return out
+
+
+def _metric_rows(variant: str, res, size: int | None, latency: float | None) -> list[ResultRow]:
+    rows = []
+    if res.top1 is not None:
+        rows.append(ResultRow(variant, "top1", res.top1, size, latency))
+    if res.agreement is not None:
+        rows.append(ResultRow(variant, "agreement", res.agreement, size, latency))
+    rows.append(ResultRow(variant, "cosine", res.cosine, size, latency))
+    return rows
+
+
+def _float_rows(res, size: int, latency: float | None) -> list[ResultRow]:
+    rows = []
+    if res.float_top1 is not None:
+        rows.append(ResultRow("float", "top1", res.float_top1, size, latency))
+    if res.agreement is not None:
+        rows.append(ResultRow("float", "agreement", 1.0, size, latency))
+    rows.append(ResultRow("float", "cosine", 1.0, size, latency))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- quantize
+@dataclass(frozen=True)
+class Summary:
+    """What ``lowbit quantize`` did. ``files`` maps a role (``"onnx"``, ``"checkpoint"``, ``"spec"``,
+    ``"report"``, ``"summary"``) to the written path; ``results`` the measured rows; ``warnings`` anything
+    the user should read (an export that failed, a parity problem)."""
+
+    model: str
+    recipe: str
+    calibrator: str
+    out_dir: str
+    files: dict[str, str]
+    results: tuple[ResultRow, ...]
+    quantized: int
+    skipped: tuple[tuple[str, str], ...]
+    passes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "recipe": self.recipe, "calibrator": self.calibrator, "out_dir": self.out_dir,
+                "files": dict(self.files), "results": [r.to_dict() for r in self.results],
+                "quantized_layers": self.quantized, "skipped": [list(s) for s in self.skipped],
+                "passes": list(self.passes), "warnings": list(self.warnings), "seconds": round(self.seconds, 2),
+                **self.extra}
+
+    def table(self) -> str:
+        return format_rows(self.results, f"{self.model} - {self.recipe} ({self.calibrator})")
+
+
+def _dfq(model: nn.Module, recipe: R.Recipe, notes: list[str]) -> nn.Module:
+    from .passes import absorb_high_bias, correct_bias, equalize, fold_bn
+
+    model, pairs = fold_bn(model)
+    model, log1 = equalize(model)
+    model, log2 = absorb_high_bias(model)
+    notes.append(f"DFQ: folded {len(pairs)} BatchNorm(s); CLE equalized {len(log1.applied)} pair(s) "
+                 f"({len(log1.skipped)} skipped); high-bias absorption on {len(log2.applied)} pair(s)")
+    spec = recipe.weight_spec(nn.Conv2d(1, 1, 1))
+    if spec is not None and spec.format.is_integer:
+        model, log3 = correct_bias(model, spec)
+        notes.append(f"DFQ: analytic bias correction on {len(log3.applied)} layer(s) ({len(log3.skipped)} skipped)")
+    else:
+        notes.append("DFQ: bias correction skipped (the recipe's weights are not integers)")
+    return model
+
+
+def _adaround(model: nn.Module, recipe: R.Recipe, calib: list, iters: int, notes: list[str], progress: bool) -> nn.Module:
+    from .passes import AdaRoundConfig, adaround, fold_bn
+
+    spec = recipe.weight_spec(nn.Conv2d(1, 1, 1))
+    if spec is None or not spec.format.is_integer:
+        raise ConfigError("--adaround needs integer weights; the recipe's weights are not integers.")
+    model, _ = fold_bn(model)
+    model, results, plog = adaround(model, calib, spec, AdaRoundConfig(iters=iters, batch_size=min(32, len(calib[0]))),
+                                    progress=progress)
+    notes.append(f"AdaRound ({iters} iterations): {len(results)} layer(s) rounded, {len(plog.skipped)} skipped")
+    return model
+
+
+def _save_checkpoint(qmodel: nn.Module, out: Path, meta: dict[str, Any]) -> tuple[Path, Path]:
+    from safetensors.torch import save_file
+
+    from .capture.readback import quant_table
+
+    state = {k: v.detach().contiguous().clone() for k, v in qmodel.state_dict().items() if torch.is_tensor(v)}
+    ckpt = out / "model.safetensors"
+    save_file(state, str(ckpt), metadata={"format": "lowbit-quantized-simulation", "recipe": meta["recipe"]})
+    table = [{"tensor": r.name, "module": r.module, "role": r.role, "spec": str(r.spec),
+              "format": r.spec.format.name, "symmetric": r.spec.symmetric, "granularity": str(r.spec.granularity),
+              "scale_shape": list(r.scale.shape)} for r in quant_table(qmodel)]
+    spec_path = out / "quant_spec.json"
+    spec_path.write_text(json.dumps({**meta, "tensors": table}, indent=1))
+    return ckpt, spec_path
+
+
+def run_quantize(
+    model: str,
+    *,
+    out_dir: str | Path,
+    recipe: str = "w8a8",
+    calibrator: str = "kl",
+    calib: str | None = None,
+    num_batches: int = 32,
+    batch_size: int = 8,
+    dfq: bool = False,
+    adaround: bool = False,
+    adaround_iters: int = 200,
+    overwrite: bool = False,
+    weights: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    export: bool = True,
+    progress: bool = True,
+) -> Summary:
+    """Quantize MODEL with a preset and write ``model_int8.onnx`` (QDQ, checked in ONNX Runtime),
+    ``model.safetensors`` + ``quant_spec.json`` (the quantized-simulation state and every tensor's spec),
+    ``report.html`` and ``summary.json`` into ``out_dir``.
+
+    The float and quantized models are compared on the calibration batches (top-1 when the data has
+    labels, else top-1 agreement and cosine), so the figures say how far quantization moved the outputs,
+    not how well the model generalises; use :func:`run_eval` on held-out data for that.
+
+    Raises:
+        FileExistsRefusedError: ``out_dir`` is not empty and ``overwrite`` is False (checked first).
+        ConfigError / DataNotFoundError / ModelFileError: bad arguments, files or models.
+    """
+    from . import api
+    from .export import export_onnx
+    from .report import write_report
+    from .report.build import build_report_data
+    from .zoo.evaluate import compare
+
+    t0 = time.perf_counter()
+    rec = make_recipe(recipe, calibrator)
+    if num_batches < 1 or batch_size < 1:
+        raise ConfigError("--num-batches and --batch-size must be at least 1.")
+    out = prepare_out_dir(out_dir, overwrite)
+    loaded = load_model(model, weights, input_shape)
+    ds = _resolve_data(loaded, calib, "--calib")
+    labelled = _batches(ds, batch_size, num_batches, labels=True)
+    calib_x = [b[0] if isinstance(b, tuple) else b for b in labelled]
+    float_model = loaded.model
+    notes: list[str] = [f"calibration: {sum(len(x) for x in calib_x)} samples from {ds.name} "
+                        f"({len(calib_x)} batch(es) of {batch_size})"]
+    passes: list[str] = []
+    work = float_model
+    if dfq:
+        work = _dfq(work, rec, notes)
+        passes.append("dfq")
+    if adaround:
+        work = _adaround(work, rec, calib_x, adaround_iters, notes, progress)
+        passes.append("adaround")
+    qmodel = api.quantize(work, rec, calib_x, progress=progress)
+    dlog = api.decision_log(qmodel)
+    warnings: list[str] = []
+
+    res = compare(float_model, qmodel, labelled, progress=progress)
+    x1 = calib_x[0][:1]
+    f_lat = _torch_latency(float_model, x1, iters=10)
+    files: dict[str, str] = {}
+    q_lat = None
+    if export:
+        onnx_path = out / "model_int8.onnx" if rec.edge_spec() is not None else out / "model_quantized.onnx"
+        try:
+            er = export_onnx(qmodel, x1, onnx_path, overwrite=True)
+            files["onnx"] = str(onnx_path)
+            if er.kernels is not None:
+                notes.append(f"ONNX: {er.kernels}")
+            if er.parity is not None:
+                notes.append(f"ONNX Runtime vs simulation: {er.parity.fraction_within:.4f} of outputs within one "
+                             f"step (max {er.parity.max_steps:.2f} steps)")
+            q_lat = _ort_latency(onnx_path, x1, iters=10)
+        except ParityError as e:
+            files["onnx"] = str(onnx_path)
+            warnings.append(f"ONNX export written but ONNX Runtime disagrees with the simulation: {e}")
+        except (ExportError, QuantizationError) as e:
+            warnings.append(f"no ONNX file: {e}")
+    q_size = quantized_size_bytes(qmodel)
+    f_size = float_size_bytes(float_model)
+    variant = recipe.upper()
+    results = _float_rows(res, f_size, f_lat) + _metric_rows(variant, res, q_size, q_lat)
+    meta = {"model": model, "recipe": recipe, "calibrator": calibrator, "passes": passes,
+            "input_shape": list(x1.shape[1:]), "lowbit_recipe": repr(rec)}
+    ckpt, spec_path = _save_checkpoint(qmodel, out, meta)
+    files["checkpoint"], files["spec"] = str(ckpt), str(spec_path)
+    lat_note = ("latency: batch 1, float in PyTorch, " + (f"{variant} in ONNX Runtime" if q_lat else
+                f"{variant} not measured (no ONNX file)"))
+    data = build_report_data(qmodel, calib_x, results=results, model_name=model, recipe=rec,
+                             num_batches=min(4, len(calib_x)),
+                             notes=[*notes, lat_note, "metrics measured on the calibration data", *warnings])
+    files["report"] = str(write_report(data, out / "report.html", overwrite=True))
+    summary = Summary(model, recipe, calibrator, str(out), files, tuple(results), len(dlog.quantized),
+                      tuple((d.name, d.reason) for d in dlog.skipped), tuple(passes), tuple(warnings),
+                      time.perf_counter() - t0, {"notes": notes})
+    files["summary"] = str(out / "summary.json")
+    (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=1, allow_nan=False, default=str))
+    return summary
+
+
+# ------------------------------------------------------------------------------------------- eval
+@dataclass(frozen=True)
+class EvalSummary:
+    """``lowbit eval``: the rows (float and quantized), how the quantized model ran, and the sample count."""
+
+    model: str
+    quantized: str
+    num_samples: int
+    results: tuple[ResultRow, ...]
+
+    def table(self) -> str:
+        return format_rows(self.results, f"{self.model} vs {self.quantized} on {self.num_samples} samples")
+
+
+class _OrtModule(nn.Module):
+    """An ONNX file run by ONNX Runtime behind the ``nn.Module`` call interface (for the harness)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        from .export.verify import make_session
+
+        self.path = path
+        self.sess = make_session(path, threads=torch.get_num_threads())
+        self.input_name = self.sess.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.sess.run(None, {self.input_name: x.numpy()})[0])
+
+
+def run_eval(
+    model: str,
+    *,
+    data: str | None = None,
+    quantized: str | Path | None = None,
+    recipe: str = "w8a8",
+    calibrator: str = "kl",
+    num_batches: int | None = None,
+    batch_size: int = 16,
+    weights: str | None = None,
+    progress: bool = True,
+) -> EvalSummary:
+    """Float MODEL vs its quantized version on DATA: metric (top-1 with labels, agreement, cosine), size, latency.
+
+    ``quantized``: a ``lowbit quantize`` output folder; its ONNX file runs in ONNX Runtime (size: the
+    ONNX file's bytes). Without it MODEL is quantized in memory with ``recipe``, calibrated on the first
+    8 batches of DATA (simulated; size from :func:`quantized_size_bytes`).
+    """
+    from . import api
+    from .zoo.evaluate import compare
+
+    loaded = load_model(model, weights)
+    ds = _resolve_data(loaded, data, "--data")
+    batches = _batches(ds, batch_size, num_batches, labels=True)
+    xs = [b[0] if isinstance(b, tuple) else b for b in batches]
+    x1 = xs[0][:1]
+    if quantized is not None:
+        qdir = Path(quantized)
+        if not qdir.is_dir():
+            raise QuantizationError(f"--quantized {qdir} is not a folder; pass the --out folder of `lowbit quantize`.")
+        onnx_files = sorted(qdir.glob("*.onnx"))
+        if not onnx_files:
+            raise QuantizationError(f"{qdir} holds no .onnx file; rerun `lowbit quantize ... --out {qdir} --overwrite`.")
+        qmodel: nn.Module = _OrtModule(onnx_files[0])
+        q_size = onnx_files[0].stat().st_size
+        variant = f"{qdir.name} (ONNX Runtime)"
+        q_lat = _ort_latency(onnx_files[0], x1, iters=10)
+    else:
+        rec = make_recipe(recipe, calibrator)
+        qmodel = api.quantize(loaded.model, rec, xs[:8], progress=progress)
+        q_size = quantized_size_bytes(qmodel)
+        variant = f"{recipe.upper()} (simulated)"
+        q_lat = None
+    res = compare(loaded.model, qmodel, batches, progress=progress)
+    f_lat = _torch_latency(loaded.model, x1, iters=10)
+    rows = _float_rows(res, float_size_bytes(loaded.model), f_lat) + _metric_rows(variant, res, q_size, q_lat)
+    return EvalSummary(model, variant, res.num_samples, tuple(rows))
+
+
+# ------------------------------------------------------------------------------------------- bench
+@dataclass(frozen=True)
+class BenchRow:
+    """One latency measurement: ``backend`` ("PyTorch fp32", "ORT fp32", "ORT int8"), batch size, ms."""
+
+    backend: str
+    batch_size: int
+    latency_ms: float
+
+
+def run_bench(model: str, *, batch_sizes: Sequence[int] = (1, 32), iters: int = 10, calib: str | None = None,
+              weights: str | None = None, input_shape: tuple[int, ...] | None = None) -> list[BenchRow]:
+    """Latency of MODEL in PyTorch fp32, ONNX Runtime fp32 and ONNX Runtime int8 (W8A8 QDQ export).
+
+    The int8 model is calibrated on ``calib`` when given, else on a random input (the ranges then mean
+    nothing, but the kernels and the timing are the same).
+    """
+    import tempfile
+
+    from . import api
+    from .export import export_onnx, export_onnx_float
+
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise ConfigError(f"batch sizes must be positive integers, got {list(batch_sizes)}.")
+    loaded = load_model(model, weights, input_shape)
+    x1 = loaded.example_input(1)
+    if calib is not None:
+        calib_x = _batches(_resolve_data(loaded, calib, "--calib"), 8, 4)
+    else:
+        calib_x = [loaded.example_input(2)]
+    qmodel = api.quantize(loaded.model, R.W8A8(), calib_x, progress=False)
+    rows: list[BenchRow] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        fpath = export_onnx_float(loaded.model, x1, Path(tmp) / "float.onnx")
+        qpath = Path(tmp) / "int8.onnx"
+        export_onnx(qmodel, x1, qpath, verify=False)
+        for bs in batch_sizes:
+            x = loaded.example_input(bs)
+            rows.append(BenchRow("PyTorch fp32", bs, _torch_latency(loaded.model, x, iters)))
+            rows.append(BenchRow("ORT fp32", bs, _ort_latency(fpath, x, iters)))
+            rows.append(BenchRow("ORT int8", bs, _ort_latency(qpath, x, iters)))
+    return rows
+
+
+def format_bench(rows: Sequence[BenchRow]) -> str:
+    """The bench rows as a table with the speedup over PyTorch fp32 at the same batch size."""
+    base = {r.batch_size: r.latency_ms for r in rows if r.backend == "PyTorch fp32"}
+    lines = [f"{'backend':14s} {'batch':>5s} {'ms/batch':>10s} {'ms/sample':>10s} {'speedup':>8s}"]
+    for r in rows:
+        sp = base.get(r.batch_size)
+        lines.append(f"{r.backend:14s} {r.batch_size:5d} {r.latency_ms:10.2f} {r.latency_ms / r.batch_size:10.3f} "
+                     f"{(sp / r.latency_ms if sp else float('nan')):7.2f}x")
+    lines.append(f"threads: {torch.get_num_threads()}; median of timed runs after 2 warm-up runs")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- inspect / explain
+def run_inspect(model: str, *, input_shape: tuple[int, ...] | None = None, data: str | None = None,
+                weights: str | None = None):
+    """:func:`lowbit.inspect.inspect_model` of MODEL on one sample (shape from the model, ``input_shape``
+    or the first sample of ``data``). Returns the :class:`~lowbit.inspect.ModelSummary`."""
+    from .inspect import inspect_model
+
+    loaded = load_model(model, weights, input_shape)
+    if input_shape is None and data is not None:
+        x = _batches(_resolve_data(loaded, data, "--data"), 1, 1)[0]
+    elif loaded.name == "minilm":
+        x = loaded.model.tokenize(["lowbit inspects a sentence encoder on one short sentence."])
+    else:
+        x = loaded.example_input(1)
+    return inspect_model(loaded.model, x)
+
+
+def run_explain(value: float, fmt: str = "fp16", *, scale: float = 1.0, zero_point: int = 0,
+                saturate: bool | None = None):
+    """:func:`lowbit.formats.decompose.decompose` with argument checks suited to the CLI."""
+    from .formats.decompose import decompose
+
+    if not math.isfinite(scale) or scale <= 0:
+        raise ConfigError(f"--scale must be a positive finite number, got {scale}.")
+    return decompose(value, fmt, scale=scale, zero_point=zero_point, saturate=saturate)
+
+
+# ------------------------------------------------------------------------------------------- demo
+@dataclass(frozen=True)
+class DemoResult:
+    """``lowbit demo``: the rows, the text table, where the report went, and the data used."""
+
+    results: tuple[ResultRow, ...]
+    table: str
+    out_dir: str
+    eval_data: str
+    seconds: float
+
+
+def _eval_subset(n: int | None):
+    """The 1000 ImageNet samples (an evenly spaced subset of ``n``) when found, else foolbox's 20 images."""
+    from torch.utils.data import Subset
+
+    from .errors import DataNotFoundError
+    from .zoo import foolbox_images, imagenet_samples
+
+    try:
+        ds = imagenet_samples()
+    except DataNotFoundError:
+        return foolbox_images("imagenet"), "foolbox's 20 labelled ImageNet images (also the calibration set)"
+    if n is not None and n < len(ds):
+        idx = torch.linspace(0, len(ds) - 1, n).round().long().tolist()
+        return Subset(ds, idx), f"{n} of the 1000 ImageNet sample images (evenly spaced classes)"
+    return ds, "the 1000 ImageNet sample images"
+
+
+@torch.no_grad()
+def _compare_many(float_model: nn.Module, qmodels: Sequence[nn.Module], batches: Sequence, progress: bool) -> list:
+    """One pass over labelled ``batches``: the float model once, every quantized model once per batch.
+    Returns one :class:`~lowbit.zoo.evaluate.EvalResult` per quantized model (top-1 of both, agreement, cosine)."""
+    from tqdm.auto import tqdm
+
+    from .zoo import metrics
+    from .zoo.evaluate import EvalResult
+
+    n = correct_f = 0
+    stats = [[0, 0, 0.0] for _ in qmodels]  # correct, agree, cosine sum
+    t0 = time.perf_counter()
+    for x, y in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
+        fo = float_model(x)
+        correct_f += metrics.top1_correct(fo, y)
+        for st, qm in zip(stats, qmodels):
+            qo = qm(x)
+            st[0] += metrics.top1_correct(qo, y)
+            st[1] += metrics.agreement_count(fo, qo)
+            st[2] += metrics.cosine_sum(fo, qo)
+        n += len(y)
+    secs = time.perf_counter() - t0
+    return [EvalResult(num_samples=n, top1=c / n, float_top1=correct_f / n, agreement=a / n, cosine=cs / n,
+                       seconds=secs) for c, a, cs in stats]
+
+
+def _w4_g32(model: nn.Module) -> R.Recipe:
+    """Weight-only int4 in groups of 32 input channels; int8 per channel where 32 does not divide the
+    input channels (depthwise convolutions), so every weighted layer is quantized."""
+    import re
+
+    from .spec import QuantSpec
+
+    int8 = QuantSpec("int8", symmetric=True, granularity="channel")
+    odd = {re.escape(n): int8 for n, m in model.named_modules()
+           if isinstance(m, nn.Conv2d | nn.Linear) and m.weight.shape[1] % 32}
+    return R.WeightOnly(bits=4, group_size=32, overrides=odd)
+
+
+def run_demo(out_dir: str | Path = "lowbit-demo", *, overwrite: bool = False, images: int | None = 200,
+             calibrator: str = "minmax", progress: bool = True) -> DemoResult:
+    """EfficientNet-Lite0 (ImageNet-pretrained, ships offline) float vs W8A8 (int8 per-channel weights,
+    uint8 activations, ``calibrator`` ranges from foolbox's 20 labelled ImageNet images; min/max by default:
+    EfficientNet-Lite0's activations are bounded by ReLU6) vs W4 g32 (weight-only int4
+    per group of 32 input channels; int8 per channel for layers whose input channels are not a multiple of
+    32, i.e. the depthwise convolutions; activations float): top-1, agreement with float, size, latency.
+    Writes ``report.html``, ``summary.json`` and the W8A8 ONNX model to ``out_dir``.
+
+    Latency is batch 1: float in PyTorch and ONNX Runtime fp32, W8A8 in ONNX Runtime int8. W4 has no
+    latency: ORT's CPU provider has no int4 convolution kernel, so W4 is a size result here.
+    """
+    from . import api
+    from .export import export_onnx, export_onnx_float
+    from .report import write_report
+    from .report.build import build_report_data
+    from .zoo import calibration_batches, efficientnet_lite0, foolbox_images, loader
+    t0 = time.perf_counter()
+    out = prepare_out_dir(out_dir, overwrite)
+    model = efficientnet_lite0()
+    calib = calibration_batches(foolbox_images("imagenet"), batch_size=10)
+    eval_ds, eval_name = _eval_subset(images)
+    eval_batches = list(loader(eval_ds, batch_size=25))
+    x1 = calib[0][:1]
+    w8 = api.quantize(model, R.W8A8(calibrator=calibrator), calib, progress=progress)
+    w4 = api.quantize(model, _w4_g32(model), progress=False)
+    r8, r4 = _compare_many(model, [w8, w4], eval_batches, progress)
+    export_onnx_float(model, x1, out / "model_fp32.onnx")
+    warnings = []
+    q_lat = None
+    try:
+        export_onnx(w8, x1, out / "model_w8a8.onnx")
+    except ParityError as e:  # written, but ORT and the simulation differ: time it, and say so
+        warnings.append(f"W8A8 ONNX export: {e}")
+    except ExportError as e:
+        warnings.append(f"W8A8 ONNX export failed: {e}")
+    if (out / "model_w8a8.onnx").is_file():
+        q_lat = _ort_latency(out / "model_w8a8.onnx", x1, iters=20)
+    f_lat = _ort_latency(out / "model_fp32.onnx", x1, iters=20)
+    pt_lat = _torch_latency(model, x1, iters=10)
+    f_size = float_size_bytes(model)
+    rows = (_float_rows(r8, f_size, f_lat) + _metric_rows("W8A8", r8, quantized_size_bytes(w8), q_lat)
+            + _metric_rows("W4 g32 weight-only", r4, quantized_size_bytes(w4), None))
+    rows = [r for r in rows if r.metric != "cosine"]
+    title = f"EfficientNet-Lite0 on {eval_name}"
+    table = format_rows(rows, title) + "".join(f"\nwarning: {w}" for w in warnings)
+    notes = [f"evaluation: {eval_name}; calibration: foolbox's 20 labelled ImageNet images ({calibrator})",
+             f"latency: batch 1, median of 20 runs, {torch.get_num_threads()} threads; float and W8A8 in ONNX "
+             f"Runtime (PyTorch fp32: {pt_lat:.1f} ms); W4 not timed (no int4 convolution kernel in ONNX Runtime's "
+             "CPU provider: a size result)",
+             "W4 g32: weight-only int4, affine, one fp32 scale and zero point per 32 input channels; the layers "
+             "whose input channels are not a multiple of 32 (the depthwise convolutions have 1) get int8 "
+             "per-channel weights instead; activations float. Per-channel int4 without groups drops EfficientNet-"
+             "Lite0 to about 0.2 top-1 agreement (measured here), which is why groups are used",
+             *warnings]
+    data = build_report_data(w8, calib, results=rows, model_name="EfficientNet-Lite0", recipe=w8.lowbit_recipe,
+                             title="lowbit demo: EfficientNet-Lite0", num_batches=2, notes=notes)
+    write_report(data, out / "report.html", overwrite=True)
+    seconds = time.perf_counter() - t0
+    (out / "summary.json").write_text(json.dumps(
+        {"model": "efficientnet_lite0", "eval_data": eval_name, "results": [r.to_dict() for r in rows],
+         "notes": notes, "seconds": round(seconds, 1)}, indent=1, allow_nan=False))
+    return DemoResult(tuple(rows), table, str(out), eval_name, seconds)

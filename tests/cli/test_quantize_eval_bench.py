@@ -1,0 +1,167 @@
+"""``lowbit quantize`` / ``eval`` / ``bench`` on a tiny model and .npy/.npz data, and their error paths."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from .conftest import TINY, call, run_cli
+
+
+@pytest.fixture(scope="module")
+def quantized_dir(tmp_path_factory, tiny_data):
+    out = tmp_path_factory.mktemp("q") / "out"
+    r = run_cli("quantize", TINY, "--recipe", "w8a8", "--calibrator", "kl", "--calib", str(tiny_data["npz"]),
+                "--num-batches", "2", "--batch-size", "4", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return out, r.stdout
+
+
+def test_quantize_writes_the_four_outputs(quantized_dir):
+    out, stdout = quantized_dir
+    assert {p.name for p in out.iterdir()} == {"model_int8.onnx", "model.safetensors", "quant_spec.json",
+                                               "report.html", "summary.json"}
+    assert "W8A8" in stdout and "wrote:" in stdout
+
+
+def test_report_names_the_layers(quantized_dir):
+    html = (quantized_dir[0] / "report.html").read_text()
+    for layer in ("conv1", "dw", "fc"):
+        assert layer in html
+    assert "<img" in html and "data:image/png;base64," in html
+
+
+def test_summary_and_spec_contents(quantized_dir, tiny_data):
+    out = quantized_dir[0]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["recipe"] == "w8a8" and s["calibrator"] == "kl" and s["quantized_layers"] >= 3
+    rows = {(r["variant"], r["metric"]): r for r in s["results"]}
+    assert rows[("float", "cosine")]["value"] == 1.0
+    assert 0.9 < rows[("W8A8", "cosine")]["value"] <= 1.0 + 1e-9
+    # the float row's top-1 is recomputed here from the data's labels
+    from .tiny_models import tiny_net
+
+    z = np.load(tiny_data["npz"])
+    x = torch.from_numpy(z["x"][:8])
+    with torch.no_grad():
+        top1 = float((tiny_net()(x).argmax(1) == torch.from_numpy(z["y"][:8])).float().mean())
+    assert rows[("float", "top1")]["value"] == pytest.approx(top1)
+    spec = json.loads((out / "quant_spec.json").read_text())
+    weights = {t["tensor"]: t for t in spec["tensors"] if t["role"] == "weight"}
+    assert weights["conv1.weight"]["format"] == "int8" and weights["conv1.weight"]["scale_shape"] == [8]
+    from safetensors.torch import load_file
+
+    state = load_file(str(out / "model.safetensors"))
+    assert any(k.endswith("weight_quantizer.scale") for k in state)
+
+
+def test_quantize_refuses_non_empty_out_dir(capsys, quantized_dir, tiny_data):
+    out = quantized_dir[0]
+    before = sorted(p.name for p in out.iterdir())
+    rc, _, err = call(capsys, "quantize", TINY, "--calib", str(tiny_data["npy"]), "--out", str(out))
+    assert rc == 1 and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_quantize_overwrite_weight_only_without_export(capsys, tmp_path, tiny_data):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    rc, stdout, err = call(capsys, "quantize", TINY, "--recipe", "w4", "--calib", str(tiny_data["npy"]),
+                           "--num-batches", "1", "--out", str(out), "--overwrite", "--no-export")
+    assert rc == 0, err
+    assert not (out / "old.txt").exists() and (out / "report.html").is_file()
+    assert "W4" in stdout
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["--recipe", "w3a3"], 2, "invalid choice"),
+    (["--calibrator", "magic"], 1, "unknown calibrator"),
+    (["--calib", "missing.npy"], 1, "does not exist"),
+    (["--num-batches", "0"], 2, "positive integer"),
+    ([], 1, "has no built-in data"),
+])
+def test_quantize_argument_errors(capsys, tmp_path, args, code, needle):
+    rc, _, err = call(capsys, "quantize", TINY, "--out", str(tmp_path / "o"), *args)
+    assert rc == code, err
+    assert needle in err
+
+
+def test_quantize_model_that_fails_to_load(capsys, tmp_path, tiny_data):
+    rc, _, err = call(capsys, "quantize", "tests.cli.tiny_models:broken", "--calib", str(tiny_data["npy"]),
+                      "--out", str(tmp_path / "o"))
+    assert rc == 1 and "broken on purpose" in err
+
+
+def test_eval_quantized_dir_matches_onnx_runtime(capsys, quantized_dir, tiny_data):
+    """The agreement `eval` prints equals the one computed here from ORT and the float model."""
+    import onnxruntime as ort
+
+    from .tiny_models import tiny_net
+
+    out = quantized_dir[0]
+    rc, stdout, err = call(capsys, "eval", TINY, "--quantized", str(out), "--data", str(tiny_data["npz"]))
+    assert rc == 0, err
+    x = np.load(tiny_data["npz"])["x"]
+    sess = ort.InferenceSession(str(out / "model_int8.onnx"), providers=["CPUExecutionProvider"])
+    q = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        f = tiny_net()(torch.from_numpy(x)).numpy()
+    agreement = float((q.argmax(1) == f.argmax(1)).mean())
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("out (ONNX Runtime)"))
+    assert f"{agreement:.4f}" in line.split()
+    assert "12 samples" in stdout
+
+
+def test_eval_in_memory_and_errors(capsys, tmp_path, tiny_data):
+    rc, stdout, err = call(capsys, "eval", TINY, "--data", str(tiny_data["npy"]), "--recipe", "w8a8")
+    assert rc == 0, err
+    assert "W8A8 (simulated)" in stdout and "top1" not in stdout  # no labels in a .npy
+    rc, _, err = call(capsys, "eval", TINY, "--data", str(tiny_data["npy"]), "--quantized", str(tmp_path))
+    assert rc == 1 and "no .onnx file" in err
+
+
+def test_bench_rows(capsys):
+    rc, stdout, err = call(capsys, "bench", TINY, "--batch-sizes", "1,2", "--iters", "1")
+    assert rc == 0, err
+    rows = [ln.split() for ln in stdout.splitlines() if ln.startswith(("PyTorch", "ORT"))]
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        ("PyTorch", "fp32", "1"), ("ORT", "fp32", "1"), ("ORT", "int8", "1"),
+        ("PyTorch", "fp32", "2"), ("ORT", "fp32", "2"), ("ORT", "int8", "2")]
+    assert all(float(r[3]) > 0 for r in rows)
+
+
+def test_bench_bad_batch_sizes(capsys):
+    rc, _, err = call(capsys, "bench", TINY, "--batch-sizes", "0,1")
+    assert rc == 2 and "positive integers" in err
+    rc, _, err = call(capsys, "bench", TINY, "--batch-sizes", "1,x")
+    assert rc == 2 and "comma-separated integers" in err
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    r = run_cli("demo", "--out", str(tmp_path / "demo"), "--images", "40", timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert "W8A8" in r.stdout and "W4 g32 weight-only" in r.stdout
+    s = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    top1 = {r["variant"]: r["value"] for r in s["results"] if r["metric"] == "top1"}
+    assert top1["float"] > 0.7 and top1["W8A8"] > top1["float"] - 0.1
+    r2 = run_cli("demo", "--out", str(tmp_path / "demo"))
+    assert r2.returncode == 1 and "--overwrite" in r2.stderr
+
+
+@pytest.mark.parametrize("flag", ["--dfq", "--adaround"])
+def test_quantize_with_passes(capsys, tmp_path, tiny_data, flag):
+    out = tmp_path / "o"
+    rc, stdout, err = call(capsys, "quantize", TINY, "--calib", str(tiny_data["npy"]), "--num-batches", "1",
+                           "--batch-size", "4", "--out", str(out), flag, "--adaround-iters", "5", "--no-export")
+    assert rc == 0, err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["passes"] == [flag[2:]]
+    note = "DFQ:" if flag == "--dfq" else "AdaRound (5 iterations): 3 layer(s)"
+    assert any(note in n for n in s["notes"])
+    cos = next(r["value"] for r in s["results"] if r["variant"] == "W8A8" and r["metric"] == "cosine")
+    assert cos > 0.9
