@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(q)
     q.add_argument("--recipe", default="w8a8", choices=list(RECIPE_NAMES), metavar="RECIPE",
                    help=f"preset (default w8a8). {recipes_help}")
-    q.add_argument("--calibrator", default="kl", metavar="NAME",
-                   help="activation range method: minmax, kl (default), percentile[:99.99], mse, moving_average")
+    q.add_argument("--calibrator", default="minmax", metavar="NAME",
+                   help="activation range method: minmax (default), kl, percentile[:99.99], mse, moving_average")
     q.add_argument("--calib", metavar="DATA", help=f"calibration data (default: the model's built-in data). {DATA_HELP}")
     q.add_argument("--num-batches", type=_positive, default=32, help="calibration batches (default 32)")
     q.add_argument("--batch-size", type=_positive, default=8, help="samples per batch (default 8)")
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quantized", metavar="DIR", help="a `lowbit quantize` output folder (its ONNX runs in ONNX Runtime); "
                                                        "without it MODEL is quantized in memory with --recipe")
     e.add_argument("--recipe", default="w8a8", choices=list(RECIPE_NAMES), metavar="RECIPE", help="without --quantized")
-    e.add_argument("--calibrator", default="kl", metavar="NAME", help="without --quantized")
+    e.add_argument("--calibrator", default="minmax", metavar="NAME", help="without --quantized")
     e.add_argument("--num-batches", type=_positive, default=None, help="evaluate on at most this many batches")
     e.add_argument("--batch-size", type=_positive, default=16)
 

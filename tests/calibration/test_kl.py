@@ -91,7 +91,8 @@ def test_unsigned_variant_uses_256_levels_on_relu_data():
     x = torch.relu(torch.randn(40000))
     obs = make_observer(QuantSpec("uint8", symmetric=False, calibrator="kl"))
     obs.update(x)
-    h = (obs.stats.hist[0, 0] + obs.stats.hist[0, 1]).numpy()
+    h = (obs.stats.hist[0, 0] + obs.stats.hist[0, 1]).numpy().copy()
+    h[0] = 0  # the exact zeros of the ReLU are left out of the KL search (see kl_range)
     ref_i, _ = reference_kl(h, 256, 128)
     lo, hi = obs.compute_range()
     w = float(obs.stats.width[0])
@@ -108,3 +109,18 @@ def test_kl_clips_gaussian_tail_but_keeps_bulk():
     # TensorRT-style KL on a Gaussian clips well inside max|x| (~4.5 sigma) but keeps >= 2.5 sigma
     assert 2.5 < float(hi) < float(x.abs().max())
     assert float(lo) == -float(hi)
+
+
+def test_relu_zero_spike_does_not_drive_kl_to_clip():
+    """A ReLU output that is 40 % exact zeros: with the zero spike in P, TensorRT's Q expansion penalises
+    large thresholds and KL clips ~10 % of the values; left out, KL keeps (almost) the whole range."""
+    g = torch.Generator().manual_seed(3)
+    body = torch.clamp(torch.randn(60000, generator=g).abs() * 1.2, max=6.0)
+    x = torch.cat([torch.zeros(40000), body])
+    obs = make_observer(QuantSpec("uint8", symmetric=False, calibrator="kl"))
+    obs.update(x)
+    lo, hi = obs.compute_range()
+    assert float(obs.clipped_fraction(lo, hi)) < 0.01
+    h = (obs.stats.hist[0, 0] + obs.stats.hist[0, 1]).numpy()
+    ref_i, _ = reference_kl(h, 256, 128)  # the unmodified TensorRT search on the same histogram
+    assert ref_i * float(obs.stats.width[0]) < float(hi)

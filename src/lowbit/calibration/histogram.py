@@ -13,6 +13,7 @@ Memory: ``B * 2 * nb`` int64 counts plus per-block min/max, independent of the n
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from typing import TYPE_CHECKING
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 EMPTY_EXPONENT = -(2**40)
 """Exponent of a block that has seen only zeros (its width is not yet known; every count is in bin 0)."""
 
+
+log = logging.getLogger(__name__)
 
 def blocks_2d(x: torch.Tensor, granularity) -> torch.Tensor:
     """``x`` as ``(B, n)``: one row per block of ``granularity`` (row order = scale tensor order)."""
@@ -325,12 +328,36 @@ class HistogramObserver(Observer):
         }
         return {k: (lo.reshape(self.scale_shape), hi.reshape(self.scale_shape)) for k, (lo, hi) in out.items()}
 
+    def clipped_fraction(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """(B,) fraction of the observed values that lie outside ``[lo, hi]``, from the histogram
+        (a value counts as clipped when its whole bin lies beyond the bound)."""
+        s = self.stats
+        w = s.width.to(torch.float64)[:, None]
+        start = torch.arange(s.num_bins, dtype=torch.float64)[None, :] * w  # lower edge of |x| bins
+        lo = lo.reshape(-1).to(torch.float64)[:, None]
+        hi = hi.reshape(-1).to(torch.float64)[:, None]
+        pos = (s.hist[:, 0] * (start > hi)).sum(-1)
+        neg = (s.hist[:, 1] * (start > -lo)).sum(-1)
+        total = s.hist.sum(dim=(1, 2)).clamp(min=1)
+        return (pos + neg).to(torch.float64) / total
+
+    def _warn_if_clipping(self, lo: torch.Tensor, hi: torch.Tensor, method: str, limit: float = 0.01) -> None:
+        frac = float(self.clipped_fraction(lo, hi).max())
+        if frac > limit:
+            log.warning(
+                "%s: %s clips %.1f%% of the observed values. A saturating activation (ReLU6, clip) puts a "
+                "point mass at its bound, and KL's spreading of each level's mass over its bins favours "
+                "clipping it; if accuracy drops, use calibrator='percentile' or 'mse' for this tensor.",
+                self.name, method, 100 * frac,
+            )
+
     def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
         from .config import KL, MSE, Percentile
 
         cal, s = self.spec.calibrator, self.stats
         if isinstance(cal, KL):
             lo, hi = kl_range(s, self.spec, start_bin=cal.start_bin)
+            self._warn_if_clipping(lo, hi, "KL")
         elif isinstance(cal, Percentile):
             lo, hi = percentile_range(s, cal.percentile, self.spec.symmetric)
         elif isinstance(cal, MSE):
