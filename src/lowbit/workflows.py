@@ -313,14 +313,13 @@ def _adaround(model: nn.Module, recipe: R.Recipe, calib: list, iters: int, notes
     return model
 
 
-def _save_checkpoint(qmodel: nn.Module, out: Path, meta: dict[str, Any]) -> tuple[Path, Path]:
-    from safetensors.torch import save_file
-
+def _save_checkpoint(qmodel: nn.Module, out: Path, meta: dict[str, Any], example: torch.Tensor) -> tuple[Path, Path]:
+    """``model.safetensors`` via :func:`lowbit.save` (loadable with :func:`lowbit.load`) and a readable
+    ``quant_spec.json`` table of every quantized tensor."""
     from .capture.readback import quant_table
+    from .export import save
 
-    state = {k: v.detach().contiguous().clone() for k, v in qmodel.state_dict().items() if torch.is_tensor(v)}
-    ckpt = out / "model.safetensors"
-    save_file(state, str(ckpt), metadata={"format": "lowbit-quantized-simulation", "recipe": meta["recipe"]})
+    ckpt = save(qmodel, out / "model.safetensors", overwrite=True, example_inputs=example)
     table = [{"tensor": r.name, "module": r.module, "role": r.role, "spec": str(r.spec),
               "format": r.spec.format.name, "symmetric": r.spec.symmetric, "granularity": str(r.spec.granularity),
               "scale_shape": list(r.scale.shape)} for r in quant_table(qmodel)]
@@ -416,7 +415,7 @@ def run_quantize(
     results = _float_rows(res, f_size, f_lat) + _metric_rows(variant, res, q_size, q_lat)
     meta = {"model": model, "recipe": recipe, "calibrator": calibrator, "passes": passes,
             "input_shape": list(x1.shape[1:]), "lowbit_recipe": repr(rec)}
-    ckpt, spec_path = _save_checkpoint(qmodel, out, meta)
+    ckpt, spec_path = _save_checkpoint(qmodel, out, meta, x1)
     files["checkpoint"], files["spec"] = str(ckpt), str(spec_path)
     lat_note = ("latency: batch 1, float in PyTorch, " + (f"{variant} in ONNX Runtime" if q_lat else
                 f"{variant} not measured (no ONNX file)"))
