@@ -27,7 +27,9 @@ from .capture.swap import quantize_modules
 from .capture.swap import weighted_order as module_order
 from .errors import EmptyCalibrationError, QuantizationError, UnsupportedLayerError
 from .nn.quantizer import calibrating, quantizers
+from .passes.adaround import AdaRoundConfig
 from .passes.fold_bn import fold_bn
+from .passes.pipeline import DFQ, PassPlan, apply_weight_qparams, plan_passes, run_passes
 from .recipes import Recipe, with_options
 
 log = logging.getLogger("lowbit")
@@ -123,6 +125,30 @@ def _capture(work: nn.Module, recipe: Recipe, dlog: DecisionLog, example) -> nn.
         return _swap(work, recipe, dlog, f"graph rewrite failed: {type(e).__name__}: {str(e)[:200]}")
 
 
+def _passes(work: nn.Module, recipe: Recipe, plan: PassPlan, calib_data, example, num_batches, dlog: DecisionLog,
+            progress: bool):
+    """Run the DFQ / AdaRound passes; the data they read is materialized (a one-shot iterator would
+    otherwise be empty by the time the activations are calibrated)."""
+    xs = None
+    if calib_data is not None and plan.needs_data:
+        calls = list(iter_calls(calib_data, work, num_batches, progress=False))
+        if any(len(a) != 1 or k for a, k in calls):
+            raise QuantizationError(
+                "AdaRound and empirical bias correction feed each batch to the model as one input tensor; "
+                "this calibration data has batches with several arguments. Pass batches of one tensor "
+                "(or (input, target) pairs for a one-argument forward)."
+            )
+        xs = [a[0] for a, _ in calls]
+        calib_data = xs
+    work, weight_qparams, plog = run_passes(work, recipe, plan, xs, example=example, progress=progress)
+    applied: dict[str, int] = {}
+    for r in plog.applied:
+        applied[r.pass_name] = applied.get(r.pass_name, 0) + 1
+    dlog.note("passes before capture: " + (", ".join(f"{k} x{v}" for k, v in applied.items()) or "none applied")
+              + f"; {len(plog.skipped)} skipped (qmodel.lowbit_passes has every record)")
+    return work, weight_qparams, plog, calib_data, example
+
+
 def quantize(
     model: nn.Module,
     recipe: Recipe | Any = None,
@@ -135,6 +161,8 @@ def quantize(
     strict: bool = False,
     progress: bool = True,
     inplace: bool = False,
+    dfq: DFQ | bool = False,
+    adaround: AdaRoundConfig | bool = False,
 ):
     """Quantize ``model`` with ``recipe``; return an ordinary ``nn.Module`` that simulates the quantized
     model (quantize-dequantize in float).
@@ -159,6 +187,18 @@ def quantize(
             reason the user did not ask for.
         progress: tqdm bar while calibrating.
         inplace: modify ``model`` instead of a copy.
+        dfq: data-free quantization passes before capture (Nagel et al. 2019): ``True`` or
+            :class:`~lowbit.passes.pipeline.DFQ` (cross-layer equalization, high-bias absorption, bias
+            correction analytic/empirical). Weight-side only: static activation ranges still need
+            ``calib_data``; with a weight-only or dynamic recipe the whole flow is data-free.
+        adaround: learned weight rounding (Nagel et al. 2020), ``True`` or
+            :class:`~lowbit.passes.AdaRoundConfig`; needs ``calib_data``. Each layer's rounding is
+            learned on the grid the recipe gives it, and that grid's scale/zero point is set on the weight
+            quantizer, so the quantized weight equals the AdaRounded weight exactly. ``act_spec=None``
+            in the config means the recipe's static activation spec (per tensor) quantizes each
+            layer's input during reconstruction. Order: fold BN -> CLE -> HBA -> bias correction
+            (skipped when AdaRound is on) -> AdaRound -> capture -> calibrate. The passes' log is
+            ``qmodel.lowbit_passes``.
 
     Returns:
         The quantized model (a ``torch.fx.GraphModule`` on the graph path, ``model``'s own class on the
@@ -180,15 +220,19 @@ def quantize(
         )
     recipe = with_options(recipe, exclude=exclude, overrides=overrides)
     edge = recipe.edge_spec()
+    plan = plan_passes(dfq, adaround)
 
     example = None
     if example_inputs is not None:
         example = _example_call(example_inputs, model)
     if edge is not None:
         if calib_data is None:
+            dfq_hint = (" DFQ makes the weight quantization data-free, but static activation ranges are measured "
+                        "on data." if plan.dfq is not None else "")
             raise EmptyCalibrationError(
                 f"{type(recipe).__name__} quantizes activations statically, so it needs calibration data: pass "
-                "calib_data= (a DataLoader or any iterable of input batches), or use W8A8Dynamic / a weight-only recipe."
+                "calib_data= (a DataLoader or any iterable of input batches), or use W8A8Dynamic / a weight-only "
+                f"recipe.{dfq_hint}"
             )
         first, calib_data = _peek(calib_data, model)
         example = example or first
@@ -198,7 +242,14 @@ def quantize(
     work.eval()
     dlog = DecisionLog()
 
+    weight_qparams, plog = {}, None
+    if plan.active:
+        work, weight_qparams, plog, calib_data, example = _passes(work, recipe, plan, calib_data, example,
+                                                                  num_batches, dlog, progress)
     qmodel = _capture(work, recipe, dlog, example)
+    if weight_qparams:
+        for name in apply_weight_qparams(qmodel, weight_qparams):
+            dlog.note(f"AdaRound qparams of {name} could not be set on its weight quantizer (re-quantized by min/max)")
     log.info("lowbit: capture path %s (%s): %d quantized, %d skipped", dlog.path, dlog.path_reason,
              len(dlog.quantized), len(dlog.skipped))
     if strict and dlog.unexpected_skips:
@@ -218,6 +269,8 @@ def quantize(
 
     setattr(qmodel, _LOG_ATTR, dlog)
     qmodel.lowbit_recipe = recipe
+    if plog is not None:
+        qmodel.lowbit_passes = plog
     if was_training and inplace:
         log.info("lowbit: the quantized model is in eval mode (BatchNorm folded).")
     return qmodel

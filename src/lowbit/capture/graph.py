@@ -30,6 +30,7 @@ from torch import nn
 from ..errors import QuantizationError, UnsupportedLayerError
 from ..nn.layers import QUANT_LAYERS, QuantAdd, QuantCat, QuantJoin, QuantMatMul, QuantMul
 from ..nn.quantizer import TensorQuantizer
+from ..passes.clip import ChannelClip
 from ..recipes import LayerSpec
 from ..spec import QuantSpec
 from .log import Decision, DecisionLog
@@ -40,7 +41,8 @@ __all__ = ["trace", "quantize_graph", "MASK_ABSMAX"]
 MASK_ABSMAX = 1e4
 """A join input whose magnitude reaches this (attention masks of -1e4 or ``finfo.min``) is not quantized."""
 
-_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardtanh, nn.Sigmoid, nn.LeakyReLU, nn.Tanh)
+_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardtanh, nn.Sigmoid, nn.LeakyReLU, nn.Tanh,
+                ChannelClip)  # ChannelClip: a ReLU6 after cross-layer equalization (per-channel clip points)
 
 
 def _gelu(node: fx.Node) -> nn.Module:
@@ -86,9 +88,17 @@ _POOL_FUNCS = {F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg
 _NORM_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)
 
 
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        # ChannelClip (an equalized ReLU6) stays one node so it fuses into the layer before it
+        return isinstance(m, ChannelClip) or super().is_leaf_module(m, qualname)
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """``torch.fx.symbolic_trace`` with the quantizable layer types kept as leaf modules."""
-    return fx.symbolic_trace(model)
+    tracer = _Tracer()
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
 
 
 @dataclass

@@ -4,7 +4,8 @@
 * :func:`equalize` - cross-layer equalization (Nagel et al. 2019, DFQ section 4.1);
 * :func:`absorb_high_bias` - high-bias absorption (DFQ section 4.1.1);
 * :func:`correct_bias` - analytic and empirical bias correction (DFQ section 4.2);
-* :func:`adaround` - adaptive rounding of weights (Nagel et al. 2020).
+* :func:`adaround` - adaptive rounding of weights (Nagel et al. 2020);
+* :mod:`~lowbit.passes.pipeline` - which of these :func:`lowbit.quantize` runs (``dfq=DFQ()``, ``adaround=``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from .cle import equalize, equalize_pair
 from .clip import ChannelClip
 from .fold_bn import BNStats, fold_bn, fold_bn_into, output_stats
 from .high_bias_absorption import absorb_high_bias, absorb_pair
+from .pipeline import DFQ, apply_weight_qparams, run_passes, weight_specs
 
 __all__ = ["fold_bn", "fold_bn_into", "BNStats", "output_stats", "equalize", "equalize_pair", "ChannelClip",
            "absorb_high_bias", "absorb_pair", "correct_bias", "correct_layer_bias", "clipped_normal_mean",
-           "adaround", "adaround_layer", "AdaRoundConfig", "AdaRoundResult"]
+           "adaround", "adaround_layer", "AdaRoundConfig", "AdaRoundResult", "DFQ", "run_passes", "weight_specs",
+           "apply_weight_qparams"]

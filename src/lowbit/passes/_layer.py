@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -71,11 +71,43 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return fake_quantize(w.detach(), s, z, spec)
 
 
+_PLAIN = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class _Direct(nn.Module):
+    """Calls ``layer``'s own ``forward`` without its hooks (a pass's forward hook may call
+    :func:`forward_with` on the same layer)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return type(self.layer).forward(self.layer, x)
+
+
 def forward_with(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``layer``'s operation with another weight and bias (Conv1d/2d/3d or Linear)."""
+    """``layer``'s operation with another weight and bias (Conv1d/2d/3d or Linear).
+
+    Subclasses with their own ``forward`` (e.g. TensorFlow "same"-padding convs that pad inside
+    ``forward``) run that forward with the weight and bias swapped in (``torch.func.functional_call``),
+    so the padding is part of the operation; ``bias=None`` then means a zero bias."""
+    if type(layer) not in _PLAIN and (layer.bias is not None or bias is None):
+        params = {"layer.weight": weight}
+        if layer.bias is not None:
+            params["layer.bias"] = torch.zeros_like(layer.bias) if bias is None else bias
+        return torch.func.functional_call(_Direct(layer), params, (x,))
     if isinstance(layer, nn.Linear):
         return F.linear(x, weight, bias)
     return layer._conv_forward(x, weight, bias)
+
+
+def spec_of(spec: QuantSpec | Mapping[str, QuantSpec], name: str) -> QuantSpec | None:
+    """The weight spec of layer ``name``: ``spec`` itself, or its entry when ``spec`` maps layer names
+    to specs (None: the layer is not in the map and is left alone)."""
+    if isinstance(spec, QuantSpec):
+        return spec
+    return spec.get(name)
 
 
 def channel_dim(layer: nn.Module) -> int:

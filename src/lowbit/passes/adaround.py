@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +38,7 @@ from ..granularity import PerTensor, broadcast_param, to_blocks
 from ..ops import fake_quantize
 from ..spec import QuantSpec, compute_qparams
 from ._graph import CONV_TYPES, get_module
-from ._layer import batches, channel_dim, forward_with, weight_qparams
+from ._layer import batches, channel_dim, forward_with, spec_of, weight_qparams
 from .log import PassLog
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,8 @@ def _execution_order(model: nn.Module, x: torch.Tensor) -> list[str]:
     return order
 
 
-def adaround(model: nn.Module, data: Iterable, spec: QuantSpec, config: AdaRoundConfig = AdaRoundConfig(), *,
+def adaround(model: nn.Module, data: Iterable, spec: QuantSpec | Mapping[str, QuantSpec],
+             config: AdaRoundConfig = AdaRoundConfig(), *,
              layers: Sequence[str] | None = None, inplace: bool = False,
              progress: bool = True) -> tuple[nn.Module, dict[str, AdaRoundResult], PassLog]:
     """AdaRound every Conv1d/2d/3d and Linear layer of ``model`` (or the named ``layers``), in execution order.
@@ -242,7 +243,8 @@ def adaround(model: nn.Module, data: Iterable, spec: QuantSpec, config: AdaRound
     Args:
         model: float model in eval mode (fold BatchNorms first); copied unless ``inplace``.
         data: calibration batches (tensors or ``(input, target)`` pairs); a few hundred samples suffice.
-        spec: the integer weight spec; the rounded weights lie on its grid.
+        spec: the integer weight spec; the rounded weights lie on its grid. Or ``{layer name: spec}``
+            when layers differ (e.g. first/last layer 8-bit); layers not in the map are left alone.
         config: :class:`AdaRoundConfig`. progress: a tqdm bar over the layers.
 
     Returns:
@@ -262,6 +264,9 @@ def adaround(model: nn.Module, data: Iterable, spec: QuantSpec, config: AdaRound
     order = _execution_order(model, xs[0])
     names = order if layers is None else [n for n in order if n in set(layers)]
     plog = PassLog()
+    for n in [n for n in names if spec_of(spec, n) is None]:
+        plog.add("adaround", (n,), False, "no weight spec given for this layer (its weight stays float)")
+    names = [n for n in names if spec_of(spec, n) is not None]
     for n, m in model.named_modules():
         if isinstance(m, _TYPES) and n not in order:
             plog.add("adaround", (n,), False, "not called in the forward pass")
@@ -270,7 +275,7 @@ def adaround(model: nn.Module, data: Iterable, spec: QuantSpec, config: AdaRound
         x_fp = _capture(fp_model, name, xs)
         x_q = _capture(model, name, xs) if results else x_fp
         layer = get_module(model, name)
-        res = adaround_layer(layer, x_q, spec, config, float_inputs=x_fp)
+        res = adaround_layer(layer, x_q, spec_of(spec, name), config, float_inputs=x_fp)
         with torch.no_grad():
             layer.weight.copy_(res.weight)
         layer.__dict__[_QPARAMS_ATTR] = (res.scale, res.zero_point)

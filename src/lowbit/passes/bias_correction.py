@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from torch import nn
 from ..errors import EmptyCalibrationError
 from ..spec import QuantSpec
 from ._graph import CONV_TYPES, LAYER_TYPES, Link, find_links, get_module
-from ._layer import batches, channel_dim, forward_with, quantize_weight, weight_times_channel_vector
+from ._layer import batches, channel_dim, forward_with, quantize_weight, spec_of, weight_times_channel_vector
 from .clip import ChannelClip
 from .fold_bn import output_stats
 from .log import PassLog
@@ -109,11 +109,13 @@ def _input_mean(model: nn.Module, link: Link) -> tuple[torch.Tensor | None, str]
     return (st.mean.double() if mean is None else mean), ""
 
 
-def _empirical_shifts(model: nn.Module, spec: QuantSpec, names: list[str], data: Iterable) -> dict[str, torch.Tensor]:
+def _empirical_shifts(model: nn.Module, spec: QuantSpec | Mapping[str, QuantSpec], names: list[str],
+                      data: Iterable) -> dict[str, torch.Tensor]:
     """Mean over all batches and positions of ``layer(x; W_q - W)`` per output channel, float64."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = dict.fromkeys(names, 0)
-    dws = {n: quantize_weight(get_module(model, n).weight, spec) - get_module(model, n).weight.detach() for n in names}
+    dws = {n: quantize_weight(get_module(model, n).weight, spec_of(spec, n)) - get_module(model, n).weight.detach()
+           for n in names}
 
     def hook(name):
         def fn(mod, inputs, output):
@@ -138,13 +140,14 @@ def _empirical_shifts(model: nn.Module, spec: QuantSpec, names: list[str], data:
     return {n: sums[n] / counts[n] for n in names if counts[n]}
 
 
-def correct_bias(model: nn.Module, spec: QuantSpec, data: Iterable | None = None, *,
+def correct_bias(model: nn.Module, spec: QuantSpec | Mapping[str, QuantSpec], data: Iterable | None = None, *,
                  inplace: bool = False) -> tuple[nn.Module, PassLog]:
     """Bias correction of every Conv1d/2d/3d and Linear layer for weight quantization with ``spec``.
 
     Args:
         model: float model, BatchNorms folded (:func:`fold_bn`) for the analytic mode; copied unless ``inplace``.
-        spec: the weight :class:`~lowbit.spec.QuantSpec` the layers will be quantized with (integer format).
+        spec: the weight :class:`~lowbit.spec.QuantSpec` the layers will be quantized with (integer format),
+            or ``{layer name: spec}`` when layers differ (layers not in the map are left alone, logged).
         data: None for the analytic (data-free) correction; else an iterable of input batches (or
             ``(input, target)`` pairs) for the empirical one, measured on the float model in one pass.
 
@@ -158,6 +161,9 @@ def correct_bias(model: nn.Module, spec: QuantSpec, data: Iterable | None = None
         if not isinstance(get_module(model, n), _TYPES):
             plog.add("bias_correction", (n,), False, f"{type(get_module(model, n)).__name__} is not supported")
     layers = [n for n in layers if isinstance(get_module(model, n), _TYPES)]
+    for n in [n for n in layers if spec_of(spec, n) is None]:
+        plog.add("bias_correction", (n,), False, "no weight spec given for this layer (its weight stays float)")
+    layers = [n for n in layers if spec_of(spec, n) is not None]
     if data is not None:
         shifts = _empirical_shifts(model, spec, layers, data)
         for n in layers:
@@ -179,7 +185,7 @@ def correct_bias(model: nn.Module, spec: QuantSpec, data: Iterable | None = None
         if mean is None:
             plog.add("bias_correction", (n,), False, why)
             continue
-        shift = correct_layer_bias(get_module(model, n), spec, mean)
+        shift = correct_layer_bias(get_module(model, n), spec_of(spec, n), mean)
         plog.add("bias_correction", (n,), True, f"analytic, max |shift| = {float(shift.abs().max()):.3g}")
     log.info("bias_correction: %d corrected, %d skipped", len(plog.applied), len(plog.skipped))
     return model, plog

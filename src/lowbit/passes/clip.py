@@ -16,15 +16,22 @@ class ChannelClip(nn.Module):
     [[0.0, 3.0], [1.0, 6.0]]
     """
 
-    def __init__(self, upper: torch.Tensor, dim: int = 1) -> None:
+    def __init__(self, upper: torch.Tensor, dim: int = 1, ndim: int | None = None) -> None:
         super().__init__()
         self.register_buffer("upper", upper.detach().clone().float())
         self.dim = dim
+        self.ndim = ndim  # rank of the input when known: the broadcast shape is then static (torch.fx traces it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = [1] * x.dim()
-        shape[self.dim] = -1
-        return torch.minimum(torch.relu(x), self.upper.reshape(shape).to(x.dtype))
+        if self.dim == -1:
+            up = self.upper
+        elif self.ndim is not None:
+            up = self.upper.reshape((-1,) + (1,) * (self.ndim - 1 - self.dim % self.ndim))
+        else:
+            shape = [1] * x.dim()
+            shape[self.dim] = -1
+            up = self.upper.reshape(shape)
+        return torch.minimum(torch.relu(x), up.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"channels={self.upper.numel()}, dim={self.dim}"

@@ -1,0 +1,239 @@
+"""Which float-model passes :func:`lowbit.quantize` runs before capture, in which order, for a recipe.
+
+Order (each step optional, every decision in the returned :class:`~lowbit.passes.log.PassLog`)::
+
+    fold_bn -> equalize (CLE) -> absorb_high_bias (HBA) -> correct_bias -> adaround
+
+* :class:`DFQ` (Nagel et al. 2019) is data-free: CLE and HBA use only the weights and the BatchNorm
+  statistics; bias correction is ``"analytic"`` (BatchNorm statistics, no data) or ``"empirical"``
+  (needs calibration data). Static activation ranges still come from calibration data: DFQ removes the
+  need for data in the *weights*, so a fully data-free model is a weight-only or dynamic recipe.
+* AdaRound (Nagel et al. 2020) needs calibration data. It learns each layer's rounding on the grid that
+  the recipe gives that layer; the scale and zero point it used are returned so that the quantized
+  model's weight quantizer reproduces the rounded weight exactly (:func:`apply_weight_qparams`).
+  Bias correction is not combined with AdaRound (AdaRound already minimizes the output error, bias
+  included, and corrects nothing once the weights lie on the grid): it is skipped and logged.
+
+Every layer gets the weight spec the recipe gives it (``exclude``, ``overrides`` and
+``keep_first_last_8bit`` included), adapted to the layer as the quantized layer will adapt it, so the
+passes correct exactly the quantization the model will get.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..spec import QuantSpec
+from ._graph import CONV_TYPES, get_module
+from .adaround import AdaRoundConfig, adaround
+from .bias_correction import correct_bias
+from .cle import ReLU6Mode, equalize
+from .fold_bn import fold_bn
+from .high_bias_absorption import absorb_high_bias
+from .log import PassLog
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DFQ", "PassPlan", "plan_passes", "weight_specs", "run_passes", "apply_weight_qparams"]
+
+_TYPES = (*CONV_TYPES, nn.Linear)
+
+
+@dataclass(frozen=True)
+class DFQ:
+    """Data-free quantization steps (Nagel et al. 2019), run after BatchNorm folding.
+
+    Args:
+        cle: cross-layer equalization (:func:`~lowbit.passes.equalize`).
+        high_bias_absorption: move biases the next ReLU would not clip into the next layer (needs CLE's
+            rescaled BatchNorm statistics; 3-sigma rule, ``num_std``).
+        bias_correction: ``"analytic"`` (from BatchNorm statistics, no data), ``"empirical"`` (mean
+            weight-quantization error on the calibration data) or None.
+        relu6: how CLE treats ReLU6: ``"channel_clip"`` (exact), ``"to_relu"`` (the paper's choice for
+            MobileNetV2, changes the float function) or ``"skip"``.
+        num_std: HBA's cut ``c = max(0, mean - num_std * std)``.
+
+    >>> DFQ(bias_correction=None)
+    DFQ(cle=True, high_bias_absorption=True, bias_correction=None, relu6='channel_clip', num_std=3.0)
+    """
+
+    cle: bool = True
+    high_bias_absorption: bool = True
+    bias_correction: Literal["analytic", "empirical"] | None = "analytic"
+    relu6: ReLU6Mode = "channel_clip"
+    num_std: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.bias_correction not in ("analytic", "empirical", None):
+            raise ConfigError(f"DFQ.bias_correction must be 'analytic', 'empirical' or None, got {self.bias_correction!r}.")
+        if self.relu6 not in ("channel_clip", "to_relu", "skip"):
+            raise ConfigError(f"DFQ.relu6 must be 'channel_clip', 'to_relu' or 'skip', got {self.relu6!r}.")
+        if self.num_std <= 0:
+            raise ConfigError(f"DFQ.num_std must be > 0, got {self.num_std}.")
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """What :func:`run_passes` will do: ``dfq`` and ``adaround`` settings (None: step off)."""
+
+    dfq: DFQ | None = None
+    adaround: AdaRoundConfig | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.dfq is not None or self.adaround is not None
+
+    @property
+    def needs_data(self) -> bool:
+        """True when a step reads calibration data (AdaRound, empirical bias correction)."""
+        return self.adaround is not None or (self.dfq is not None and self.dfq.bias_correction == "empirical")
+
+
+def plan_passes(dfq: DFQ | bool | None = False, adaround: AdaRoundConfig | bool | None = False) -> PassPlan:
+    """Normalize the ``dfq=`` / ``adaround=`` options of :func:`lowbit.quantize`: ``True`` means the
+    defaults (``DFQ()``, ``AdaRoundConfig()``), ``False``/None off, a config object itself."""
+    def norm(value, cls, what):
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        raise ConfigError(f"{what}= takes True/False or a {cls.__name__}(...), got {type(value).__name__}.")
+
+    return PassPlan(norm(dfq, DFQ, "dfq"), norm(adaround, AdaRoundConfig, "adaround"))
+
+
+def _execution_order(model: nn.Module, example: tuple[tuple, dict] | None) -> list[str]:
+    names = [n for n, m in model.named_modules() if isinstance(m, _TYPES)]
+    if example is None:
+        return names
+    order: list[str] = []
+    hooks = [get_module(model, n).register_forward_pre_hook(lambda m, i, n=n: order.append(n) if n not in order else None)
+             for n in names]
+    try:
+        with torch.no_grad():
+            model(*example[0], **example[1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return order + [n for n in names if n not in order]
+
+
+def weight_specs(model: nn.Module, recipe, example: tuple[tuple, dict] | None = None) -> dict[str, QuantSpec]:
+    """``{layer name: weight spec}`` for every Conv1d/2d/3d and Linear layer that ``recipe`` gives an
+    integer, scaled weight format, as the quantized layer will use it (``exclude``, ``overrides``,
+    ``keep_first_last_8bit``; per-channel axis and group axis adapted to the layer). ``example``
+    ``(args, kwargs)`` gives the execution order for the first/last rule (else registration order)."""
+    from ..capture.plan import Planner
+    from ..nn.layers import weight_spec_for
+
+    class _Lenient(Planner):
+        def _check_keys(self) -> None:  # the capture checks the keys against the full graph
+            pass
+
+    order = _execution_order(model, example)
+    planner = _Lenient(recipe, [n for n, _ in model.named_modules()], order)
+    specs: dict[str, QuantSpec] = {}
+    for name in order:
+        module = get_module(model, name)
+        w = planner.resolve(name, module=module).spec.weight
+        if w is None or not w.format.is_integer or not w.scaled:
+            continue
+        try:
+            specs[name] = weight_spec_for(module, w, name)
+        except Exception as e:  # the capture will log (or raise for) the same layer
+            log.info("passes: %s left to the capture: %s", name, e)
+    return specs
+
+
+def run_passes(model: nn.Module, recipe, plan: PassPlan, data: Iterable | None = None, *,
+               example: tuple[tuple, dict] | None = None,
+               progress: bool = True) -> tuple[nn.Module, dict[str, tuple[torch.Tensor, torch.Tensor]], PassLog]:
+    """Run the float-model passes of ``plan`` on ``model`` (modified in place; may return a torch.fx
+    GraphModule when CLE splits a shared ReLU6).
+
+    Args:
+        model: float model in eval mode.
+        recipe: the :class:`~lowbit.recipes.Recipe` the model will be quantized with (per-layer weight specs).
+        plan: from :func:`plan_passes`.
+        data: a list of single-tensor input batches (AdaRound, empirical bias correction); may be None
+            when ``plan.needs_data`` is False.
+        example: ``(args, kwargs)`` of one input, for the execution order of the layers.
+
+    Returns:
+        ``(model, qparams, log)``: ``qparams`` maps each AdaRounded layer to the ``(scale, zero_point)``
+        its rounded weight lies on (pass it to :func:`apply_weight_qparams` after capture).
+    """
+    from ..errors import EmptyCalibrationError
+
+    plog = PassLog()
+    if plan.needs_data and not data:
+        what = "AdaRound" if plan.adaround is not None else "empirical bias correction"
+        raise EmptyCalibrationError(
+            f"{what} needs calibration data: pass calib_data= (an iterable of input batches), or use "
+            "dfq=DFQ(bias_correction='analytic') for the data-free passes only."
+        )
+    model, pairs = fold_bn(model, inplace=True)
+    for layer, bn in pairs:
+        plog.add("fold_bn", (layer, bn), True, "folded")
+    qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    d = plan.dfq
+    if d is not None and d.cle:
+        model, p = equalize(model, relu6=d.relu6, inplace=True)
+        plog += p
+    if d is not None and d.high_bias_absorption:
+        if not d.cle:
+            plog.add("hba", (), False, "high-bias absorption follows equalization; turned off because cle=False")
+        else:
+            model, p = absorb_high_bias(model, num_std=d.num_std, inplace=True)
+            plog += p
+    specs = weight_specs(model, recipe, example)
+    if d is not None and d.bias_correction is not None:
+        if plan.adaround is not None:
+            plog.add("bias_correction", (), False, "skipped: AdaRound runs afterwards and learns each layer's "
+                     "rounding against its float output (a corrected bias would change AdaRound's target)")
+        else:
+            src = data if d.bias_correction == "empirical" else None
+            model, p = correct_bias(model, specs, src, inplace=True)
+            plog += p
+    if plan.adaround is not None:
+        cfg = plan.adaround
+        if cfg.act_spec is None:
+            act = recipe.edge_spec()
+            if act is not None and act.scaled:
+                cfg = dataclasses.replace(cfg, act_spec=act.replace(granularity="tensor"))
+        model, results, p = adaround(model, data, specs, cfg, inplace=True, progress=progress)
+        plog += p
+        qparams = {n: (r.scale, r.zero_point) for n, r in results.items()}
+    log.info("passes: %d applied, %d skipped", len(plog.applied), len(plog.skipped))
+    return model, qparams, plog
+
+
+def apply_weight_qparams(qmodel: nn.Module, qparams: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[str]:
+    """Give each quantized layer named in ``qparams`` exactly that ``(scale, zero_point)`` on its weight
+    quantizer (``set_qparams``), so re-quantizing an AdaRounded weight returns it unchanged.
+
+    Returns the names that could not take them (no such layer, float weight, or a different scale
+    shape), so the caller can log them."""
+    missing = []
+    for name, (scale, zp) in qparams.items():
+        try:
+            layer = qmodel.get_submodule(name)
+        except AttributeError:
+            missing.append(name)
+            continue
+        wq = getattr(layer, "weight_quantizer", None)
+        if wq is None or tuple(wq.scale.shape) != tuple(scale.shape):
+            missing.append(name)
+            continue
+        wq.set_qparams(scale, zp)
+    return missing
