@@ -283,36 +283,6 @@ class Summary:
         return format_rows(self.results, f"{self.model} - {self.recipe} ({self.calibrator})")
 
 
-def _dfq(model: nn.Module, recipe: R.Recipe, notes: list[str]) -> nn.Module:
-    from .passes import absorb_high_bias, correct_bias, equalize, fold_bn
-
-    model, pairs = fold_bn(model)
-    model, log1 = equalize(model)
-    model, log2 = absorb_high_bias(model)
-    notes.append(f"DFQ: folded {len(pairs)} BatchNorm(s); CLE equalized {len(log1.applied)} pair(s) "
-                 f"({len(log1.skipped)} skipped); high-bias absorption on {len(log2.applied)} pair(s)")
-    spec = recipe.weight_spec(nn.Conv2d(1, 1, 1))
-    if spec is not None and spec.format.is_integer:
-        model, log3 = correct_bias(model, spec)
-        notes.append(f"DFQ: analytic bias correction on {len(log3.applied)} layer(s) ({len(log3.skipped)} skipped)")
-    else:
-        notes.append("DFQ: bias correction skipped (the recipe's weights are not integers)")
-    return model
-
-
-def _adaround(model: nn.Module, recipe: R.Recipe, calib: list, iters: int, notes: list[str], progress: bool) -> nn.Module:
-    from .passes import AdaRoundConfig, adaround, fold_bn
-
-    spec = recipe.weight_spec(nn.Conv2d(1, 1, 1))
-    if spec is None or not spec.format.is_integer:
-        raise ConfigError("--adaround needs integer weights; the recipe's weights are not integers.")
-    model, _ = fold_bn(model)
-    model, results, plog = adaround(model, calib, spec, AdaRoundConfig(iters=iters, batch_size=min(32, len(calib[0]))),
-                                    progress=progress)
-    notes.append(f"AdaRound ({iters} iterations): {len(results)} layer(s) rounded, {len(plog.skipped)} skipped")
-    return model
-
-
 def _save_checkpoint(qmodel: nn.Module, out: Path, meta: dict[str, Any], example: torch.Tensor) -> tuple[Path, Path]:
     """``model.safetensors`` via :func:`lowbit.save` (loadable with :func:`lowbit.load`) and a readable
     ``quant_spec.json`` table of every quantized tensor."""
@@ -376,15 +346,23 @@ def run_quantize(
     float_model = loaded.model
     notes: list[str] = [f"calibration: {sum(len(x) for x in calib_x)} samples from {ds.name} "
                         f"({len(calib_x)} batch(es) of {batch_size})"]
-    passes: list[str] = []
-    work = float_model
-    if dfq:
-        work = _dfq(work, rec, notes)
-        passes.append("dfq")
-    if adaround:
-        work = _adaround(work, rec, calib_x, adaround_iters, notes, progress)
-        passes.append("adaround")
-    qmodel = api.quantize(work, rec, calib_x, progress=progress)
+    passes = [name for name, on in (("dfq", dfq), ("adaround", adaround)) if on]
+    if adaround and not any(s.format.is_integer for s in [rec.weight_spec(nn.Conv2d(1, 1, 1))] if s is not None):
+        raise ConfigError("--adaround needs integer weights; the recipe's weights are not integers.")
+    from .passes import DFQ, AdaRoundConfig
+
+    qmodel = api.quantize(
+        float_model, rec, calib_x, progress=progress,
+        dfq=DFQ() if dfq else False,
+        adaround=AdaRoundConfig(iters=adaround_iters, batch_size=min(32, len(calib_x[0]))) if adaround else False,
+    )
+    plog = getattr(qmodel, "lowbit_passes", None)
+    if plog is not None:
+        counts: dict[str, int] = {}
+        for r in plog.applied:
+            counts[r.pass_name] = counts.get(r.pass_name, 0) + 1
+        notes.append("passes: " + (", ".join(f"{k} on {v} layer(s)" for k, v in counts.items()) or "none applied")
+                     + f"; {len(plog.skipped)} skipped")
     dlog = api.decision_log(qmodel)
     warnings: list[str] = []
 

@@ -170,7 +170,7 @@ def test_quantize_with_passes(capsys, tmp_path, tiny_data, flag):
     assert rc == 0, err
     s = json.loads((out / "summary.json").read_text())
     assert s["passes"] == [flag[2:]]
-    note = "DFQ:" if flag == "--dfq" else "AdaRound (5 iterations): 3 layer(s)"
-    assert any(note in n for n in s["notes"])
+    note = "cle on 1 layer(s)" if flag == "--dfq" else "adaround on 3 layer(s)"
+    assert any(n.startswith("passes: ") and note in n for n in s["notes"]), s["notes"]
     cos = next(r["value"] for r in s["results"] if r["variant"] == "W8A8" and r["metric"] == "cosine")
     assert cos > 0.9
