@@ -34,6 +34,7 @@ EMPTY_EXPONENT = -(2**40)
 
 log = logging.getLogger(__name__)
 
+
 def blocks_2d(x: torch.Tensor, granularity) -> torch.Tensor:
     """``x`` as ``(B, n)``: one row per block of ``granularity`` (row order = scale tensor order)."""
     from ..granularity import to_blocks
@@ -345,10 +346,10 @@ class HistogramObserver(Observer):
         frac = float(self.clipped_fraction(lo, hi).max())
         if frac > limit:
             log.warning(
-                "%s: %s clips %.1f%% of the observed values. A saturating activation (ReLU6, clip) puts a "
-                "point mass at its bound, and KL's spreading of each level's mass over its bins favours "
-                "clipping it; if accuracy drops, use calibrator='percentile' or 'mse' for this tensor.",
-                self.name, method, 100 * frac,
+                "%s: %s clips %.1f%% of the observed values (range [%.4g, %.4g], observed [%.4g, %.4g]); "
+                "if accuracy drops, use calibrator='percentile' or 'mse' for this tensor.",
+                self.name, method, 100 * frac, float(lo.min()), float(hi.max()),
+                float(self.stats.min_val.min()), float(self.stats.max_val.max()),
             )
 
     def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
