@@ -1,11 +1,12 @@
 """Deployment speed, side by side in one run: PyTorch fp32 eager, ORT fp32, lowbit int8 ONNX in ORT,
 ORT's own quantize_static (QDQ, per-channel) and torch.ao FX x86 int8, for ResNet-18, MobileNetV2
-(torchvision, random weights: speed only), EfficientNet-Lite0 and MiniLM (when installed), at batch 1
-and 32, 2 threads, median of repeats. Also the int8/fp32 GEMM throughput ratio of ORT's kernels on this
+(torchvision, random weights: speed only), EfficientNet-Lite0 and MiniLM (when installed; seq 128,
+input_ids + attention_mask, dynamic int8: lowbit W8A8Dynamic export vs ORT quantize_dynamic vs torch.ao
+dynamic Linear), at batch 1 and 32, 2 threads, median of repeats (a third as many at batch 32). Also the int8/fp32 GEMM throughput ratio of ORT's kernels on this
 CPU, and per model how many convs/matmuls ran as int8 kernels in ORT's optimized graph.
 
     python bench/bench_speed.py            # everything
-    python bench/bench_speed.py --quick    # ResNet-18 + MobileNetV2, batch 1, fewer repeats
+    python bench/bench_speed.py --quick    # ResNet-18 + MobileNetV2, batch 1, fewer repeats (no MiniLM)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from onnx import TensorProto, helper
 
 import lowbit
+from lowbit import zoo
 from lowbit.export import count_kernels, export_onnx, export_onnx_float
 from lowbit.export.verify import make_session
 
@@ -42,10 +44,10 @@ def median_ms(fn, repeats: int, warmup: int = 3) -> float:
     return 1000 * statistics.median(ts)
 
 
-def ort_runner(path, x: np.ndarray):
+def ort_runner(path, *xs: np.ndarray):
     sess = make_session(path, threads=THREADS)
-    name = sess.get_inputs()[0].name
-    return lambda: sess.run(None, {name: x})
+    feeds = {meta.name: x for meta, x in zip(sess.get_inputs(), xs)}
+    return lambda: sess.run(None, feeds)
 
 
 def gemm_ratio(m=256, k=1024, n=1024, repeats=20) -> tuple[float, float]:
@@ -82,7 +84,7 @@ def image_models(quick: bool):
     if quick:
         return
     try:
-        yield "EfficientNet-Lite0", lowbit.zoo.efficientnet_lite0().eval(), (3, 224, 224)
+        yield "EfficientNet-Lite0", zoo.efficientnet_lite0().eval(), (3, 224, 224)
     except Exception as e:  # optional package not installed
         print(f"EfficientNet-Lite0 skipped: {type(e).__name__}: {str(e)[:120]}")
 
@@ -121,7 +123,7 @@ def bench_model(name, model, shape, batches, repeats, tmp: Path) -> list[str]:
     calib = [torch.randn(4, *shape) for _ in range(4)]
     q = lowbit.quantize(model, lowbit.recipes.W8A8(), calib, progress=False)
     f_path = export_onnx_float(model, calib[0], tmp / f"{name}.fp32.onnx")
-    res = export_onnx(q, calib[0], tmp / f"{name}.int8.onnx")
+    res = export_onnx(q, calib[0], tmp / f"{name}.int8.onnx", min_fraction=0.0)  # parity printed below
     s_path = None
     try:
         s_path = ort_static(f_path, [c.numpy() for c in calib], tmp / f"{name}.ort_static.onnx")
@@ -138,40 +140,95 @@ def bench_model(name, model, shape, batches, repeats, tmp: Path) -> list[str]:
     for b in batches:
         x = torch.randn(b, *shape)
         xn = x.numpy()
+        n = repeats if b == 1 else max(5, repeats // 3)
         t = {}
         with torch.no_grad():
-            t["torch fp32"] = median_ms(lambda x=x: model(x), repeats)
+            t["torch fp32"] = median_ms(lambda x=x: model(x), n)
             if ao is not None:
-                t["torch.ao x86 int8"] = median_ms(lambda x=x: ao(x), repeats)
-        t["ORT fp32"] = median_ms(ort_runner(f_path, xn), repeats)
-        t["lowbit int8 (ORT)"] = median_ms(ort_runner(res.path, xn), repeats)
+                t["torch.ao x86 int8"] = median_ms(lambda x=x: ao(x), n)
+        t["ORT fp32"] = median_ms(ort_runner(f_path, xn), n)
+        t["lowbit int8 (ORT)"] = median_ms(ort_runner(res.path, xn), n)
         if s_path:
-            t["ORT quantize_static int8"] = median_ms(ort_runner(s_path, xn), repeats)
-        base = t["ORT fp32"]
-        for k, v in t.items():
-            rows.append(f"| {name} | {b} | {k} | {v:.1f} | {base / v:.2f}x | {t['torch fp32'] / v:.2f}x |")
+            t["ORT quantize_static int8"] = median_ms(ort_runner(s_path, xn), n)
+        rows += _rows(name, b, t)
+    print("\n".join(rows), flush=True)
     return rows
+
+
+SEQ = 128
+
+
+def minilm_bench(batches, repeats, tmp: Path) -> list[str]:
+    """MiniLM encoder (input_ids + attention_mask, seq 128): lowbit W8A8Dynamic export (DynamicQuantizeLinear
+    -> int8 MatMul, fused by ORT) vs ORT fp32, ORT's own quantize_dynamic, torch.ao dynamic int8 Linear."""
+    from lowbit.export import export_onnx_dynamic
+
+    try:
+        model = zoo.minilm()
+    except Exception as e:  # optional package not installed
+        print(f"MiniLM skipped: {type(e).__name__}: {str(e)[:120]}")
+        return []
+    name = "MiniLM"
+
+    def inputs(b: int):
+        g = torch.Generator().manual_seed(b)
+        ids = torch.randint(1000, 20000, (b, SEQ), generator=g)
+        mask = torch.ones(b, SEQ, dtype=torch.int64)
+        mask[:, SEQ * 3 // 4:] = 0  # a quarter padding, as in a real padded batch
+        return ids, mask
+
+    ex = inputs(2)
+    q = lowbit.quantize(model, lowbit.recipes.W8A8Dynamic(), example_inputs=ex, progress=False)
+    f_path = export_onnx_float(model, ex, tmp / "minilm.fp32.onnx")
+    res = export_onnx(q, ex, tmp / "minilm.int8.onnx", min_fraction=0.0, min_cosine=0.0)
+    d_path = export_onnx_dynamic(model, ex, tmp / "minilm.ort_dynamic.onnx")
+    ao = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    print(f"{name}: lowbit int8 {res.kernels}; ORT quantize_dynamic {count_kernels(d_path)}", flush=True)
+    rows = []
+    for b in batches:
+        ids, mask = inputs(b)
+        n = repeats if b == 1 else max(5, repeats // 3)
+        t = {}
+        with torch.no_grad():
+            t["torch fp32"] = median_ms(lambda ids=ids, mask=mask: model(ids, mask), n)
+            t["torch.ao x86 int8 (dynamic)"] = median_ms(lambda ids=ids, mask=mask: ao(ids, mask), n)
+        t["ORT fp32"] = median_ms(ort_runner(f_path, ids.numpy(), mask.numpy()), n)
+        t["lowbit int8 (ORT)"] = median_ms(ort_runner(res.path, ids.numpy(), mask.numpy()), n)
+        t["ORT quantize_dynamic int8"] = median_ms(ort_runner(d_path, ids.numpy(), mask.numpy()), n)
+        rows += _rows(name, b, t)
+    return rows
+
+
+def _rows(name: str, b: int, t: dict[str, float]) -> list[str]:
+    base = t["ORT fp32"]
+    return [f"| {name} | {b} | {k} | {v:.1f} | {base / v:.2f}x | {t['torch fp32'] / v:.2f}x |" for k, v in t.items()]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="ResNet-18 and MobileNetV2 at batch 1 only")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--models", nargs="*", default=None, help="subset, e.g. MobileNetV2 MiniLM (default: all)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)  # ORT quantization tool logs advice per bias at WARNING
     torch.set_num_threads(THREADS)
     batches = (1,) if args.quick else (1, 32)
     repeats = args.repeats or (15 if args.quick else 30)
+    load0 = os.getloadavg()[0]
     f_ms, i_ms = gemm_ratio()
     print(f"ORT GEMM 256x1024x1024, {THREADS} threads: fp32 {f_ms:.2f} ms, u8s8 MatMulInteger {i_ms:.2f} ms, "
           f"int8/fp32 throughput {f_ms / i_ms:.2f}x")
     rows = ["| model | batch | runtime | ms (median) | vs ORT fp32 | vs torch fp32 |", "|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         for name, model, shape in image_models(args.quick):
-            rows += bench_model(name, model, shape, batches, repeats, Path(tmp))
+            if args.models is None or name in args.models:
+                rows += bench_model(name, model, shape, batches, repeats, Path(tmp))
+        if not args.quick and (args.models is None or "MiniLM" in args.models):
+            rows += minilm_bench(batches, repeats, Path(tmp))
     print("\n".join(rows))
     print(f"\ncommand: python bench/bench_speed.py{' --quick' if args.quick else ''}  "
-          f"(torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}, {THREADS} threads)")
+          f"(torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}, {THREADS} threads, "
+          f"load average before {load0:.1f}, after {os.getloadavg()[0]:.1f})")
 
 
 if __name__ == "__main__":

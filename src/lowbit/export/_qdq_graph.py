@@ -16,6 +16,7 @@ turns each placeholder into the QDQ form ONNX Runtime fuses into integer kernels
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,8 +28,10 @@ from ..errors import ExportError
 from ..granularity import PerChannel, PerGroup, PerTensor, PerToken
 from ..ops import quantize
 from ..spec import QuantSpec
+from ._simplify import pad_fills_with_zero
 
 DOMAIN = "lowbit"
+log = logging.getLogger("lowbit")
 
 # lowbit format name -> (ONNX element type, lowest opset whose QuantizeLinear/DequantizeLinear take it)
 ONNX_TYPES: dict[str, tuple[int, int]] = {
@@ -178,6 +181,49 @@ def _init_map(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     return {t.name: t for t in graph.initializer}
 
 
+def _fit_bias_in_int32(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto], dq_w: onnx.NodeProto,
+                       bias: np.ndarray, s_x: np.ndarray, layer: str) -> bool:
+    """Make every output channel's int32 bias, plus the largest possible accumulation, fit in int32.
+
+    A channel whose weights are (almost) all zero gets the tiny weight scale its range asks for, so
+    ``b / (s_x * s_w)`` can exceed 2**31 and ONNX Runtime's int32 accumulator wraps around (a dead
+    ReLU6 channel of EfficientNet-Lite0 then outputs 6). As ONNX Runtime's own ``quantize_static`` does,
+    such channels get the smallest weight scale that fits, ``s_w' = |b| / (s_x * L)`` with
+    ``L = 2**31 - 1 - K * 255 * 128`` (K = fan-in), and their weight codes are re-rounded at the new
+    scale; the change in the dequantized weights is at most the old half step (those weights are
+    ~1e-7), which is logged. Returns False (leave the bias float) for asymmetric weights.
+    """
+    codes_t, scale_t = inits[dq_w.input[0]], inits[dq_w.input[1]]
+    s_w = numpy_helper.to_array(scale_t).astype(np.float32)
+    codes = numpy_helper.to_array(codes_t)
+    out_ch = bias.size
+    fan_in = codes.size // max(out_ch, 1)
+    limit = float(2**31 - 1 - fan_in * 255 * 128)
+    s_x1 = np.float64(s_x.reshape(()))
+    need = np.abs(bias.astype(np.float64)) / (s_x1 * limit)
+    s_w_ch = np.broadcast_to(s_w.astype(np.float64), (out_ch,)) if s_w.size == 1 else s_w.astype(np.float64)
+    bad = need > s_w_ch
+    if not bad.any():
+        return True
+    zp = numpy_helper.to_array(inits[dq_w.input[2]]) if len(dq_w.input) > 2 and dq_w.input[2] in inits else None
+    if limit <= 0 or (zp is not None and np.any(zp != 0)) or s_w.size == 1 or codes.shape[0] != out_ch:
+        log.warning("lowbit: %s: the bias does not fit int32 at scale s_x*s_w; it stays float (no integer kernel).", layer)
+        return False
+    new_s = s_w.copy()
+    new_s[bad] = (need[bad] * (1 + 1e-6)).astype(np.float32)
+    qmin, qmax = (-128, 127) if codes.dtype == np.int8 else (0, 255)
+    shape = (-1,) + (1,) * (codes.ndim - 1)
+    w = codes.astype(np.float64) * s_w.astype(np.float64).reshape(shape)
+    new_codes = codes.copy()
+    new_codes[bad] = np.clip(np.rint(w[bad] / new_s.astype(np.float64).reshape(shape)[bad]), qmin, qmax).astype(codes.dtype)
+    log.warning("lowbit: %s: %d output channel(s) with near-zero weights had a bias beyond int32 at scale s_x*s_w; "
+                "their weight scale was raised to fit (max weight change %.3g).", layer, int(bad.sum()),
+                float(np.abs(new_codes.astype(np.float64) * new_s.reshape(shape) - w).max()))
+    codes_t.CopyFrom(numpy_helper.from_array(new_codes, codes_t.name))
+    scale_t.CopyFrom(numpy_helper.from_array(new_s, scale_t.name))
+    return True
+
+
 def quantize_biases(model: onnx.ModelProto) -> int:
     """Rewrite the float bias of every Conv / ConvTranspose / Gemm fed by two constant-scale
     DequantizeLinear nodes (int8/uint8 input, per-tensor or per-channel weight) as an int32 initializer
@@ -211,6 +257,9 @@ def quantize_biases(model: onnx.ModelProto) -> int:
         if s_x.size != 1:
             continue
         bias = numpy_helper.to_array(inits[b_name]).astype(np.float32)
+        if not _fit_bias_in_int32(graph, inits, dq_w, bias, s_x, node.name or node.output[0]):
+            continue
+        s_w = numpy_helper.to_array(inits[dq_w.input[1]]).astype(np.float32)
         s_b = (s_x.reshape(()) * s_w).astype(np.float32)
         q = np.clip(np.round(bias.astype(np.float64) / s_b.astype(np.float64)), -(2**31), 2**31 - 1).astype(np.int32)
         base = f"{node.name or node.output[0]}_bias".replace("/", "_")
@@ -279,6 +328,10 @@ def remove_noop_casts(model: onnx.ModelProto) -> int:
 _GRID_PRESERVING = {"MaxPool", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity"}
 
 
+def _keeps_grid(node: onnx.NodeProto, graph: onnx.GraphProto) -> bool:
+    return node.op_type in _GRID_PRESERVING or pad_fills_with_zero(node, graph)
+
+
 # op -> the inputs that get their own Q/DQ (None: all of them)
 _REQUANT_INPUTS: dict[str, tuple[int, ...] | None] = {
     "Conv": (0,), "ConvTranspose": (0,), "Gemm": (0,), "MatMul": (0, 1), "Add": (0, 1), "Mul": (0, 1),
@@ -288,7 +341,7 @@ _REQUANT_INPUTS: dict[str, tuple[int, ...] | None] = {
 
 def requantize_compute_inputs(model: onnx.ModelProto) -> int:
     """Give every Conv / Gemm / MatMul / Add / Concat / pooling input that reaches a per-tensor DequantizeLinear only through
-    grid-preserving ops (MaxPool, Flatten, Reshape ...) its own ``QuantizeLinear -> DequantizeLinear``
+    grid-preserving ops (MaxPool, Flatten, Reshape, zero Pad ...) its own ``QuantizeLinear -> DequantizeLinear``
     with the same scale and zero point. Exact (the values are already on that grid), and it makes the
     op's input a DQ, which ORT's QDQ fusion and the int32 bias rewrite need. Returns the count."""
     graph = model.graph
@@ -302,10 +355,10 @@ def requantize_compute_inputs(model: onnx.ModelProto) -> int:
                 if k >= len(node.input) or not node.input[k]:
                     continue
                 src = producer.get(node.input[k])
-                if src is None or src.op_type not in _GRID_PRESERVING:
+                if src is None or not _keeps_grid(src, graph):
                     continue
                 cur = src
-                while cur is not None and cur.op_type in _GRID_PRESERVING:
+                while cur is not None and _keeps_grid(cur, graph):
                     cur = producer.get(cur.input[0])
                 if cur is None or cur.op_type != "DequantizeLinear" or any(a.name == "axis" for a in cur.attribute):
                     continue

@@ -33,6 +33,7 @@ from ..errors import ConfigError, EmptyCalibrationError, ExportError
 from ..nn.layers import QuantLayerMixin
 from ..nn.quantizer import TensorQuantizer
 from . import _qdq_graph as qg
+from . import _simplify as sp
 from ._io import check_output_path
 from .verify import KernelCount, ParityReport, count_kernels, run_ort, verify_parity
 
@@ -178,6 +179,14 @@ def _torch_export(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: str,
         ) from e
 
 
+def _simplify(model: onnx.ModelProto) -> None:
+    """Fold the tracer's shape arithmetic (static padding, ``view(x.size(0), -1)``) into constants."""
+    sp.constants_to_initializers(model)
+    sp.fold_constants(model)
+    sp.batch_reshape_to_constant(model)
+    sp.remove_dead_nodes(model)
+
+
 def _save(model: onnx.ModelProto, path: Path) -> None:
     try:
         onnx.checker.check_model(model)
@@ -199,6 +208,7 @@ def export_onnx(
     verify: bool = True,
     dynamic_batch: bool = True,
     min_fraction: float = 0.99,
+    min_cosine: float = 0.999,
 ) -> ExportResult:
     """Write ``qmodel`` as a QDQ ONNX model, run it in ONNX Runtime and check it against the simulation.
 
@@ -208,11 +218,15 @@ def export_onnx(
         path: output ``.onnx`` file; its directory must exist.
         overwrite: replace an existing file.
         opset: ONNX opset; default the lowest that expresses every format (13 int8/uint8, 19 fp8,
-            21 int4/uint4/int16/per-group). A lower explicit opset than needed is a ConfigError.
+            21 int4/uint4/int16/per-group), raised to 17 or 20 when the model has an operator the lower
+            opset lacks (``scaled_dot_product_attention`` needs 14). A lower explicit opset than the
+            formats need is a ConfigError.
         verify: load in ORT (CPU provider), compare outputs in output quantization steps and count the
             integer kernels in ORT's optimized graph.
         dynamic_batch: make dimension 0 of inputs and outputs symbolic.
         min_fraction: the parity tolerance: at least this fraction of outputs within one output step.
+        min_cosine: for outputs without a quantization scale (float), the alternative tolerance: every
+            row's cosine similarity to the simulation at least this (see :func:`verify_parity`).
 
     Returns:
         :class:`ExportResult`.
@@ -232,23 +246,32 @@ def export_onnx(
     need = max([13, *(qg.required_opset(e) for e in entries)])
     if opset is not None and opset < need:
         raise ConfigError(f"opset {opset} cannot express this model's formats; it needs opset >= {need}.")
-    opset = opset or need
+    tries = [opset] if opset is not None else sorted({need, max(need, 17), max(need, _TORCH_MAX_OPSET)})
     for e in entries:
         if e.role == "activation" and e.spec.format.name == "int8":
             log.info("lowbit: %s uses int8 activations; uint8 (U8S8) runs faster in ORT on x86.", e.name)
     with tempfile.TemporaryDirectory() as tmp:
         raw = os.path.join(tmp, "raw.onnx")
-        try:
-            with _placeholder_mode(qmodel, pairs):
+        for i, opset in enumerate(tries):  # the lowest opset first; newer ones when an operator needs them
+            try:
+                with _placeholder_mode(qmodel, pairs):
+                    _clear_weight_caches(qmodel)
+                    _torch_export(qmodel, inputs, raw, min(opset, _TORCH_MAX_OPSET), dynamic_batch, custom=True)
+                break
+            except ExportError as e:
+                if i + 1 == len(tries) or "UnsupportedOperatorError" not in str(e):
+                    raise
+                log.info("lowbit: opset %d cannot express an operator of the model; trying %d", opset, tries[i + 1])
+            finally:
                 _clear_weight_caches(qmodel)
-                _torch_export(qmodel, inputs, raw, min(opset, _TORCH_MAX_OPSET), dynamic_batch, custom=True)
-        finally:
-            _clear_weight_caches(qmodel)
         model = onnx.load(raw)
     qg.materialize(model, entries)
+    _simplify(model)
     qg.resolve_identity_initializers(model)
     qg.remove_noop_casts(model)
     qg.drop_relu_before_quantize(model)
+    sp.drop_clip_before_quantize(model)
+    sp.quantize_before_pad(model)
     qg.requantize_compute_inputs(model)
     n_bias = qg.quantize_biases(model)
     qg.remove_unused_initializers(model)
@@ -261,7 +284,7 @@ def export_onnx(
     kernels = count_kernels(out_path)
     sim = [t.float().numpy() for t in _flat_outputs(qmodel(*inputs))]
     ort_out = run_ort(out_path, inputs)
-    parity = verify_parity(sim, ort_out, model, min_fraction=min_fraction)
+    parity = verify_parity(sim, ort_out, model, min_fraction=min_fraction, min_cosine=min_cosine)
     return ExportResult(out_path, opset, kernels, parity, n_bias)
 
 

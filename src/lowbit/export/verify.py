@@ -3,8 +3,11 @@
 Parity (the documented tolerance): for every output, ``steps = |sim - ort| / s_out`` where ``s_out`` is
 the output's quantization scale (the scale of the DequantizeLinear that produces the graph output). The
 export is accepted when at least ``min_fraction`` (default 99 %) of the outputs are within one step. An
-output without a quantization scale (a float last layer) is measured in steps of ``max|sim| / 255``
-(one step of an 8-bit grid over its range).
+output without a quantization scale (a float last layer, e.g. a dynamically quantized transformer whose
+embeddings are normalized in float) is measured in steps of ``max|sim| / 255`` (one step of an 8-bit grid
+over its range) and is also accepted when every row's cosine similarity between simulated and deployed
+outputs is at least ``min_cosine`` (default 0.999): with per-batch (dynamic) scales a tiny difference in
+one layer moves every later scale, so a float output can be a few such steps off while pointing the same way.
 """
 
 from __future__ import annotations
@@ -68,12 +71,15 @@ class ParityReport:
         fraction_within: fraction of outputs within one step.
         top1_agreement: fraction of rows whose argmax agrees (outputs of rank 2), else None.
         n: number of compared values.
+        min_cosine: the smallest row cosine similarity over outputs without a quantization scale
+            (rows = last dimension), None when every output is quantized.
     """
 
     max_steps: float
     fraction_within: float
     top1_agreement: float | None
     n: int
+    min_cosine: float | None = None
 
 
 def make_session(path: str | os.PathLike, threads: int | None = None, optimized_path: str | None = None,
@@ -135,31 +141,53 @@ def output_scales(model: onnx.ModelProto | str | Path) -> list[float | None]:
     return scales
 
 
+def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a2, b2 = a.reshape(-1, a.shape[-1] if a.ndim else 1), b.reshape(-1, b.shape[-1] if b.ndim else 1)
+    num = (a2 * b2).sum(1)
+    den = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)
+    return np.where(den > 0, num / np.maximum(den, 1e-300), np.where(np.abs(a2 - b2).max(1) == 0, 1.0, 0.0))
+
+
 def verify_parity(sim: Sequence[np.ndarray], deployed: Sequence[np.ndarray], model: onnx.ModelProto | str | Path,
-                  *, min_fraction: float = 0.99, raise_on_fail: bool = True) -> ParityReport:
+                  *, min_fraction: float = 0.99, min_cosine: float = 0.999, raise_on_fail: bool = True) -> ParityReport:
     """Compare simulated and deployed outputs in output quantization steps (module docstring).
 
-    Raises :class:`ParityError` (unless ``raise_on_fail=False``) when fewer than ``min_fraction`` of the
-    values are within one step, or shapes differ.
+    ``steps = |sim - deployed| / s_out`` per value; ``cosine = <sim, dep> / (|sim| |dep|)`` per row of a
+    float output. Raises :class:`ParityError` (unless ``raise_on_fail=False``) when shapes differ, when
+    fewer than ``min_fraction`` of the quantized outputs' values are within one step, or when a float
+    output has fewer than ``min_fraction`` within its ``max|sim|/255`` step and a row cosine below
+    ``min_cosine``.
     """
     scales = output_scales(model)
-    steps_all, top1 = [], []
+    steps_q, steps_f, cosines, top1 = [], [], [], []
     for i, (a, b) in enumerate(zip(sim, deployed)):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         if a.shape != b.shape:
             raise ParityError(f"output {i}: simulated shape {a.shape} but ONNX Runtime gave {b.shape}.")
-        s = scales[i] if i < len(scales) and scales[i] else max(float(np.abs(a).max()), 1e-12) / 255.0
-        steps_all.append((np.abs(a - b) / s).ravel())
+        quantized = i < len(scales) and bool(scales[i])
+        s = scales[i] if quantized else max(float(np.abs(a).max()), 1e-12) / 255.0
+        (steps_q if quantized else steps_f).append((np.abs(a - b) / s).ravel())
+        if not quantized and a.size:
+            cosines.append(_row_cosine(a, b))
         if a.ndim == 2 and a.shape[1] > 1:
             top1.append(a.argmax(1) == b.argmax(1))
-    steps = np.concatenate(steps_all) if steps_all else np.zeros(0)
-    within = float((steps <= 1.0 + 1e-3).mean())  # slack for float32 rounding of exact 1-step gaps if steps.size else 1.0
+
+    def within(parts: list[np.ndarray]) -> float:  # slack for float32 rounding of exact 1-step gaps
+        v = np.concatenate(parts) if parts else np.zeros(0)
+        return float((v <= 1.0 + 1e-3).mean()) if v.size else 1.0
+
+    steps = np.concatenate(steps_q + steps_f) if steps_q or steps_f else np.zeros(0)
     agree = float(np.concatenate(top1).mean()) if top1 else None
-    rep = ParityReport(float(steps.max()) if steps.size else 0.0, within, agree, int(steps.size))
-    if raise_on_fail and within < min_fraction:
+    cos = float(np.concatenate(cosines).min()) if cosines else None
+    rep = ParityReport(float(steps.max()) if steps.size else 0.0, within(steps_q + steps_f), agree, int(steps.size), cos)
+    bad_q = bool(steps_q) and within(steps_q) < min_fraction
+    bad_f = bool(steps_f) and within(steps_f) < min_fraction and (cos is None or cos < min_cosine)
+    if raise_on_fail and (bad_q or bad_f):
         raise ParityError(
-            f"ONNX Runtime disagrees with the simulated model: only {within:.2%} of {rep.n} outputs are within one "
-            f"output quantization step (need {min_fraction:.0%}; worst {rep.max_steps:.1f} steps). Usually a layer "
+            f"ONNX Runtime disagrees with the simulated model: only {rep.fraction_within:.2%} of {rep.n} outputs are within one "
+            f"output quantization step (need {min_fraction:.0%}; worst {rep.max_steps:.1f} steps"
+            + (f"; float outputs' lowest row cosine {cos:.5f}, need {min_cosine}" if cos is not None else "")
+            + "). Usually a layer "
             "the exporter does not place Q/DQ around as the simulation does; check lowbit.decision_log(qmodel)."
         )
     return rep

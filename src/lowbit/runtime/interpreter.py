@@ -9,7 +9,7 @@ integer accumulator, and the ``QuantizeLinear`` after them requantizes it to out
   ``M = s_x * s_w / s_y`` (per output channel for per-channel weights).
 * Add: both inputs rescaled to the output scale; GlobalAveragePool / AveragePool: window sums over the
   count; Concat: each input requantized to the output parameters; Clip: clamped in the input's codes.
-* MaxPool, Relu, Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Identity work on the codes themselves
+* MaxPool, Relu, constant Pad, Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Identity work on the codes themselves
   (dequantization is monotone and exact on the grid), keeping the input's parameters.
 
 ``requant="float"`` does the requantization in float32 exactly as ONNX Runtime's CPU kernels do after ORT
@@ -46,7 +46,7 @@ _MODES = ("float", "fixed_point")
 _LAYOUT_OPS = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
 _SUPPORTED = {
     "QuantizeLinear", "DequantizeLinear", "Constant", "Conv", "Gemm", "MatMul", "Add", "Relu", "Clip",
-    "MaxPool", "AveragePool", "GlobalAveragePool", "Concat",
+    "MaxPool", "AveragePool", "GlobalAveragePool", "Concat", "Pad",
 } | _LAYOUT_OPS
 
 
@@ -360,6 +360,28 @@ class IntegerRuntime:
         if a.get("storage_order", 0):
             raise UnsupportedLayerError("MaxPool storage_order=1 is not supported.")
         return x.with_codes(K.max_pool(x.codes, kernel, strides, pads, dil, bool(a.get("ceil_mode", 0))))
+
+    def _op_Pad(self, node: _Node, env: dict, ins: list[str]) -> QTensor:
+        """Constant-mode Pad of a per-tensor quantized tensor: the fill value ``v`` becomes the code
+        ``z + v / s``, which must be an exact in-range code (``v = 0`` always is: the zero point)."""
+        x = self._q(env, ins[0], node)
+        mode = _s(node.attrs.get("mode", "constant"))
+        if mode != "constant" or not x.per_tensor or (len(ins) > 3 and ins[3]):
+            raise UnsupportedLayerError(
+                f"Pad '{node.proto.name}': only constant mode on a per-tensor quantized tensor, without axes, is supported."
+            )
+        pads = self._const(env, ins[1]).astype(np.int64).reshape(-1)
+        v = self._const(env, ins[2]) if len(ins) > 2 else None
+        value = 0.0 if v is None else float(np.asarray(v).reshape(-1)[0])
+        code_f = value / float(x.scale) + int(x.zero_point)
+        qmin, qmax = ortn.qrange(x.codes.dtype)
+        if code_f != round(code_f) or not qmin <= code_f <= qmax:
+            raise UnsupportedLayerError(f"Pad '{node.proto.name}': fill value {value} is not on the input's quantization grid.")
+        nd = x.codes.ndim
+        if np.any(pads < 0):
+            raise UnsupportedLayerError(f"Pad '{node.proto.name}': negative pads (cropping) are not supported.")
+        width = [(int(pads[i]), int(pads[i + nd])) for i in range(nd)]
+        return x.with_codes(np.pad(x.codes, width, constant_values=int(round(code_f))).astype(x.codes.dtype))
 
     # ------------------------------------------------------------------ compute ops (pending requant)
 

@@ -1,0 +1,165 @@
+"""Deployment parity on the real models: lowbit's simulation vs ONNX Runtime int8 vs the integer runtime.
+
+EfficientNet-Lite0, W8A8 (int8 per-channel weights, uint8 per-tensor activations, minmax), calibrated on
+foolbox's 20 ImageNet images, exported with ``lowbit.export_onnx``. On the ImageNet samples:
+  * top-1 agreement simulated vs ORT int8 (goal >= 99.5 %), logits within one output quantization step
+    (goal >= 99 %), and for scale the same figures between ORT's own unoptimized (float QDQ) and optimized
+    (QLinearConv) execution of the same file;
+  * ``IntegerRuntime(path, requant="float")`` vs ORT on a few images (codes of the output, bit-exact goal),
+    and ``requant="fixed_point"``: differing codes per op (same inputs) and end to end.
+MiniLM (all-MiniLM-L6-v2, mean pooling): ``export_onnx_dynamic`` (ORT quantize_dynamic over the float
+export) and ``export_onnx`` of a ``W8A8Dynamic`` model; mean cosine of int8 ORT embeddings vs float on
+STS-B sentences (goal >= 0.99), int8 kernels in ORT's optimized graph.
+
+    python bench/bench_deploy_parity.py            # 1000 images, 400 sentences
+    python bench/bench_deploy_parity.py --quick    # 200 images, 100 sentences
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+import lowbit
+from lowbit import zoo
+from lowbit.export import count_kernels, export_onnx, export_onnx_dynamic, run_ort
+from lowbit.export.verify import make_session, output_scales
+from lowbit.runtime import IntegerRuntime, compare_requant_modes
+
+
+def steps_figures(a: np.ndarray, b: np.ndarray, step: float) -> tuple[float, float, float]:
+    """(top-1 agreement, fraction of values within one step, max steps) of two (N, C) logit arrays."""
+    d = np.abs(a.astype(np.float64) - b) / step
+    return float((a.argmax(1) == b.argmax(1)).mean()), float((d <= 1.0 + 1e-3).mean()), float(d.max())
+
+
+def efficientnet(n_images: int, n_runtime: int, tmp: Path) -> list[str]:
+    torch.manual_seed(0)
+    model = zoo.efficientnet_lite0()
+    calib = zoo.calibration_batches(zoo.foolbox_images(), batch_size=10)
+    qmodel = lowbit.quantize(model, lowbit.recipes.W8A8(), calib, progress=False)
+    data = zoo.imagenet_samples()
+    idx = np.linspace(0, len(data) - 1, n_images).round().astype(int) if n_images < len(data) else np.arange(len(data))
+    path = tmp / "efficientnet_lite0.int8.onnx"
+    res = export_onnx(qmodel, calib[0], path, min_fraction=0.0)  # the figures below are the measurement
+    step = output_scales(path)[0]
+    sess = make_session(path)
+    sess_noopt = make_session(path, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    fl, sim, dep, noopt, labels = [], [], [], [], []
+    t0 = time.perf_counter()
+    for i in range(0, len(idx), 25):
+        items = [data[int(j)] for j in idx[i:i + 25]]
+        x = torch.stack([it[0] for it in items])
+        labels += [it[1] for it in items]
+        with torch.no_grad():
+            fl.append(model(x).numpy())
+            sim.append(qmodel(x).numpy())
+        dep.append(run_ort(sess, [x])[0])
+        noopt.append(run_ort(sess_noopt, [x])[0])
+    fl, sim, dep, noopt = (np.concatenate(v) for v in (fl, sim, dep, noopt))
+    labels = np.asarray(labels)
+    t_eval = time.perf_counter() - t0
+    a_sd = steps_figures(sim, dep, step)
+    a_no = steps_figures(noopt, dep, step)
+    a_sn = steps_figures(sim, noopt, step)
+    rows = [
+        f"EfficientNet-Lite0 W8A8, {len(idx)} ImageNet samples, output step {step:.4g}; ORT {res.kernels}",
+        f"  top-1 vs labels: float {np.mean(fl.argmax(1) == labels):.3f}, simulated {np.mean(sim.argmax(1) == labels):.3f}, "
+        f"ORT int8 {np.mean(dep.argmax(1) == labels):.3f}",
+        "| pair | top-1 agreement | logits within 1 step | max steps |",
+        "|---|---|---|---|",
+        f"| simulated vs ORT int8 (optimized: QLinearConv) | {a_sd[0]:.4f} | {a_sd[1]:.4f} | {a_sd[2]:.1f} |",
+        f"| simulated vs ORT unoptimized (float DQ -> Conv -> Q) | {a_sn[0]:.4f} | {a_sn[1]:.4f} | {a_sn[2]:.1f} |",
+        f"| ORT unoptimized vs ORT optimized (same file) | {a_no[0]:.4f} | {a_no[1]:.4f} | {a_no[2]:.1f} |",
+        f"  (evaluation {t_eval:.0f} s)",
+    ]
+    # integer-only runtime on a few images
+    x = torch.stack([data[int(j)][0] for j in idx[:n_runtime]]).numpy()
+    name = IntegerRuntime(path).input_names[0]
+    t0 = time.perf_counter()
+    rt_out = IntegerRuntime(path, requant="float").run({name: x})
+    t_rt = (time.perf_counter() - t0) / n_runtime
+    ort_out = run_ort(sess, [x])[0]
+    out_name = next(iter(rt_out))
+    codes_rt = np.rint(rt_out[out_name] / step).astype(np.int64)
+    codes_ort = np.rint(ort_out / step).astype(np.int64)
+    fx_out = IntegerRuntime(path, requant="fixed_point").run({name: x})[out_name]
+    d_fx = np.abs(np.rint(fx_out / step).astype(np.int64) - codes_ort)
+    cmp = compare_requant_modes(path, {name: x})
+    rows += [
+        f"Integer runtime, {n_runtime} images ({t_rt:.1f} s/image): float-requant output codes differing from ORT: "
+        f"{int((codes_rt != codes_ort).sum())} of {codes_ort.size}",
+        f"  fixed-point requant: per op (same inputs) {cmp.n_differing} of {cmp.n_total} codes differ "
+        f"(max {cmp.worst} step); end to end, output codes differing from ORT {int((d_fx > 0).sum())} of "
+        f"{d_fx.size} (max {int(d_fx.max())} steps)",
+    ]
+    return rows
+
+
+SEQ = 128  # the exports have a symbolic batch dimension only: every batch is padded to this length
+
+
+def tokenize(model, sentences: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    t = model.tokenizer(sentences, padding="max_length", truncation=True, max_length=SEQ, return_tensors="pt")
+    return t["input_ids"], t["attention_mask"]
+
+
+def minilm(n_sentences: int, tmp: Path) -> list[str]:
+    torch.manual_seed(0)
+    model = zoo.minilm()
+    pairs = zoo.stsb("test")
+    sents = list(pairs.sentences1[: n_sentences // 2]) + list(pairs.sentences2[: n_sentences // 2])
+    example = tokenize(model, sents[:8])
+    p_dyn = export_onnx_dynamic(model, example, tmp / "minilm.dyn.onnx")
+    qmodel = lowbit.quantize(model, lowbit.recipes.W8A8Dynamic(), example_inputs=example, progress=False)
+    res = export_onnx(qmodel, example, tmp / "minilm.w8a8dyn.onnx", min_fraction=0.0, min_cosine=0.0)  # reported below
+    sess = {"export_onnx_dynamic (ORT quantize_dynamic)": make_session(p_dyn),
+            "export_onnx(W8A8Dynamic)": make_session(res.path)}
+    cos = {k: [] for k in [*sess, "simulated W8A8Dynamic"]}
+    for i in range(0, len(sents), 32):
+        ids, mask = tokenize(model, sents[i:i + 32])
+        with torch.no_grad():
+            ref = model(ids, mask).numpy()
+            outs = {"simulated W8A8Dynamic": qmodel(ids, mask).numpy()}
+        for k, s in sess.items():
+            outs[k] = run_ort(s, [ids, mask])[0]
+        for k, o in outs.items():
+            cos[k].append((o * ref).sum(1) / (np.linalg.norm(o, axis=1) * np.linalg.norm(ref, axis=1)))
+    rows = [f"MiniLM, {len(sents)} STS-B test sentences (padded to {SEQ} tokens): cosine of int8 embeddings vs float",
+            "| model | mean cosine | min cosine | int8 kernels in ORT |", "|---|---|---|---|"]
+    kern = {"export_onnx_dynamic (ORT quantize_dynamic)": count_kernels(p_dyn),
+            "export_onnx(W8A8Dynamic)": res.kernels, "simulated W8A8Dynamic": None}
+    for k, v in cos.items():
+        c = np.concatenate(v)
+        rows.append(f"| {k} | {c.mean():.4f} | {c.min():.4f} | {kern[k] if kern[k] else '-'} |")
+    rows.append(f"  export_onnx(W8A8Dynamic) parity vs its simulation on the example: {res.parity}")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="200 images and 100 sentences")
+    ap.add_argument("--images", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    torch.set_num_threads(args.threads)
+    n_images = args.images or (200 if args.quick else 1000)
+    with tempfile.TemporaryDirectory() as tmp:
+        print("\n".join(efficientnet(n_images, 4, Path(tmp))), flush=True)
+        print("\n".join(minilm(100 if args.quick else 400, Path(tmp))), flush=True)
+    cmd = "python bench/bench_deploy_parity.py" + (" --quick" if args.quick else "")
+    print(f"\ncommand: {cmd}  (torch {torch.__version__}, onnxruntime {ort.__version__}, "
+          f"{args.threads} threads, load average {os.getloadavg()[0]:.1f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""Exact ONNX graph simplifications that let QDQ fusion (ONNX Runtime) and the integer runtime see the
+``DequantizeLinear -> op -> QuantizeLinear`` pattern in real models.
+
+The TorchScript tracer leaves shape arithmetic in the graph (``nn.ZeroPad2d`` becomes a ``Pad`` whose pads
+come from ``ConstantOfShape -> Concat -> Slice -> Transpose -> Reshape``; ``x.view(x.size(0), -1)`` becomes
+``Shape -> Gather -> Unsqueeze -> Concat -> Reshape``), and activation functions such as ReLU6 sit between
+a convolution and its QuantizeLinear. Every pass here leaves the model's outputs bit-identical:
+
+* :func:`fold_constants`: nodes whose inputs are all constants are evaluated once (ONNX reference
+  evaluator) and replaced by initializers; Q/DQ nodes are kept (they carry the quantization).
+* :func:`batch_reshape_to_constant`: ``Reshape(t, Concat(Unsqueeze(Gather(Shape(u), 0)), rest))`` becomes
+  ``Reshape(t, [0, *rest])`` when shape inference proves ``t`` and ``u`` have the same dimension 0.
+* :func:`quantize_before_pad`: ``Pad(x, value 0) -> QuantizeLinear`` becomes ``QuantizeLinear -> DQ -> Pad``
+  (``Q(0) = z`` exactly, so padding the codes with the zero point is the same thing).
+* :func:`drop_clip_before_quantize`: ``Clip(lo, hi) -> QuantizeLinear`` loses the Clip when the quantizer
+  already saturates there (``Q(lo) = qmin`` and ``Q(hi) = qmax``, Q is monotone): the ReLU6 case.
+* :func:`remove_dead_nodes`: nodes none of whose outputs reach a graph output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+_KEEP = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+_NP_QRANGE = {TensorProto.UINT8: (0, 255), TensorProto.INT8: (-128, 127)}
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
+def fold_constants(model: onnx.ModelProto, max_elements: int = 1 << 16) -> int:
+    """Evaluate every node whose inputs are all constant (initializers or ``Constant`` outputs) and store
+    its outputs as initializers; Q/DQ nodes and results above ``max_elements`` values are left as they are.
+    Returns the number of nodes folded."""
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    known = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    keep_nodes, new_inits, folded = [], [], 0
+    for node in graph.node:
+        ins = [i for i in node.input if i]
+        foldable = (node.domain in ("", "ai.onnx") and node.op_type not in _KEEP
+                    and all(i in known for i in ins) and not any(o in outputs for o in node.output))
+        if foldable:
+            try:
+                values = ReferenceEvaluator(node).run(None, {i: known[i] for i in ins})
+            except Exception:  # an op the reference evaluator lacks: leave it for the runtime
+                values = None
+            if values is not None and all(np.asarray(v).size <= max_elements for v in values):
+                for name, v in zip(node.output, values):
+                    known[name] = np.asarray(v)
+                    new_inits.append(numpy_helper.from_array(np.asarray(v), name))
+                folded += 1
+                continue
+        keep_nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(keep_nodes)
+    graph.initializer.extend(new_inits)
+    return folded
+
+
+def _dim0(vi: dict[str, onnx.ValueInfoProto], name: str) -> tuple[str, object] | None:
+    v = vi.get(name)
+    if v is None or not v.type.tensor_type.HasField("shape") or not v.type.tensor_type.shape.dim:
+        return None
+    d = v.type.tensor_type.shape.dim[0]
+    if d.HasField("dim_param") and d.dim_param:
+        return ("param", d.dim_param)
+    if d.HasField("dim_value"):
+        return ("value", d.dim_value)
+    return None
+
+
+def batch_reshape_to_constant(model: onnx.ModelProto) -> int:
+    """Replace the traced ``x.view(x.size(0), ...)`` shape computation by the constant ``[0, ...]``
+    (ONNX Reshape copies a 0 from the input) where shape inference shows the reshaped tensor has the
+    same dimension 0 as the tensor whose ``Shape`` was taken. Returns the number of Reshapes rewritten."""
+    graph = model.graph
+    bare = onnx.ModelProto()
+    bare.CopyFrom(model)
+    del bare.graph.value_info[:]  # the tracer's value_info names its own symbolic dims per tensor
+    inferred = onnx.shape_inference.infer_shapes(bare).graph
+    vi = {v.name: v for v in [*inferred.value_info, *inferred.input, *inferred.output]}
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {t.name: t for t in graph.initializer}
+    count = 0
+    for node in graph.node:
+        if node.op_type != "Reshape" or node.input[1] in inits:
+            continue
+        cat = producer.get(node.input[1])
+        if cat is None or cat.op_type != "Concat" or len(cat.input) < 2:
+            continue
+        uns = producer.get(cat.input[0])
+        gat = producer.get(uns.input[0]) if uns is not None and uns.op_type == "Unsqueeze" else None
+        shp = producer.get(gat.input[0]) if gat is not None and gat.op_type == "Gather" else None
+        if shp is None or shp.op_type != "Shape" or gat.input[1] not in inits:
+            continue
+        if int(numpy_helper.to_array(inits[gat.input[1]]).reshape(())) != 0:
+            continue
+        rest = [numpy_helper.to_array(inits[i]).reshape(-1) for i in cat.input[1:] if i in inits]
+        if len(rest) != len(cat.input) - 1:
+            continue
+        a, b = _dim0(vi, node.input[0]), _dim0(vi, shp.input[0])
+        if a is None or a != b:
+            continue
+        name = f"{node.name or node.output[0]}_shape".replace("/", "_")
+        graph.initializer.append(numpy_helper.from_array(np.concatenate([[0], *rest]).astype(np.int64), name))
+        node.input[1] = name
+        count += 1
+    return count
+
+
+def remove_dead_nodes(model: onnx.ModelProto) -> int:
+    """Drop nodes none of whose outputs is (transitively) used by a graph output. Returns the count."""
+    graph = model.graph
+    live = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(list(graph.node)):
+        if any(o in live for o in node.output):
+            keep.append(node)
+            live.update(i for i in node.input if i)
+    removed = len(graph.node) - len(keep)
+    del graph.node[:]
+    graph.node.extend(reversed(keep))
+    return removed
+
+
+def _pad_is_zero_constant(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
+    """A constant-mode Pad whose fill value is 0 and whose pads are an initializer."""
+    mode = next((a.s for a in node.attribute if a.name == "mode"), b"constant")
+    if mode not in (b"constant", "constant") or len(node.input) < 2 or node.input[1] not in inits:
+        return False
+    if len(node.input) > 3 and node.input[3]:  # axes
+        return False
+    if len(node.input) > 2 and node.input[2]:
+        if node.input[2] not in inits:
+            return False
+        return float(numpy_helper.to_array(inits[node.input[2]]).reshape(-1)[0]) == 0.0
+    return True
+
+
+def pad_fills_with_zero(node: onnx.NodeProto, graph: onnx.GraphProto) -> bool:
+    """True for a ``Pad`` that keeps every value on a per-tensor quantization grid (constant mode, value 0)."""
+    return node.op_type == "Pad" and _pad_is_zero_constant(node, {t.name: t for t in graph.initializer})
+
+
+def quantize_before_pad(model: onnx.ModelProto) -> int:
+    """``x -> Pad(0) -> QuantizeLinear -> DQ`` (float x) becomes ``x -> QuantizeLinear -> DQ -> Pad``: the
+    padded border is ``0 = DQ(z)`` either way, so the values are identical and the Pad moves onto the
+    quantized side (ORT then pads codes; the integer runtime can execute it). Returns the count."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    cons = _consumers(graph)
+    outputs = {o.name for o in graph.output}
+    count = 0
+    for pad in list(graph.node):
+        if pad.op_type != "Pad" or pad.output[0] in outputs or not _pad_is_zero_constant(pad, inits):
+            continue
+        src = producer.get(pad.input[0])
+        if src is not None and src.op_type == "DequantizeLinear":
+            continue
+        users = cons.get(pad.output[0], [])
+        if len(users) != 1 or users[0].op_type != "QuantizeLinear":
+            continue
+        q = users[0]
+        dqs = cons.get(q.output[0], [])
+        if len(dqs) != 1 or dqs[0].op_type != "DequantizeLinear" or not all(i in inits for i in q.input[1:]):
+            continue
+        dq = dqs[0]
+        # new order: x -> Q -> DQ -> Pad; the Pad now writes the DQ's old output name
+        x, dq_out = pad.input[0], dq.output[0]
+        q.input[0] = x
+        dq.output[0] = f"{dq_out}_prepad"
+        pad.input[0] = dq.output[0]
+        pad.output[0] = dq_out
+        nodes = [n for n in graph.node if n is not pad]
+        nodes.insert(nodes.index(dq) + 1, pad)
+        del graph.node[:]
+        graph.node.extend(nodes)
+        count += 1
+    return count
+
+
+def _q_params(q: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[np.float32, int, int] | None:
+    if len(q.input) < 3 or q.input[1] not in inits or q.input[2] not in inits:
+        return None
+    s, zp = numpy_helper.to_array(inits[q.input[1]]), inits[q.input[2]]
+    if s.size != 1 or zp.data_type not in _NP_QRANGE:
+        return None
+    return np.float32(s.reshape(())), int(numpy_helper.to_array(zp).reshape(())), zp.data_type
+
+
+def _quantize_scalar(v: float, s: np.float32, z: int, qmin: int, qmax: int) -> int:
+    """ONNX QuantizeLinear of one float32 value (round half to even, saturate)."""
+    return int(np.clip(np.rint(np.float32(v) / s) + z, qmin, qmax))
+
+
+def drop_clip_before_quantize(model: onnx.ModelProto) -> int:
+    """Remove ``Clip(lo, hi)`` whose only consumer is a per-tensor QuantizeLinear that already maps ``lo``
+    to its minimum code and ``hi`` to its maximum code. Since QuantizeLinear is monotone, every value
+    below ``lo`` (above ``hi``) then gives the same code as ``lo`` (``hi``): ``Q(clip(x)) == Q(x)`` for all
+    x. ReLU6 under a quantizer whose range is [0, <= 6] is the common case. Returns the count."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    cons = _consumers(graph)
+    outputs = {o.name for o in graph.output}
+    drop = []
+    for n in graph.node:
+        if n.op_type != "Clip" or n.output[0] in outputs:
+            continue
+        users = cons.get(n.output[0], [])
+        if len(users) != 1 or users[0].op_type != "QuantizeLinear":
+            continue
+        params = _q_params(users[0], inits)
+        if params is None:
+            continue
+        s, z, t = params
+        qmin, qmax = _NP_QRANGE[t]
+        bounds = []
+        for k, attr in ((1, "min"), (2, "max")):
+            if len(n.input) > k and n.input[k]:
+                if n.input[k] not in inits:
+                    bounds = None
+                    break
+                bounds.append(float(numpy_helper.to_array(inits[n.input[k]]).reshape(())))
+            else:
+                a = next((a.f for a in n.attribute if a.name == attr), None)
+                bounds.append(a)
+        if bounds is None:
+            continue
+        lo, hi = bounds
+        if lo is not None and _quantize_scalar(lo, s, z, qmin, qmax) != qmin:
+            continue
+        if hi is not None and _quantize_scalar(hi, s, z, qmin, qmax) != qmax:
+            continue
+        users[0].input[0] = n.input[0]
+        drop.append(n)
+    for n in drop:
+        graph.node.remove(n)
+    return len(drop)
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> int:
+    """Turn ``Constant`` nodes with a tensor ``value`` into initializers (so passes see one kind of constant)."""
+    graph = model.graph
+    keep, count = [], 0
+    for n in graph.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.attribute) == 1 \
+                and n.attribute[0].name == "value":
+            t = onnx.TensorProto()
+            t.CopyFrom(n.attribute[0].t)
+            t.name = n.output[0]
+            graph.initializer.append(t)
+            count += 1
+            continue
+        keep.append(n)
+    del graph.node[:]
+    graph.node.extend(keep)
+    return count
+
+
+__all__ = [
+    "fold_constants", "batch_reshape_to_constant", "remove_dead_nodes", "quantize_before_pad",
+    "drop_clip_before_quantize", "constants_to_initializers", "pad_fills_with_zero",
+]

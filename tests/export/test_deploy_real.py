@@ -1,0 +1,92 @@
+"""Issue 4's deployment tolerance on the real models (slow: EfficientNet-Lite0 on ImageNet samples, MiniLM).
+
+Full figures: ``python bench/bench_deploy_parity.py`` (docs/benchmarks.md, "Deployment parity").
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import lowbit
+from lowbit import zoo
+from lowbit.export import export_onnx, export_onnx_dynamic, run_ort
+from lowbit.export.verify import make_session, output_scales
+from lowbit.runtime import IntegerRuntime, compare_requant_modes
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def effnet(tmp_path_factory):
+    try:
+        model = zoo.efficientnet_lite0()
+        calib = zoo.calibration_batches(zoo.foolbox_images(), batch_size=10)
+        data = zoo.imagenet_samples()
+    except lowbit.errors.QuantizationError as e:  # missing package or data: say which
+        pytest.skip(f"EfficientNet-Lite0 / ImageNet samples unavailable: {e}")
+    torch.manual_seed(0)
+    q = lowbit.quantize(model, lowbit.recipes.W8A8(), calib, progress=False)
+    path = tmp_path_factory.mktemp("real") / "effnet.int8.onnx"
+    res = export_onnx(q, calib[0], path, min_fraction=0.0)
+    idx = np.linspace(0, len(data) - 1, 200).round().astype(int)  # the bench's --quick subset
+    x = torch.stack([data[int(i)][0] for i in idx])
+    sim, dep = [], []
+    sess = make_session(path)
+    for i in range(0, len(x), 25):
+        with torch.no_grad():
+            sim.append(q(x[i:i + 25]).numpy())
+        dep.append(run_ort(sess, [x[i:i + 25]])[0])
+    return res, np.concatenate(sim), np.concatenate(dep), x
+
+
+def test_effnet_int8_kernels_and_top1_agreement(effnet):
+    res, sim, dep, _ = effnet
+    assert res.kernels.int8 == {"QLinearConv": 49, "QGemm": 1} and res.kernels.n_float == 0
+    assert (sim.argmax(1) == dep.argmax(1)).mean() >= 0.995
+
+
+def test_effnet_logits_within_one_step_measured_floor(effnet):
+    """Measured 94.9 % (200 images); ORT's own unoptimized vs optimized run of the same file: 97.6 %."""
+    res, sim, dep, _ = effnet
+    steps = np.abs(sim - dep) / output_scales(res.path)[0]
+    assert (steps <= 1.001).mean() >= 0.93
+    assert steps.max() <= 8
+
+
+@pytest.mark.xfail(strict=True, reason="issue 4 target not met: float simulation vs integer kernels compound "
+                   "one-code rounding flips over 49 layers (see docs/benchmarks.md, Deployment parity)")
+def test_effnet_logits_within_one_step_target(effnet):
+    res, sim, dep, _ = effnet
+    steps = np.abs(sim - dep) / output_scales(res.path)[0]
+    assert (steps <= 1.001).mean() >= 0.99
+
+
+def test_effnet_integer_runtime_bit_exact_with_ort(effnet):
+    res, _, _, x = effnet
+    xs = x[:2].numpy()
+    rt = IntegerRuntime(res.path, requant="float")
+    out = rt.run({rt.input_names[0]: xs})[rt.output_names[0]]
+    np.testing.assert_array_equal(out, run_ort(res.path, [xs])[0])
+    cmp = compare_requant_modes(res.path, {rt.input_names[0]: xs})
+    assert cmp.worst == 1 and 0 < cmp.n_differing < 0.01 * cmp.n_total
+
+
+def test_minilm_dynamic_int8_cosine(tmp_path):
+    try:
+        model = zoo.minilm()
+        pairs = zoo.stsb("test")
+    except lowbit.errors.QuantizationError as e:
+        pytest.skip(f"MiniLM / STS-B unavailable: {e}")
+    sents = list(pairs.sentences1[:32]) + list(pairs.sentences2[:32])
+    t = model.tokenizer(sents, padding="max_length", truncation=True, max_length=128, return_tensors="pt")
+    ids, mask = t["input_ids"], t["attention_mask"]
+    with torch.no_grad():
+        ref = model(ids, mask).numpy()
+    q = lowbit.quantize(model, lowbit.recipes.W8A8Dynamic(), example_inputs=(ids[:4], mask[:4]), progress=False)
+    res = export_onnx(q, (ids[:4], mask[:4]), tmp_path / "m.int8.onnx", min_fraction=0.0, min_cosine=0.99)
+    p_dyn = export_onnx_dynamic(model, (ids[:4], mask[:4]), tmp_path / "m.dyn.onnx")
+    assert res.kernels.n_int8 == 36  # every Linear of the 6 layers (q, k, v, o, ffn in, ffn out)
+    for path in (res.path, p_dyn):
+        out = run_ort(path, [ids, mask])[0]
+        cos = (out * ref).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1))
+        assert cos.mean() >= 0.99

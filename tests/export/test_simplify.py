@@ -1,0 +1,215 @@
+"""The exact graph simplifications real models need (EfficientNet-Lite0's static padding, ReLU6, view(bs, -1),
+dead-channel biases, attention): each checked bit-exact against ONNX Runtime before/after, and end to end."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+import lowbit
+from lowbit.errors import ParityError
+from lowbit.export import _simplify as sp
+from lowbit.export import count_kernels, export_onnx, run_ort, verify_parity
+from lowbit.export.verify import make_session
+from lowbit.runtime import IntegerRuntime
+
+
+class SamePadNet(nn.Module):
+    """TF-'SAME' padding as EfficientNet-Lite does it (ZeroPad2d before an unpadded conv), ReLU6, a
+    depthwise conv, a residual add, x.view(x.size(0), -1) and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pad0 = nn.ZeroPad2d((0, 1, 0, 1))
+        self.stem = nn.Conv2d(3, 8, 3, stride=2)
+        self.pad1 = nn.ZeroPad2d(1)
+        self.dw = nn.Conv2d(8, 8, 3, groups=8)
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        bs = x.size(0)
+        y = nn.functional.relu6(self.stem(self.pad0(x)))
+        y = self.pw(nn.functional.relu6(self.dw(self.pad1(y)))) + y
+        y = nn.functional.adaptive_avg_pool2d(y, 1).view(bs, -1)
+        return self.fc(y)
+
+
+@pytest.fixture(scope="module")
+def samepad(tmp_path_factory):
+    torch.manual_seed(0)
+    m = SamePadNet().eval()
+    with torch.no_grad():  # a dead channel whose bias does not fit int32 at s_x * s_w (EfficientNet's stem has 3)
+        m.stem.weight[3].mul_(1e-7)
+        m.stem.bias[3] = -40.0
+    calib = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    q = lowbit.quantize(m, lowbit.recipes.W8A8(), calib, progress=False)
+    r = export_onnx(q, calib[0], tmp_path_factory.mktemp("sp") / "samepad.onnx")
+    return m, q, r, calib
+
+
+def test_real_model_patterns_fold_to_pure_qdq(samepad):
+    _, _, r, _ = samepad
+    ops = [n.op_type for n in onnx.load(str(r.path)).graph.node]
+    for gone in ("Shape", "Gather", "ConstantOfShape", "Concat", "Slice", "Clip", "Constant"):
+        assert gone not in ops, gone
+    assert ops.count("Pad") == 2
+    assert r.kernels.int8 == {"QLinearConv": 3, "QGemm": 1} and r.kernels.n_float == 0
+    assert r.biases_int32 == 4
+    assert r.parity.fraction_within >= 0.99 and r.parity.top1_agreement == 1.0
+
+
+def test_dynamic_batch_survives_constant_reshape(samepad):
+    _, q, r, _ = samepad
+    torch.manual_seed(3)
+    x = torch.randn(7, 3, 16, 16)
+    with torch.no_grad():
+        sim = q(x).numpy()
+    rep = verify_parity([sim], run_ort(r.path, [x]), r.path)
+    assert rep.n == 7 * 5 and rep.fraction_within >= 0.99
+
+
+def test_integer_runtime_bit_exact_with_pad_and_clip_dropped(samepad):
+    _, _, r, calib = samepad
+    x = calib[1].numpy()
+    rt = IntegerRuntime(r.path, requant="float")
+    out = rt.run({rt.input_names[0]: x})[rt.output_names[0]]
+    np.testing.assert_array_equal(out, run_ort(r.path, [x])[0])
+
+
+def test_dead_channel_bias_fits_int32(samepad):
+    m, q, r, _ = samepad
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(r.path)).graph.initializer}
+    key = next(k for k in inits if k.endswith("_bias_codes") and inits[k].size == 8 and "stem" in k)
+    codes = inits[key].astype(np.int64)
+    assert np.abs(codes).max() < 2**31 - 27 * 255 * 128  # no wrap-around in ORT's int32 accumulator
+    s_b = inits[key.replace("_codes", "_scale")]
+    # the stored bias still dequantizes to the float bias, every channel within half a bias step
+    np.testing.assert_array_less(np.abs(codes * s_b.astype(np.float64) - m.stem.bias.detach().numpy()),
+                                 0.5 * s_b + 1e-9)
+    # the dead channel's output is its real value (relu6(-40 + ~0) = 0), not a wrapped accumulator
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        sim = q(x).numpy()
+    rep = verify_parity([sim], run_ort(r.path, [x]), r.path)
+    assert rep.max_steps <= 1.0 + 1e-3
+
+
+def _clip_q_model(lo: float, hi: float, scale: float, zp: int) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])
+    y = helper.make_tensor_value_info("y", TensorProto.UINT8, [64])
+    inits = [numpy_helper.from_array(np.array(lo, np.float32), "lo"), numpy_helper.from_array(np.array(hi, np.float32), "hi"),
+             numpy_helper.from_array(np.array(scale, np.float32), "s"), numpy_helper.from_array(np.array(zp, np.uint8), "z")]
+    nodes = [helper.make_node("Clip", ["x", "lo", "hi"], ["c"]), helper.make_node("QuantizeLinear", ["c", "s", "z"], ["y"])]
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("scale,zp,dropped", [
+    (6.0 / 255, 0, True),      # ReLU6 with the calibrated range [0, 6]: the quantizer saturates at 6
+    (5.0 / 255, 0, True),      # range inside [0, 6]: Q(6) saturates too
+    (6.5 / 255, 0, False),     # range beyond 6: the Clip changes codes 236..255, it must stay
+    (6.0 / 255, 3, False),     # Q(0) = 3 > 0: values below 0 would give codes 0..2 without the Clip
+])
+def test_drop_clip_only_where_exact(tmp_path, scale, zp, dropped):
+    model = _clip_q_model(0.0, 6.0, scale, zp)
+    x = np.concatenate([np.linspace(-8, 8, 60), [6.0, 0.0, -1e-9, 6.0001]]).astype(np.float32)
+    before = run_ort(make_session_from(model, tmp_path / "a.onnx"), [x])[0]
+    assert sp.drop_clip_before_quantize(model) == int(dropped)
+    after = run_ort(make_session_from(model, tmp_path / "b.onnx"), [x])[0]
+    np.testing.assert_array_equal(after, before)
+
+
+def make_session_from(model: onnx.ModelProto, path):
+    onnx.save(model, str(path))
+    return make_session(path)
+
+
+def test_quantize_before_pad_is_exact_on_ort(tmp_path):
+    """Pad(0) -> Q -> DQ == Q -> DQ -> Pad, checked on ORT with the values of a real activation."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    inits = [numpy_helper.from_array(np.array([0, 0, 1, 0, 0, 0, 0, 2], np.int64), "pads"),
+             numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(7, np.uint8), "z")]
+    nodes = [helper.make_node("Pad", ["x", "pads"], ["p"]), helper.make_node("QuantizeLinear", ["p", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 13)])
+    xv = np.random.default_rng(0).normal(size=(1, 2, 3, 3)).astype(np.float32)
+    before = run_ort(make_session_from(model, tmp_path / "a.onnx"), [xv])[0]
+    assert sp.quantize_before_pad(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["QuantizeLinear", "DequantizeLinear", "Pad"]
+    after = run_ort(make_session_from(model, tmp_path / "b.onnx"), [xv])[0]
+    np.testing.assert_array_equal(after, before)
+    assert before.shape == (1, 2, 4, 5)
+
+
+def test_runtime_pad_fill_value_on_grid_and_refused_off_grid(tmp_path):
+    def model(value: float):
+        x = helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 1, 2, 2])
+        y = helper.make_tensor_value_info("y", TensorProto.UINT8, None)
+        inits = [numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads"),
+                 numpy_helper.from_array(np.array(value, np.float32), "v"),
+                 numpy_helper.from_array(np.array(0.5, np.float32), "s"), numpy_helper.from_array(np.array(10, np.uint8), "z")]
+        nodes = [helper.make_node("DequantizeLinear", ["x", "s", "z"], ["d"]),
+                 helper.make_node("Pad", ["d", "pads", "v"], ["p"]), helper.make_node("QuantizeLinear", ["p", "s", "z"], ["y"])]
+        return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 13)])
+
+    xv = np.array([[[[0, 255], [10, 37]]]], np.uint8)
+    m = model(1.5)  # code 13
+    out = IntegerRuntime(m).run({"x": xv})["y"]
+    np.testing.assert_array_equal(out, run_ort(make_session_from(m, tmp_path / "p.onnx"), [xv])[0])
+    assert out[0, 0, 0, 0] == 13 and out[0, 0, 1, 1] == 0
+    with pytest.raises(lowbit.errors.UnsupportedLayerError, match="not on the input's quantization grid"):
+        IntegerRuntime(model(0.3)).run({"x": xv})
+
+
+def test_fold_constants_keeps_qdq_and_dead_code_removed():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    inits = [numpy_helper.from_array(np.array([1, 2], np.int64), "a"), numpy_helper.from_array(np.array([3], np.int64), "b"),
+             numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array([5, 6, 7, 8], np.int8), "w")]
+    nodes = [helper.make_node("Concat", ["a", "b"], ["ab"], axis=0),            # constant: folded
+             helper.make_node("DequantizeLinear", ["w", "s"], ["wd"]),          # constant but kept (a weight)
+             helper.make_node("Shape", ["x"], ["unused"]),                      # dead
+             helper.make_node("Add", ["x", "wd"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 13)])
+    assert sp.fold_constants(model) == 1
+    assert numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "ab")).tolist() == [1, 2, 3]
+    assert sp.remove_dead_nodes(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["DequantizeLinear", "Add"]
+
+
+def test_float_output_tolerance_by_cosine(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    q = lowbit.quantize(m, lowbit.recipes.W8A8Dynamic(), None, progress=False)
+    r = export_onnx(q, torch.randn(4, 16), tmp_path / "d.onnx")
+    assert r.parity.min_cosine is not None and r.parity.min_cosine > 0.999
+    a = np.random.default_rng(0).normal(size=(4, 8))
+    rotated = a + 0.05 * np.abs(a).max()  # every value ~13 "steps" of max/255 away, rows still ~parallel
+    rep = verify_parity([a], [rotated], r.path, min_cosine=0.9)
+    assert rep.fraction_within == 0.0 and rep.min_cosine > 0.9
+    with pytest.raises(ParityError, match="lowest row cosine"):
+        verify_parity([a], [rotated], r.path, min_cosine=0.99999)
+
+
+class Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.out = nn.Linear(16, 16)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.out(nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+def test_attention_raises_the_opset_and_uses_int8_matmuls(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    q = lowbit.quantize(Attention().eval(), lowbit.recipes.W8A8Dynamic(), None, progress=False)
+    r = export_onnx(q, x, tmp_path / "att.onnx")
+    assert r.opset >= 14  # scaled_dot_product_attention has no opset-13 form
+    assert count_kernels(r.path).n_int8 == 2
+    assert r.parity.min_cosine > 0.999
