@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import math
 import os
-import socket
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,6 +30,8 @@ from lowbit.distributed import (
     unpack_nibbles,
 )
 from lowbit.errors import ConfigError, DistributedError, ShapeMismatchError
+
+from .._gloo import run_ranks
 
 WORLD = 2
 METHODS = ("fp32", "int8", "int4", "sign")
@@ -264,17 +263,9 @@ def _worker(rank: int, port: int, outdir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs():
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(_free_port(), d), nprocs=WORLD, join=True)
-        yield [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(WORLD)]
+    return run_ranks(_worker, WORLD)
 
 
 @pytest.mark.distributed

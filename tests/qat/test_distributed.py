@@ -9,13 +9,10 @@ full-batch gradient in the last bits).
 from __future__ import annotations
 
 import os
-import socket
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -28,6 +25,8 @@ from lowbit.distributed.sync import (
 from lowbit.errors import DistributedError
 from lowbit.qat import convert, prepare_qat
 from lowbit.recipes import W8A8
+
+from .._gloo import run_ranks
 
 WORLD = 2
 CALIBRATORS = ("minmax", "percentile")
@@ -102,17 +101,9 @@ def _worker(rank: int, port: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks():
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(_free_port(), d), nprocs=WORLD, join=True)
-        yield [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(WORLD)]
+    return run_ranks(_worker, WORLD)
 
 
 @pytest.fixture(scope="module")
