@@ -1,25 +1,23 @@
-"""Run a test worker on several gloo processes on localhost and collect what each rank saved."""
+"""Run a test worker on several gloo processes on this machine and collect what each rank saved.
+
+Ranks meet through a file in a temporary folder (``init_method="file://..."``), not a TCP port, so
+test runs that overlap on one machine cannot steal each other's rendezvous.
+"""
 
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 
 import torch
 import torch.multiprocessing as mp
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now (for MASTER_PORT)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(worker, world: int) -> list:
-    """``mp.spawn(worker, args=(port, folder), nprocs=world)``; each rank ``r`` must
-    ``torch.save`` its result to ``folder/rank{r}.pt``. Returns the results in rank order."""
+    """``mp.spawn(worker, args=(init_method, folder), nprocs=world)``; each rank calls
+    ``dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)`` and
+    ``torch.save``s its result to ``folder/rank{rank}.pt``. Returns the results in rank order."""
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(worker, args=(free_port(), d), nprocs=world, join=True)
+        init_method = "file://" + os.path.join(d, "rendezvous")
+        mp.spawn(worker, args=(init_method, d), nprocs=world, join=True)
         return [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(world)]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import socket
+import tempfile
 
 import pytest
 import torch
@@ -28,9 +28,8 @@ def _data(rank: int) -> torch.Tensor:
     return torch.randn(8, 3, 5, generator=g) * (1 + 20 * rank)  # rank 1 has a much wider range
 
 
-def _worker(rank: int, port: int, out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _worker(rank: int, init_method: str, out: dict) -> None:
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
     try:
         res = {}
         for key, spec in SPECS.items():
@@ -57,11 +56,9 @@ def _worker(rank: int, port: int, out: dict) -> None:
 
 @pytest.mark.distributed
 def test_all_reduce_equals_concatenated_single_process():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(port, out), nprocs=2, join=True)
+    with tempfile.TemporaryDirectory() as d:  # file rendezvous: no port to collide with other runs
+        mp.spawn(_worker, args=("file://" + os.path.join(d, "rendezvous"), out), nprocs=2, join=True)
     for rank in (0, 1):
         res = out[rank]
         for key in ("hist", "kl"):

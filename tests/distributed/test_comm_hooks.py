@@ -246,9 +246,9 @@ def _train(rank: int, method: str) -> dict:
     return out
 
 
-def _worker(rank: int, port: int, outdir: str) -> None:
+def _worker(rank: int, init_method: str, outdir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD)
     try:
         result = {"ef": _error_feedback_run(rank)}
         result.update({m: _train(rank, m) for m in METHODS})

@@ -82,9 +82,9 @@ def _run(rank: int, world: int) -> dict:
     return out
 
 
-def _worker(rank: int, port: int, folder: str) -> None:
+def _worker(rank: int, init_method: str, folder: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD)
     try:
         result = _run(rank, WORLD)
         # a rank whose state was tampered with is caught
