@@ -1,7 +1,8 @@
 """Run a test worker on several gloo processes on this machine and collect what each rank saved.
 
 Ranks meet through a file in a temporary folder (``init_method="file://..."``), not a TCP port, so
-test runs that overlap on one machine cannot steal each other's rendezvous.
+test runs that overlap on one machine cannot steal each other's rendezvous, and gloo is pinned to the
+loopback interface (``GLOO_SOCKET_IFNAME=lo``) instead of whatever address the host name resolves to.
 """
 
 from __future__ import annotations
@@ -13,10 +14,16 @@ import torch
 import torch.multiprocessing as mp
 
 
+def use_loopback() -> None:
+    """Pin gloo to the loopback interface for this process and the ranks it spawns."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
 def run_ranks(worker, world: int) -> list:
     """``mp.spawn(worker, args=(init_method, folder), nprocs=world)``; each rank calls
     ``dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)`` and
     ``torch.save``s its result to ``folder/rank{rank}.pt``. Returns the results in rank order."""
+    use_loopback()
     with tempfile.TemporaryDirectory() as d:
         init_method = "file://" + os.path.join(d, "rendezvous")
         mp.spawn(worker, args=(init_method, d), nprocs=world, join=True)

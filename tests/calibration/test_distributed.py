@@ -56,6 +56,7 @@ def _worker(rank: int, init_method: str, out: dict) -> None:
 
 @pytest.mark.distributed
 def test_all_reduce_equals_concatenated_single_process():
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # localhost only
     out = mp.Manager().dict()
     with tempfile.TemporaryDirectory() as d:  # file rendezvous: no port to collide with other runs
         mp.spawn(_worker, args=("file://" + os.path.join(d, "rendezvous"), out), nprocs=2, join=True)
