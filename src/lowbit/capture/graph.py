@@ -223,24 +223,20 @@ class _GraphQuantizer:
             return node
         if node in self.edge_of:
             return self.edge_of[node]
-        name = _free_name(self.gm, f"{node.name}_quant")
-        self.gm.add_submodule(name, TensorQuantizer(spec, name=f"{node.name}.output"))
         anchor = node
         if node.op == "placeholder":  # keep every placeholder ahead of the first computation
             anchor = [n for n in self.gm.graph.nodes if n.op == "placeholder"][-1]
-        with self.gm.graph.inserting_after(anchor):
-            qn = self.gm.graph.call_module(name, (node,))
-        node.replace_all_uses_with(qn, delete_user_cb=lambda u: u is not qn)
-        self.quantized.add(qn)
-        self.edge_of[node] = qn
-        if self.probe is not None and node.name in self.probe.info:
-            self.probe.info[qn.name] = self.probe.info[node.name]
-        return qn
+        return self._insert_quantizer(node, spec, f"{node.name}_quant", f"{node.name}.output", anchor)
 
     def add_output_quantizer(self, node: fx.Node, spec: QuantSpec, name: str) -> fx.Node:
-        qname = _free_name(self.gm, f"{name}_output_quant")
-        self.gm.add_submodule(qname, TensorQuantizer(spec, name=f"{name}.output"))
-        with self.gm.graph.inserting_after(node):
+        return self._insert_quantizer(node, spec, f"{name}_output_quant", f"{name}.output", node)
+
+    def _insert_quantizer(self, node: fx.Node, spec: QuantSpec, module_name: str, tensor_name: str,
+                          anchor: fx.Node) -> fx.Node:
+        """A TensorQuantizer node after ``anchor`` that every other user of ``node`` now reads."""
+        qname = _free_name(self.gm, module_name)
+        self.gm.add_submodule(qname, TensorQuantizer(spec, name=tensor_name))
+        with self.gm.graph.inserting_after(anchor):
             qn = self.gm.graph.call_module(qname, (node,))
         node.replace_all_uses_with(qn, delete_user_cb=lambda u: u is not qn)
         self.quantized.add(qn)

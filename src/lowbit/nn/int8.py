@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..granularity import PerChannel, PerGroup, PerTensor, broadcast_param, to_blocks
 from ..ops import quantize
-from .layers import QuantLinear
+from .layers import OutputSideMixin, QuantLinear
 
 log = logging.getLogger("lowbit")
 
@@ -58,13 +58,8 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
-class _OutputSide(nn.Module):
-    def _post(self, y: torch.Tensor) -> torch.Tensor:
-        if self.activation is not None:
-            y = self.activation(y)
-        if self.output_quantizer is not None:
-            y = self.output_quantizer(y)
-        return y
+class _OutputSide(OutputSideMixin, nn.Module):
+    pass
 
 
 class Int8Linear(_OutputSide):

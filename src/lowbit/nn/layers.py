@@ -131,7 +131,19 @@ def _quantizer(spec: QuantSpec | None, name: str) -> TensorQuantizer | None:
     return None if spec is None else TensorQuantizer(spec, name=name, is_weight=name.endswith(".weight"))
 
 
-class QuantLayerMixin:
+class OutputSideMixin:
+    """The output side every quantized module shares: fused ``activation``, then ``output_quantizer``
+    (either may be None)."""
+
+    def _post(self, y: torch.Tensor) -> torch.Tensor:
+        if self.activation is not None:
+            y = self.activation(y)
+        if self.output_quantizer is not None:
+            y = self.output_quantizer(y)
+        return y
+
+
+class QuantLayerMixin(OutputSideMixin):
     """Shared parts of the weighted quantized layers (see the module docstring for the contract)."""
 
     weight_quantizer: TensorQuantizer | None
@@ -178,7 +190,7 @@ class QuantLayerMixin:
             activation: fused activation module (ReLU, ReLU6, GELU, SiLU, Hardswish ...).
             name: the layer's qualified name in the model (used for quantizer names and errors).
         """
-        base = cls.__mro__[2] if cls.__mro__[1] is QuantLayerMixin else cls.__mro__[1]
+        base = next(k for k in cls.__mro__[1:] if issubclass(k, nn.Module) and not issubclass(k, QuantLayerMixin))
         if type(module) is not base and not isinstance(module, base):
             raise UnsupportedLayerError(f"{cls.__name__}.from_float takes a {base.__name__}, got {type(module).__name__}.")
         new = copy.copy(module)  # shares parameters and buffers; new object for the new class
@@ -216,13 +228,6 @@ class QuantLayerMixin:
 
     def _pre(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
-
-    def _post(self, y: torch.Tensor) -> torch.Tensor:
-        if self.activation is not None:
-            y = self.activation(y)
-        if self.output_quantizer is not None:
-            y = self.output_quantizer(y)
-        return y
 
     def quant_extra_repr(self) -> str:
         parts = []
@@ -299,7 +304,7 @@ def is_quant_layer(module: nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ joins
-class QuantJoin(nn.Module):
+class QuantJoin(OutputSideMixin, nn.Module):
     """Base of the quantized functional ops with several tensor inputs (matmul, add, mul, cat).
 
     Args:
@@ -329,13 +334,6 @@ class QuantJoin(nn.Module):
         if i < len(self.input_quantizers) and torch.is_tensor(x):
             return self.input_quantizers[i](x)
         return x
-
-    def _post(self, y: torch.Tensor) -> torch.Tensor:
-        if self.activation is not None:
-            y = self.activation(y)
-        if self.output_quantizer is not None:
-            y = self.output_quantizer(y)
-        return y
 
 
 class QuantMatMul(QuantJoin):
