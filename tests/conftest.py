@@ -15,6 +15,15 @@ except ImportError:  # pragma: no cover
     pass
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread (tiny tensors on a shared 2-core machine), then restore."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -8,12 +8,8 @@ from torch import nn
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """The small tensors here run far faster on one thread on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Tiny tensors: one intra-op thread is fastest (see tests/conftest.py)."""
 
 
 def randomize_bn(model: nn.Module) -> None:

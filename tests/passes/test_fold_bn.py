@@ -9,16 +9,7 @@ from torch import nn
 from lowbit.errors import UnsupportedLayerError
 from lowbit.passes import fold_bn, fold_bn_into, output_stats
 
-
-def _randomize_bn(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n))
-            m.running_var.copy_(torch.rand(n) + 0.1)
-            if m.affine:
-                m.weight.data.copy_(torch.randn(n))
-                m.bias.data.copy_(torch.randn(n))
+from .conftest import randomize_bn
 
 
 class Branchy(nn.Module):
@@ -62,7 +53,7 @@ class Untraceable(nn.Module):
 def test_fold_fx_graph_values_and_pairs():
     torch.manual_seed(0)
     m = Branchy()
-    _randomize_bn(m)
+    randomize_bn(m)
     m.eval()
     x = torch.randn(4, 3, 6, 6)
     ref = m(x)
@@ -77,7 +68,7 @@ def test_fold_fx_graph_values_and_pairs():
 def test_fold_sequential_fallback_across_nested_sequentials():
     torch.manual_seed(1)
     m = Untraceable()
-    _randomize_bn(m)
+    randomize_bn(m)
     m.eval()
     x = torch.randn(3, 2, 9)
     ref = m(x)
@@ -89,7 +80,7 @@ def test_fold_sequential_fallback_across_nested_sequentials():
 def test_fold_formula_and_stats():
     torch.manual_seed(2)
     lin, bn = nn.Linear(3, 2), nn.BatchNorm1d(2, eps=1e-3)
-    _randomize_bn(nn.Sequential(bn))
+    randomize_bn(nn.Sequential(bn))
     w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
     fold_bn_into(lin, bn)
     t = bn.weight / torch.sqrt(bn.running_var + 1e-3)
