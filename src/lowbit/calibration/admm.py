@@ -98,5 +98,20 @@ class ADMMObserver(Observer):
         a = admm_scale(blocks_2d(self.weight, self.spec.granularity), self.spec,
                        getattr(cal, "max_iters", 100), getattr(cal, "tol", 1e-6))
         shape = self.spec.granularity.scale_shape(tuple(self.weight.shape) or (1,))
-        hi = (a * float(self.spec.format.max_value)).reshape(shape)
+        rows = blocks_2d(self.weight, self.spec.granularity).float()
+        # Keep MinMax's bound wherever it quantizes better in the arithmetic that will really run
+        # (float32, scale from compute_qparams): ADMM's choice is made in float64, and a scale that
+        # ties there can lose by a rounding flip here, so "never worse than MinMax" is checked at the end.
+        hi_admm = a * float(self.spec.format.max_value)
+        hi_minmax = rows.abs().amax(dim=1)
+        err = [self._row_error(rows, hi) for hi in (hi_admm, hi_minmax)]
+        hi = torch.where(err[0] <= err[1], hi_admm, hi_minmax).reshape(shape)
         return -hi, hi
+
+    def _row_error(self, rows: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """Squared quantization error per row of ``rows`` (B, n) for the symmetric range ``+-hi`` (B,)."""
+        from ..spec import compute_qparams
+
+        scale, _ = compute_qparams(self.spec, -hi, hi)
+        q = _codes(rows / scale[:, None], self.spec) * scale[:, None]
+        return ((q - rows) ** 2).sum(1)
