@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
@@ -28,3 +30,14 @@ def run_ranks(worker, world: int) -> list:
         init_method = "file://" + os.path.join(d, "rendezvous")
         mp.spawn(worker, args=(init_method, d), nprocs=world, join=True)
         return [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(world)]
+
+
+def shutdown() -> None:
+    """Leave the process group together: wait (at most 60 s) until every rank is done, then destroy it.
+    A rank that tore gloo down while its peer was still finishing aborted with a C++ terminate."""
+    try:
+        if dist.is_initialized():
+            dist.monitored_barrier(timeout=timedelta(seconds=60))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

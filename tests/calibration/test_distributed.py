@@ -14,6 +14,8 @@ from lowbit.calibration import make_observer
 from lowbit.errors import DistributedError
 from lowbit.spec import QuantSpec
 
+from .._gloo import shutdown
+
 SPECS = {
     "minmax": QuantSpec("int8", granularity="channel:1", calibrator="minmax"),
     "hist": QuantSpec("int8", granularity="channel:1", calibrator="percentile"),
@@ -51,7 +53,7 @@ def _worker(rank: int, init_method: str, out: dict) -> None:
             res["mismatch"] = True
         out[rank] = res
     finally:
-        dist.destroy_process_group()
+        shutdown()
 
 
 @pytest.mark.distributed

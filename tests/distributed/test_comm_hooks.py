@@ -31,7 +31,7 @@ from lowbit.distributed import (
 )
 from lowbit.errors import ConfigError, DistributedError, ShapeMismatchError
 
-from .._gloo import run_ranks
+from .._gloo import run_ranks, shutdown
 
 WORLD = 2
 METHODS = ("fp32", "int8", "int4", "sign")
@@ -260,7 +260,7 @@ def _worker(rank: int, init_method: str, outdir: str) -> None:
             result["initial_loss"] = float(torch.nn.functional.mse_loss(init(x), y))
         torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        shutdown()
 
 
 @pytest.fixture(scope="module")

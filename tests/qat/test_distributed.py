@@ -26,7 +26,7 @@ from lowbit.errors import DistributedError
 from lowbit.qat import convert, prepare_qat
 from lowbit.recipes import W8A8
 
-from .._gloo import run_ranks
+from .._gloo import run_ranks, shutdown
 
 WORLD = 2
 CALIBRATORS = ("minmax", "percentile")
@@ -98,7 +98,7 @@ def _worker(rank: int, init_method: str, folder: str) -> None:
             result["mismatch_caught"] = True
         torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        shutdown()
 
 
 @pytest.fixture(scope="module")
