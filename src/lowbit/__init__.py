@@ -16,6 +16,7 @@ from .errors import (
 )
 from .export import export_onnx, export_onnx_dynamic, export_onnx_float, load, save  # deployment (issue 4)
 from .granularity import PerChannel, PerGroup, PerTensor, PerToken
+from .mixed_precision import MixedPrecisionPlan, search_mixed_precision  # per-layer recipe by sensitivity
 from .nn import TensorQuantizer, calibrating, quantizers
 from .nn.int8 import convert
 from .ops import dequantize, fake_quantize
@@ -33,5 +34,5 @@ __all__ = [
     "recipes", "calibrate", "decision_log", "quant_table", "format_quant_table", "layer_sqnr", "format_sqnr_table",
     "TensorQuantizer", "calibrating", "quantizers", "DFQ", "AdaRoundConfig",
     "export_onnx", "export_onnx_float", "export_onnx_dynamic", "save", "load", "convert",
-    "prepare_qat", "distillation_loss",
+    "prepare_qat", "distillation_loss", "search_mixed_precision", "MixedPrecisionPlan",
 ]

@@ -51,6 +51,16 @@ report.html, summary.json""",
 }
 
 
+def _name_list(text: str) -> list[str]:
+    from .workflows import RECIPE_NAMES
+
+    names = [s.strip().lower() for s in text.split(",") if s.strip()]
+    unknown = [n for n in names if n not in RECIPE_NAMES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected recipe names from {', '.join(RECIPE_NAMES)}, got {text!r}")
+    return names
+
+
 def _int_list(text: str) -> list[int]:
     try:
         vals = [int(s) for s in text.split(",") if s.strip()]
@@ -118,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "analytic bias correction")
     q.add_argument("--adaround", action="store_true", help="AdaRound the weights on the calibration data")
     q.add_argument("--adaround-iters", type=_positive, default=200, help="AdaRound iterations per layer (default 200)")
+    q.add_argument("--mixed", type=_name_list, default=[], metavar="RECIPE[,RECIPE]",
+                   help="mixed precision: less precise recipes each layer may take instead of --recipe, chosen by "
+                        "measured sensitivity (needs --size-budget and/or --min-sqnr)")
+    q.add_argument("--size-budget", metavar="SIZE", help="mixed precision: largest model size (e.g. 3.5MB, 2MiB)")
+    q.add_argument("--min-sqnr", type=float, metavar="DB", help="mixed precision: lowest output SQNR (dB) vs float")
     q.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out folder")
     q.add_argument("--no-export", action="store_true", help="skip the ONNX export")
 
@@ -177,7 +192,8 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
     s = run_quantize(a.model, out_dir=a.out, recipe=a.recipe, calibrator=a.calibrator, calib=a.calib,
                      num_batches=a.num_batches, batch_size=a.batch_size, dfq=a.dfq, adaround=a.adaround,
                      adaround_iters=a.adaround_iters, overwrite=a.overwrite, weights=a.weights,
-                     input_shape=a.input_shape, export=not a.no_export)
+                     input_shape=a.input_shape, export=not a.no_export, mixed=a.mixed, size_budget=a.size_budget,
+                     min_sqnr=a.min_sqnr)
     print(s.table())
     print(f"\n{s.quantized} layer(s)/op(s) quantized, {len(s.skipped)} kept float"
           + "".join(f"\n  kept float: {n} ({r})" for n, r in s.skipped[:10]))

@@ -110,39 +110,10 @@ def float_size_bytes(model: nn.Module) -> int:
 
 
 def quantized_size_bytes(qmodel: nn.Module) -> int:
-    """Deployed weight bytes of a :func:`lowbit.quantize` model.
+    """Deployed bytes of a :func:`lowbit.quantize` model (:func:`lowbit.capture.readback.deployed_size_bytes`)."""
+    from .capture.readback import deployed_size_bytes
 
-    A quantized weight costs ``ceil(numel * bits / 8)`` + 4 bytes per scale + ``ceil(bits / 8)`` per zero
-    point (affine formats only). Every other parameter and buffer (biases, float layers) costs its dtype
-    size; the quantizers' own buffers are not counted twice (only activation scales: 4 bytes + zero point).
-    """
-    from .nn.quantizer import TensorQuantizer
-
-    seen: set[int] = set()
-    weight_quantizers: set[int] = set()
-    total = 0
-    for m in qmodel.modules():
-        wq = getattr(m, "weight_quantizer", None)
-        w = getattr(m, "weight", None)
-        if isinstance(wq, TensorQuantizer) and torch.is_tensor(w):
-            bits = wq.spec.format.bits
-            n_scales = max(1, wq.scale.numel()) if wq.spec.scaled else 0
-            total += (w.numel() * bits + 7) // 8 + 4 * n_scales
-            if not wq.spec.symmetric:
-                total += n_scales * ((bits + 7) // 8)
-            seen.add(id(w))
-            weight_quantizers.add(id(wq))
-    for m in qmodel.modules():
-        if not isinstance(m, TensorQuantizer):
-            continue
-        if id(m) not in weight_quantizers and m.spec.scaled and not m.spec.dynamic:
-            total += 4 * m.scale.numel() + (0 if m.spec.symmetric else m.scale.numel())
-        seen.update(id(t) for t in list(m.buffers(recurse=False)) + list(m.parameters(recurse=False)))
-    for t in list(qmodel.parameters()) + list(qmodel.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total
+    return deployed_size_bytes(qmodel)
 
 
 def time_ms(fn: Callable[[], Any], warmup: int = 2, iters: int = 10) -> float:
@@ -315,10 +286,18 @@ def run_quantize(
     input_shape: tuple[int, ...] | None = None,
     export: bool = True,
     progress: bool = True,
+    mixed: Sequence[str] = (),
+    size_budget: str | None = None,
+    min_sqnr: float | None = None,
 ) -> Summary:
     """Quantize MODEL with a preset and write ``model_int8.onnx`` (QDQ, checked in ONNX Runtime),
     ``model.safetensors`` + ``quant_spec.json`` (the quantized-simulation state and every tensor's spec),
     ``report.html`` and ``summary.json`` into ``out_dir``.
+
+    With ``mixed`` (more preset names, less precise than ``recipe``), each layer gets one of ``recipe`` and
+    ``mixed`` by :func:`lowbit.mixed_precision.search_mixed_precision` under ``size_budget`` (bytes or
+    ``"3.5MB"``) and/or ``min_sqnr`` (output SQNR in dB on the calibration batches); the per-layer choice
+    and sensitivities go to ``mixed_precision.txt``.
 
     The float and quantized models are compared on the calibration batches (top-1 when the data has
     labels, else top-1 agreement and cosine), so the figures say how far quantization moved the outputs,
@@ -351,6 +330,9 @@ def run_quantize(
         raise ConfigError("--adaround needs integer weights; the recipe's weights are not integers.")
     from .passes import DFQ, AdaRoundConfig
 
+    if mixed or size_budget is not None or min_sqnr is not None:
+        rec = _mixed_recipe(float_model, rec, [make_recipe(m, calibrator) for m in mixed], calib_x, size_budget,
+                            min_sqnr, out, notes, progress)
     qmodel = api.quantize(
         float_model, rec, calib_x, progress=progress,
         dfq=DFQ() if dfq else False,
@@ -407,6 +389,21 @@ def run_quantize(
     files["summary"] = str(out / "summary.json")
     (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=1, allow_nan=False, default=str))
     return summary
+
+
+def _mixed_recipe(model: nn.Module, first: R.Recipe, rest: list[R.Recipe], calib_x: list, size_budget: str | None,
+                  min_sqnr: float | None, out: Path, notes: list[str], progress: bool) -> R.Recipe:
+    from .mixed_precision import search_mixed_precision
+
+    if not rest:
+        raise ConfigError("--size-budget / --min-sqnr choose between recipes: add --mixed RECIPE (e.g. --mixed w4-g32).")
+    plan = search_mixed_precision(model, [first, *rest], calib_x, size_budget=size_budget, min_metric=min_sqnr,
+                                  progress=progress)
+    (out / "mixed_precision.txt").write_text(plan.table() + "\n")
+    counts = ", ".join(f"{k} x{v}" for k, v in plan.counts().items())
+    notes.append(f"mixed precision: {counts}; {plan.size_bytes} bytes, output SQNR {plan.metric:.2f} dB on the "
+                 f"calibration data" + ("" if plan.meets_budget else " (BUDGET NOT MET)"))
+    return plan.recipe
 
 
 # ------------------------------------------------------------------------------------------- eval

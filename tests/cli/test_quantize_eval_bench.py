@@ -174,3 +174,38 @@ def test_quantize_with_passes(capsys, tmp_path, tiny_data, flag):
     assert any(n.startswith("passes: ") and note in n for n in s["notes"]), s["notes"]
     cos = next(r["value"] for r in s["results"] if r["variant"] == "W8A8" and r["metric"] == "cosine")
     assert cos > 0.9
+
+
+def test_quantize_mixed_precision_meets_the_size_budget(capsys, tmp_path, tiny_data):
+    """fp16 everywhere vs W8A8 everywhere bracket the budget; the search must land in between, within it."""
+    sizes = {}
+    for recipe in ("fp16", "w8a8"):
+        out = tmp_path / recipe
+        rc, _, err = call(capsys, "quantize", TINY, "--recipe", recipe, "--calib", str(tiny_data["npy"]),
+                          "--num-batches", "1", "--out", str(out), "--no-export")
+        assert rc == 0, err
+        s = json.loads((out / "summary.json").read_text())
+        sizes[recipe] = next(r["size_bytes"] for r in s["results"] if r["variant"] != "float")
+    budget = (sizes["fp16"] + sizes["w8a8"]) // 2
+    out = tmp_path / "mixed"
+    rc, _, err = call(capsys, "quantize", TINY, "--recipe", "fp16", "--mixed", "w8a8", "--size-budget", str(budget),
+                      "--calib", str(tiny_data["npy"]), "--num-batches", "1", "--out", str(out), "--no-export")
+    assert rc == 0, err
+    s = json.loads((out / "summary.json").read_text())
+    size = next(r["size_bytes"] for r in s["results"] if r["variant"] != "float")
+    assert sizes["w8a8"] <= size <= budget < sizes["fp16"]
+    note = next(n for n in s["notes"] if n.startswith("mixed precision: "))
+    assert "BUDGET NOT MET" not in note and "W8A8 x" in note
+    assert "budget met: True" in (out / "mixed_precision.txt").read_text()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--size-budget", "1MB"], "add --mixed"),
+    (["--mixed", "w3a3", "--size-budget", "1MB"], "expected recipe names"),
+    (["--mixed", "w8a8", "--size-budget", "12 parsecs"], "cannot read size"),
+    (["--mixed", "w8a8", "--size-budget", "10"], "smallest model"),
+])
+def test_quantize_mixed_precision_errors(capsys, tmp_path, tiny_data, args, needle):
+    rc, _, err = call(capsys, "quantize", TINY, "--recipe", "fp16", "--calib", str(tiny_data["npy"]),
+                      "--num-batches", "1", "--out", str(tmp_path / "o"), "--no-export", *args)
+    assert rc != 0 and needle in err, err

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from ..nn.layers import QuantJoin, QuantLayerMixin
-from ..nn.quantizer import quantizers
+from ..nn.quantizer import TensorQuantizer, quantizers
 from ..spec import QuantSpec
 from .data import iter_calls
 
-__all__ = ["deployed_size_bytes", "QuantRecord", "quant_table", "format_quant_table", "quantization_disabled", "LayerSQNR", "layer_sqnr",
+__all__ = ["deployed_size_bytes", "weight_bytes", "QuantRecord", "quant_table", "format_quant_table", "quantization_disabled", "LayerSQNR", "layer_sqnr",
            "format_sqnr_table"]
 
 
@@ -85,10 +85,14 @@ def _passthrough(x, *args, **kwargs):
 
 
 @contextlib.contextmanager
-def quantization_disabled(model: nn.Module) -> Iterator[nn.Module]:
+def quantization_disabled(model: nn.Module, keep: str | None = None) -> Iterator[nn.Module]:
     """Inside the block every TensorQuantizer of ``model`` (static and dynamic) returns its input
-    unchanged: ``model`` computes the float (BN-folded) function. Restored on exit."""
-    qs = [q for _, q in quantizers(model)]
+    unchanged: ``model`` computes the float (BN-folded) function. Restored on exit.
+
+    ``keep``: a module path whose own quantizers (``keep.*``: weight, input, output) stay on, so the
+    model computes the float function with that one layer quantized."""
+    prefix = None if keep is None else keep + "."
+    qs = [q for path, q in quantizers(model) if prefix is None or not path.startswith(prefix)]
     for q in qs:
         q.forward = _passthrough  # instance attribute shadows the class method; nn.Module.__call__ uses it
     try:
@@ -218,27 +222,41 @@ def format_sqnr_table(rows: list[LayerSQNR]) -> str:
 
 
 
+def weight_bytes(weight: torch.Tensor, wq) -> int:
+    """Stored bytes of one quantized ``weight`` under weight quantizer ``wq``:
+    ``ceil(numel * bits / 8)`` + 4 bytes per float32 scale + ``ceil(bits / 8)`` per zero point (affine
+    formats only); unscaled casts (fp16/bf16) have no scales."""
+    bits = wq.spec.format.bits
+    n_scales = max(1, wq.scale.numel()) if wq.spec.scaled else 0
+    total = (weight.numel() * bits + 7) // 8 + 4 * n_scales
+    if not wq.spec.symmetric:
+        total += n_scales * ((bits + 7) // 8)
+    return total
+
+
 def deployed_size_bytes(qmodel: nn.Module) -> int:
-    """Bytes a deployment of ``qmodel`` stores: each quantized weight at its format's bits
-    (``ceil(numel * bits / 8)``) plus one float32 scale per block and, for affine formats, one zero point
-    per block at the format's bits; unscaled casts (fp16/bf16) at their bits; every other parameter and
-    float buffer (biases, norms, float layers) at its own element size. Quantizer state buffers
-    (flags, activation scales) are a few bytes each and are counted as stored."""
+    """Bytes a deployment of ``qmodel`` stores: each quantized weight by :func:`weight_bytes`; each
+    static activation quantizer's float32 scale (+ zero point for affine); every other parameter and
+    buffer (biases, norms, float layers) at its own dtype size, each tensor counted once. The quantizers'
+    state flags are not counted."""
+    seen: set[int] = set()
+    weight_quantizers: set[int] = set()
     total = 0
-    counted: set[int] = set()
-    for _, m in qmodel.named_modules():
+    for m in qmodel.modules():
         wq = getattr(m, "weight_quantizer", None)
-        if isinstance(m, QuantLayerMixin) and wq is not None:
-            w = m.weight
-            counted.update((id(w), id(wq.scale), id(wq.zero_point)))
-            bits = wq.spec.format.bits
-            total += math.ceil(w.numel() * bits / 8)
-            if wq.spec.scaled:
-                n = wq.scale.numel()
-                total += 4 * n
-                if not wq.spec.symmetric:
-                    total += math.ceil(n * bits / 8)
-    for p in list(qmodel.parameters()) + [b for b in qmodel.buffers() if b.is_floating_point()]:
-        if id(p) not in counted and p.numel() > 1:
-            total += p.nbytes
+        w = getattr(m, "weight", None)
+        if isinstance(wq, TensorQuantizer) and torch.is_tensor(w):
+            total += weight_bytes(w, wq)
+            seen.add(id(w))
+            weight_quantizers.add(id(wq))
+    for m in qmodel.modules():
+        if not isinstance(m, TensorQuantizer):
+            continue
+        if id(m) not in weight_quantizers and m.spec.scaled and not m.spec.dynamic:
+            total += 4 * m.scale.numel() + (0 if m.spec.symmetric else m.scale.numel())
+        seen.update(id(t) for t in list(m.buffers(recurse=False)) + list(m.parameters(recurse=False)))
+    for t in list(qmodel.parameters()) + list(qmodel.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
     return total
