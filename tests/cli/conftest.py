@@ -17,7 +17,8 @@ TINY = "tests.cli.tiny_models:tiny_net"
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """``python -m lowbit ARGS`` with the repository root as working directory (so ``tests.cli...``
     imports), one intra-op thread, and captured text output."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    path = [str(ROOT), str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]  # src: uninstalled checkouts
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(path))
     return subprocess.run([sys.executable, "-m", "lowbit", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
