@@ -1,4 +1,5 @@
 """Issue 4's deployment tolerance on the real models (slow: EfficientNet-Lite0 on ImageNet samples, MiniLM).
+The fast, unit-level version (a conv stack built in the test) is test_deploy_parity.py.
 
 Full figures: ``python bench/bench_deploy_parity.py`` (docs/benchmarks.md, "Deployment parity").
 """
@@ -30,39 +31,46 @@ def effnet(tmp_path_factory):
     res = export_onnx(q, calib[0], path, min_fraction=0.0)
     idx = np.linspace(0, len(data) - 1, 200).round().astype(int)  # the bench's --quick subset
     x = torch.stack([data[int(i)][0] for i in idx])
-    sim, dep = [], []
+    sim, sim_ort, dep = [], [], []
     sess = make_session(path)
     for i in range(0, len(x), 25):
         with torch.no_grad():
             sim.append(q(x[i:i + 25]).numpy())
+            with lowbit.nn.ort_arithmetic(q):
+                sim_ort.append(q(x[i:i + 25]).numpy())
         dep.append(run_ort(sess, [x[i:i + 25]])[0])
-    return res, np.concatenate(sim), np.concatenate(dep), x
+    return res, np.concatenate(sim), np.concatenate(dep), x, np.concatenate(sim_ort)
 
 
 def test_effnet_int8_kernels_and_top1_agreement(effnet):
-    res, sim, dep, _ = effnet
+    res, sim, dep, _, sim_ort = effnet
     assert res.kernels.int8 == {"QLinearConv": 49, "QGemm": 1} and res.kernels.n_float == 0
     assert (sim.argmax(1) == dep.argmax(1)).mean() >= 0.995
+    assert (sim_ort.argmax(1) == dep.argmax(1)).mean() >= 0.995
 
 
-def test_effnet_logits_within_one_step_measured_floor(effnet):
-    """Measured 94.9 % (200 images); ORT's own unoptimized vs optimized run of the same file: 97.6 %."""
-    res, sim, dep, _ = effnet
+def test_effnet_logits_within_one_step_default_simulation(effnet):
+    """The default simulation (int32 bias, float32 requantization): measured 97.4 % of logits within one step
+    on the bench's 1000 images (94.6 % with the float bias it had before); ORT's own unoptimized vs optimized
+    run of the same file agree on 97.5 %. Below issue 4's 99 %: the rest are float32 ties (lowbit.nn.requant)."""
+    res, sim, dep, _, _ = effnet
     steps = np.abs(sim - dep) / output_scales(res.path)[0]
-    assert (steps <= 1.001).mean() >= 0.93
-    assert steps.max() <= 8
+    assert (steps <= 1.001).mean() >= 0.96
+    assert steps.max() <= 6
 
 
-@pytest.mark.xfail(strict=True, reason="issue 4 target not met: float simulation vs integer kernels compound "
-                   "one-code rounding flips over 49 layers (see docs/benchmarks.md, Deployment parity)")
 def test_effnet_logits_within_one_step_target(effnet):
-    res, sim, dep, _ = effnet
-    steps = np.abs(sim - dep) / output_scales(res.path)[0]
+    """Issue 4's tolerance, met by the simulation in ONNX Runtime's arithmetic (lowbit.nn.ort_arithmetic):
+    >= 99 % of logits within one output step; measured bit-exact (every logit equal) on all 1000 images of
+    the bench, these 200 included."""
+    res, _, dep, _, sim_ort = effnet
+    steps = np.abs(sim_ort - dep) / output_scales(res.path)[0]
     assert (steps <= 1.001).mean() >= 0.99
+    assert steps.max() <= 1.001
 
 
 def test_effnet_integer_runtime_bit_exact_with_ort(effnet):
-    res, _, _, x = effnet
+    res, _, _, x, _ = effnet
     xs = x[:2].numpy()
     rt = IntegerRuntime(res.path, requant="float")
     out = rt.run({rt.input_names[0]: xs})[rt.output_names[0]]

@@ -33,6 +33,7 @@ from ..nn.quantizer import TensorQuantizer
 from ..passes.clip import ChannelClip
 from ..recipes import LayerSpec
 from ..spec import QuantSpec
+from .links import link_input_quantizers
 from .log import Decision, DecisionLog
 from .plan import Planner, Resolved
 
@@ -502,6 +503,7 @@ def quantize_graph(gm: fx.GraphModule, planner: Planner, log: DecisionLog, examp
         if n.op == "call_module":
             counts[str(n.target)] = counts.get(str(n.target), 0) + 1
     _GraphQuantizer(gm, planner, log, probe, edge).run(counts)
+    link_input_quantizers(gm)  # each layer's input scale, for the int32 bias the export stores
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()

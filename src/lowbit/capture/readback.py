@@ -93,13 +93,16 @@ def quantization_disabled(model: nn.Module, keep: str | None = None) -> Iterator
     model computes the float function with that one layer quantized."""
     prefix = None if keep is None else keep + "."
     qs = [q for path, q in quantizers(model) if prefix is None or not path.startswith(prefix)]
+    flags = [q.quant_enabled.clone() for q in qs]
     for q in qs:
         q.forward = _passthrough  # instance attribute shadows the class method; nn.Module.__call__ uses it
+        q.quant_enabled.fill_(False)  # also off for the layers that read it: no int32 bias without quantized inputs
     try:
         yield model
     finally:
-        for q in qs:
+        for q, f in zip(qs, flags, strict=True):
             del q.forward
+            q.quant_enabled.copy_(f)
 
 
 @dataclass(frozen=True)

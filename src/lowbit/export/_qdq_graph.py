@@ -11,7 +11,8 @@ turns each placeholder into the QDQ form ONNX Runtime fuses into integer kernels
   per-channel, ``axis`` + ``block_size`` for per-group, ONNX opset 21 blocked quantization);
 * bias of Conv / ConvTranspose / Gemm whose input and weight are both dequantized from constant scales:
   ``int32 round(b / (s_x * s_w))`` with scale ``s_x * s_w`` and zero point 0 ``-> DequantizeLinear``
-  (the layout ORT's QDQ fusion and every int8 backend expect).
+  (the layout ORT's QDQ fusion and every int8 backend expect), computed by
+  :func:`lowbit.nn.bias.int32_bias`, the formula the simulation adds too.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ExportError
 from ..granularity import PerChannel, PerGroup, PerTensor, PerToken
+from ..nn.bias import Int32Bias, int32_bias, rerounded_weight_codes
 from ..ops import quantize
 from ..spec import QuantSpec
 from ._simplify import pad_fills_with_zero
@@ -181,47 +183,35 @@ def _init_map(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     return {t.name: t for t in graph.initializer}
 
 
-def _fit_bias_in_int32(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto], dq_w: onnx.NodeProto,
-                       bias: np.ndarray, s_x: np.ndarray, layer: str) -> bool:
-    """Make every output channel's int32 bias, plus the largest possible accumulation, fit in int32.
-
-    A channel whose weights are (almost) all zero gets the tiny weight scale its range asks for, so
-    ``b / (s_x * s_w)`` can exceed 2**31 and ONNX Runtime's int32 accumulator wraps around (a dead
-    ReLU6 channel of EfficientNet-Lite0 then outputs 6). As ONNX Runtime's own ``quantize_static`` does,
-    such channels get the smallest weight scale that fits, ``s_w' = |b| / (s_x * L)`` with
-    ``L = 2**31 - 1 - K * 255 * 128`` (K = fan-in), and their weight codes are re-rounded at the new
-    scale; the change in the dequantized weights is at most the old half step (those weights are
-    ~1e-7), which is logged. Returns False (leave the bias float) for asymmetric weights.
-    """
+def _int32_bias(inits: dict[str, onnx.TensorProto], dq_w: onnx.NodeProto, bias: np.ndarray, s_x: np.ndarray,
+                layer: str) -> Int32Bias | None:
+    """The int32 bias of one Conv/Gemm by :func:`lowbit.nn.bias.int32_bias` (the formula the simulation
+    uses too), or None (bias stays float, logged). Where a channel with near-zero weights had to get a
+    raised weight scale to fit int32 (a dead ReLU6 channel of EfficientNet-Lite0 would otherwise make ORT's
+    int32 accumulator wrap around and output 6), its weight codes and scale initializers are rewritten."""
     codes_t, scale_t = inits[dq_w.input[0]], inits[dq_w.input[1]]
     s_w = numpy_helper.to_array(scale_t).astype(np.float32)
     codes = numpy_helper.to_array(codes_t)
-    out_ch = bias.size
-    fan_in = codes.size // max(out_ch, 1)
-    limit = float(2**31 - 1 - fan_in * 255 * 128)
-    s_x1 = np.float64(s_x.reshape(()))
-    need = np.abs(bias.astype(np.float64)) / (s_x1 * limit)
-    s_w_ch = np.broadcast_to(s_w.astype(np.float64), (out_ch,)) if s_w.size == 1 else s_w.astype(np.float64)
-    bad = need > s_w_ch
-    if not bad.any():
-        return True
     zp = numpy_helper.to_array(inits[dq_w.input[2]]) if len(dq_w.input) > 2 and dq_w.input[2] in inits else None
-    if limit <= 0 or (zp is not None and np.any(zp != 0)) or s_w.size == 1 or codes.shape[0] != out_ch:
+    axis = next((a.i for a in dq_w.attribute if a.name == "axis"), 1) % max(codes.ndim, 1) if s_w.size > 1 else 0
+    fan_in = codes.size // max(bias.size, 1)
+    res = int32_bias(torch.from_numpy(bias), torch.from_numpy(s_x), torch.from_numpy(s_w), fan_in,
+                     None if zp is None else torch.from_numpy(zp.astype(np.int64)), axis)
+    if res is None:
         log.warning("lowbit: %s: the bias does not fit int32 at scale s_x*s_w; it stays float (no integer kernel).", layer)
-        return False
-    new_s = s_w.copy()
-    new_s[bad] = (need[bad] * (1 + 1e-6)).astype(np.float32)
-    qmin, qmax = (-128, 127) if codes.dtype == np.int8 else (0, 255)
-    shape = (-1,) + (1,) * (codes.ndim - 1)
-    w = codes.astype(np.float64) * s_w.astype(np.float64).reshape(shape)
-    new_codes = codes.copy()
-    new_codes[bad] = np.clip(np.rint(w[bad] / new_s.astype(np.float64).reshape(shape)[bad]), qmin, qmax).astype(codes.dtype)
-    log.warning("lowbit: %s: %d output channel(s) with near-zero weights had a bias beyond int32 at scale s_x*s_w; "
-                "their weight scale was raised to fit (max weight change %.3g).", layer, int(bad.sum()),
-                float(np.abs(new_codes.astype(np.float64) * new_s.reshape(shape) - w).max()))
-    codes_t.CopyFrom(numpy_helper.from_array(new_codes, codes_t.name))
-    scale_t.CopyFrom(numpy_helper.from_array(new_s, scale_t.name))
-    return True
+        return None
+    if res.raised is not None:
+        new_codes = rerounded_weight_codes(torch.from_numpy(np.array(codes)), torch.from_numpy(s_w), res.weight_scale,
+                                           res.raised, codes.dtype == np.int8).numpy()
+        shape = (-1,) + (1,) * (codes.ndim - 1)
+        change = np.abs(new_codes.astype(np.float64) * res.weight_scale.double().numpy().reshape(shape)
+                        - codes.astype(np.float64) * s_w.astype(np.float64).reshape(shape)).max()
+        log.warning("lowbit: %s: %d output channel(s) with near-zero weights had a bias beyond int32 at scale s_x*s_w; "
+                    "their weight scale was raised to fit (max weight change %.3g).", layer, int(res.raised.sum()),
+                    float(change))
+        codes_t.CopyFrom(numpy_helper.from_array(new_codes, codes_t.name))
+        scale_t.CopyFrom(numpy_helper.from_array(res.weight_scale.numpy(), scale_t.name))
+    return res
 
 
 def quantize_biases(model: onnx.ModelProto) -> int:
@@ -253,15 +243,13 @@ def quantize_biases(model: onnx.ModelProto) -> int:
         if x_type not in (TensorProto.INT8, TensorProto.UINT8) or w_type not in (TensorProto.INT8, TensorProto.UINT8):
             continue
         s_x = numpy_helper.to_array(inits[dq_x.input[1]]).astype(np.float32)
-        s_w = numpy_helper.to_array(inits[dq_w.input[1]]).astype(np.float32)
         if s_x.size != 1:
             continue
         bias = numpy_helper.to_array(inits[b_name]).astype(np.float32)
-        if not _fit_bias_in_int32(graph, inits, dq_w, bias, s_x, node.name or node.output[0]):
+        res = _int32_bias(inits, dq_w, bias, s_x, node.name or node.output[0])
+        if res is None:
             continue
-        s_w = numpy_helper.to_array(inits[dq_w.input[1]]).astype(np.float32)
-        s_b = (s_x.reshape(()) * s_w).astype(np.float32)
-        q = np.clip(np.round(bias.astype(np.float64) / s_b.astype(np.float64)), -(2**31), 2**31 - 1).astype(np.int32)
+        q, s_b = res.codes.numpy(), res.scale.numpy()
         base = f"{node.name or node.output[0]}_bias".replace("/", "_")
         graph.initializer.extend([
             _const(f"{base}_codes", TensorProto.INT32, q),

@@ -2,7 +2,12 @@
 
 Parity (the documented tolerance): for every output, ``steps = |sim - ort| / s_out`` where ``s_out`` is
 the output's quantization scale (the scale of the DequantizeLinear that produces the graph output). The
-export is accepted when at least ``min_fraction`` (default 99 %) of the outputs are within one step. An
+export is accepted when at least ``min_fraction`` (default 99 %) of the outputs are within one step.
+``export_onnx`` computes ``sim`` in ONNX Runtime's arithmetic (:func:`lowbit.nn.ort_arithmetic`: the int32
+bias, QLinearConv / QGemm / QLinearAdd requantization in float32 as ORT does it), which is bit-exact with
+ORT on EfficientNet-Lite0 (1000 ImageNet samples, docs/benchmarks.md "Deployment parity"); the default
+simulation (int32 bias, float32 fake quantization) differs from ORT at float32 rounding ties only, one code
+at a time, but those compound over deep networks (EfficientNet-Lite0: ~97 % of logits within one step). An
 output without a quantization scale (a float last layer, e.g. a dynamically quantized transformer whose
 embeddings are normalized in float) is measured in steps of ``max|sim| / 255`` (one step of an 8-bit grid
 over its range) and is also accepted when every row's cosine similarity between simulated and deployed
@@ -83,9 +88,16 @@ class ParityReport:
 
 
 def make_session(path: str | os.PathLike, threads: int | None = None, optimized_path: str | None = None,
-                 level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.InferenceSession:
-    """An ORT CPU session for ``path``; a file ORT cannot parse raises :class:`ModelFileError`."""
+                 level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                 spinning: bool = True) -> ort.InferenceSession:
+    """An ORT CPU session for ``path``; a file ORT cannot parse raises :class:`ModelFileError`.
+
+    ``spinning=False`` stops the intra-op threads from busy-waiting after each run (ORT spins by
+    default): needed when several sessions take turns on few cores, where one session's spinning
+    threads would steal the cores of the next."""
     so = ort.SessionOptions()
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = level
     so.log_severity_level = 3
     if threads is not None:
@@ -187,10 +199,10 @@ def verify_parity(sim: Sequence[np.ndarray], deployed: Sequence[np.ndarray], mod
             f"ONNX Runtime disagrees with the simulated model: only {rep.fraction_within:.2%} of {rep.n} outputs are within one "
             f"output quantization step (need {min_fraction:.0%}; worst {rep.max_steps:.1f} steps"
             + (f"; float outputs' lowest row cosine {cos:.5f}, need {min_cosine}" if cos is not None else "")
-            + "). A worst case of a few steps in a deep network is usually the simulation's float bias against "
-            "the deployed int32 bias, one-code flips at rounding ties that compound layer by layer "
-            "(EfficientNet-Lite0: ~95 % within one step); a worst case of tens of steps points at a layer "
-            "quantized differently in the two (check lowbit.decision_log(qmodel)). Pass min_fraction= to "
-            "accept a looser tolerance."
+            + "). A worst case of a few steps in a deep network is usually one-code flips at float32 rounding ties "
+            "that compound layer by layer (compare under lowbit.nn.ort_arithmetic(qmodel), which computes as "
+            "ORT does; EfficientNet-Lite0 without it: ~97 % within one step); a worst case of tens of steps "
+            "points at a layer quantized differently in the two (check lowbit.decision_log(qmodel)). Pass "
+            "min_fraction= to accept a looser tolerance."
         )
     return rep

@@ -18,10 +18,11 @@ from .layers import (
     weight_spec_for,
 )
 from .quantizer import TensorQuantizer, calibrating, quantizers
+from .requant import ort_arithmetic
 
 __all__ = [
     "TensorQuantizer", "calibrating", "quantizers",
     "QuantLayerMixin", "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantConvTranspose2d", "QuantEmbedding",
     "QuantJoin", "QuantMatMul", "QuantAdd", "QuantMul", "QuantCat",
-    "QUANT_LAYERS", "quant_class_for", "weight_spec_for", "is_quant_layer",
+    "QUANT_LAYERS", "quant_class_for", "weight_spec_for", "is_quant_layer", "ort_arithmetic",
 ]

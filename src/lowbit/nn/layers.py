@@ -25,8 +25,9 @@ Forward of a weighted layer, exactly::
 
     x = input_quantizer(x)        if present
     w = weight_quantizer(weight)  if present
-    y = float_op(x, w, bias)      (bias stays float: an int8 backend stores it as int32 at s_x * s_w,
-                                   which differs from the float bias by at most s_x * s_w / 2)
+    w, b = deployed_weight_and_bias(w, bias, x.dim())
+                                  the int32 bias an int8 backend adds (below), else the float bias
+    y = float_op(x, w, b)
     y = activation(y)             if present
     y = output_quantizer(y)       if present
 
@@ -39,6 +40,22 @@ per tensor input: a ``TensorQuantizer``, or ``nn.Identity`` where the input is a
 upstream), the same optional ``activation`` and ``output_quantizer``.
 
 Weight quantizer names are ``"<layer>.weight"``, input ``"<layer>.input"``, output ``"<layer>.output"``.
+
+The bias (:meth:`QuantLayerMixin.deployed_weight_and_bias`)
+-----------------------------------------------------------
+Where the ONNX export stores the bias as int32 at scale ``s_b = s_x * s_w`` (Conv / ConvTranspose, and
+Linear on 2-D inputs, which the tracer writes as Gemm; an enabled static per-tensor int8/uint8 input
+quantizer and an enabled int8/uint8 per-tensor or per-channel weight quantizer), the simulation adds that
+same deployed bias, ``clamp(round(b / s_b), int32) * s_b``, computed by :func:`lowbit.nn.bias.int32_bias`
+(the function the exporter calls, with the same fallbacks: where a channel's weight scale is raised to fit
+int32 the weight codes of that channel are re-rounded here too; where the export keeps the bias float, so
+does the simulation). The gradient reaches the float bias unchanged (straight-through). The input scale
+``s_x`` comes from ``input_quantizer`` (module swap) or, in graph mode, from the quantizer that produces
+the layer's input (:func:`link_input_quantizer`, set by the capture). Without it the bias stays float:
+``|b - b_deployed| <= s_b / 2`` per channel, and these half-steps are what made one-code flips compound
+over the 49 layers of EfficientNet-Lite0 (docs/benchmarks.md, Deployment parity). What remains between
+the simulation and an int8 backend is the backend's float32 requantization at rounding ties;
+``with lowbit.nn.ort_arithmetic(qmodel):`` reproduces ONNX Runtime's (:mod:`lowbit.nn.requant`).
 """
 
 from __future__ import annotations
@@ -51,9 +68,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedLayerError
-from ..granularity import PerChannel, PerGroup
+from ..granularity import PerChannel, PerGroup, PerTensor
 from ..spec import QuantSpec
+from .bias import Int32Bias, int32_bias, rerounded_weight_codes
 from .quantizer import TensorQuantizer
+from .requant import ORT_MODE_ATTR, ort_qlinear_add, ort_requantized_output
 
 __all__ = [
     "QuantLayerMixin",
@@ -71,7 +90,25 @@ __all__ = [
     "quant_class_for",
     "weight_spec_for",
     "is_quant_layer",
+    "link_input_quantizer",
 ]
+
+_BIAS_WEIGHT_FORMATS = frozenset({"int8", "uint8", "int8_narrow"})  # stored as ONNX INT8 / UINT8
+_BIAS_INPUT_FORMATS = frozenset({"int8", "uint8"})
+_INPUT_LINK = "_lowbit_input_quantizer"  # a plain attribute (not a submodule): the quantizer stays owned upstream
+
+
+def link_input_quantizer(layer: nn.Module, quantizer: TensorQuantizer | list[TensorQuantizer | None] | None) -> None:
+    """Record (graph mode) the quantizer that produces ``layer``'s input (a list, one per input, for a
+    join), so the layer can add the int32 bias the export stores (it needs the input scale ``s_x``).
+    Kept out of ``_modules`` and ``state_dict``: the quantizer belongs to its producer;
+    ``copy.deepcopy`` of the whole model keeps the link."""
+    layer.__dict__[_INPUT_LINK] = quantizer
+
+
+def _static_int_quantizer(q, formats: frozenset[str]) -> bool:
+    return (isinstance(q, TensorQuantizer) and bool(q.quant_enabled) and not q.spec.dynamic
+            and q.spec.format.name in formats and q.is_calibrated and q.lsq_offset is None)
 
 
 def _weight_axes(module: nn.Module) -> tuple[int, int]:
@@ -229,6 +266,64 @@ class QuantLayerMixin(OutputSideMixin):
     def _pre(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
+    def bias_input_quantizer(self) -> TensorQuantizer | None:
+        """The quantizer of this layer's input: ``input_quantizer``, else the graph link (None if neither)."""
+        q = self.input_quantizer
+        return q if q is not None else self.__dict__.get(_INPUT_LINK)
+
+    def int32_bias(self, bias: torch.Tensor | None, x_dim: int) -> Int32Bias | None:
+        """The int32 bias the ONNX export stores for ``bias`` (module docstring), or None where it keeps it
+        float: no bias, an input or weight quantizer that is missing, disabled, dynamic, not int8/uint8,
+        per-group or asymmetric-and-out-of-int32; a Linear on an input that is not 2-D (exported as
+        MatMul + float Add); or a per-channel weight not along axis 0 whose bias needs a raised scale."""
+        if bias is None:
+            return None
+        wq, iq = self.weight_quantizer, self.bias_input_quantizer()
+        if not (_static_int_quantizer(wq, _BIAS_WEIGHT_FORMATS) and _static_int_quantizer(iq, _BIAS_INPUT_FORMATS)):
+            return None
+        if not isinstance(wq.spec.granularity, PerTensor | PerChannel) or not isinstance(iq.spec.granularity, PerTensor):
+            return None
+        if iq.scale.numel() != 1 or (isinstance(self, nn.Linear) and x_dim != 2):
+            return None
+        out_axis = self.weight_quantizer.spec.granularity.axis % self.weight.dim() if wq.scale.numel() > 1 else 0
+        return int32_bias(bias, iq.scale, wq.scale, self.weight.numel() // max(bias.numel(), 1),
+                          None if wq.spec.symmetric else wq.zero_point, out_axis)
+
+    def deployed_weight_and_bias(self, w: torch.Tensor, bias: torch.Tensor | None,
+                                 x_dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(w, b)`` as the deployed int8 model has them: the int32 bias dequantized (straight-through:
+        the gradient reaches ``bias`` unchanged), and ``w`` re-rounded on the channels whose weight scale
+        had to be raised for the bias to fit int32. ``(w, bias)`` unchanged where the export keeps the bias
+        float (:meth:`int32_bias`)."""
+        if torch.jit.is_tracing():  # the ONNX export traces the float bias and writes the int32 form itself
+            return w, bias
+        dep = self.int32_bias(bias, x_dim)
+        if dep is None:
+            return w, bias
+        b = bias + (dep.dequantize().to(bias.dtype) - bias).detach()
+        if dep.raised is not None:
+            wq = self.weight_quantizer
+            shape = (-1,) + (1,) * (w.dim() - 1)
+            codes = torch.round(w.detach() / wq.scale.reshape(shape))
+            signed = wq.spec.format.min_value < 0
+            new = rerounded_weight_codes(codes, wq.scale.detach(), dep.weight_scale, dep.raised, signed)
+            w = w + (new.to(w.dtype) * dep.weight_scale.reshape(shape) - w).detach()
+        return w, b
+
+    def _weight_and_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.deployed_weight_and_bias(self.quantized_weight(), self.bias, x.dim())
+
+    def _linear_forward(self, x: torch.Tensor, op) -> torch.Tensor:
+        """``_post(op(x, w, b))`` with the deployed weight and bias; inside :func:`lowbit.nn.ort_arithmetic`
+        the integer kernel's output where ORT runs one (:func:`lowbit.nn.requant.ort_requantized_output`)."""
+        x = self._pre(x)
+        w, b = self._weight_and_bias(x)
+        if self.__dict__.get(ORT_MODE_ATTR):
+            y = ort_requantized_output(self, x, w, self.int32_bias(self.bias, x.dim()), lambda xx, ww: op(xx, ww, None))
+            if y is not None:
+                return y
+        return self._post(op(x, w, b))
+
     def quant_extra_repr(self) -> str:
         parts = []
         if self.activation is not None:
@@ -237,24 +332,24 @@ class QuantLayerMixin(OutputSideMixin):
 
 
 class QuantLinear(QuantLayerMixin, nn.Linear):
-    """``y = act(q_in(x) @ q_w(W)^T + b)``, then ``q_out``. Input ``(*, in_features)``, output ``(*, out_features)``."""
+    """``y = act(q_in(x) @ q_w(W)^T + b)`` (``b`` the deployed bias), then ``q_out``. Input ``(*, in_features)``, output ``(*, out_features)``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._post(F.linear(self._pre(x), self.quantized_weight(), self.bias))
+        return self._linear_forward(x, F.linear)
 
 
 class QuantConv1d(QuantLayerMixin, nn.Conv1d):
     """Conv1d with quantized weight/input/output; input ``(N, C_in, L)``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._post(self._conv_forward(self._pre(x), self.quantized_weight(), self.bias))
+        return self._linear_forward(x, self._conv_forward)
 
 
 class QuantConv2d(QuantLayerMixin, nn.Conv2d):
     """Conv2d (any groups: depthwise, grouped) with quantized weight/input/output; input ``(N, C_in, H, W)``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._post(self._conv_forward(self._pre(x), self.quantized_weight(), self.bias))
+        return self._linear_forward(x, self._conv_forward)
 
 
 class QuantConvTranspose2d(QuantLayerMixin, nn.ConvTranspose2d):
@@ -265,9 +360,8 @@ class QuantConvTranspose2d(QuantLayerMixin, nn.ConvTranspose2d):
         output_padding = self._output_padding(
             x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation
         )
-        y = F.conv_transpose2d(
-            x, self.quantized_weight(), self.bias, self.stride, self.padding, output_padding, self.groups, self.dilation
-        )
+        w, b = self._weight_and_bias(x)
+        y = F.conv_transpose2d(x, w, b, self.stride, self.padding, output_padding, self.groups, self.dilation)
         return self._post(y)
 
 
@@ -335,6 +429,15 @@ class QuantJoin(OutputSideMixin, nn.Module):
             return self.input_quantizers[i](x)
         return x
 
+    def input_quantizer_of(self, i: int) -> TensorQuantizer | None:
+        """The quantizer of input ``i``: its own entry of ``input_quantizers``, else (graph mode, input
+        quantized upstream) the producer's quantizer recorded by the capture, else None."""
+        own = self.input_quantizers[i] if i < len(self.input_quantizers) else None
+        if isinstance(own, TensorQuantizer):
+            return own
+        links = self.__dict__.get(_INPUT_LINK)
+        return links[i] if links is not None and i < len(links) else None
+
 
 class QuantMatMul(QuantJoin):
     """``torch.matmul(q0(a), q1(b))`` (also used for ``bmm`` and the ``@`` operator), then ``q_out``."""
@@ -348,6 +451,10 @@ class QuantAdd(QuantJoin):
 
     def forward(self, a, b, alpha=None) -> torch.Tensor:
         a, b = self._q(0, a), self._q(1, b)
+        if alpha is None and self.__dict__.get(ORT_MODE_ATTR):
+            y = ort_qlinear_add(self, a, b)
+            if y is not None:
+                return y
         y = a + b if alpha is None else torch.add(a, b, alpha=alpha)
         return self._post(y)
 

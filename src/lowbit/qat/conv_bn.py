@@ -83,8 +83,8 @@ class ConvBnMixin:
             if self.bias is not None:
                 y = y + self.bias.reshape(view)
             y = self.bn(y)
-        else:
-            y = self._op(x, self.quantized_weight(), self.folded_bias())
+        else:  # the deployed layer's arithmetic, int32 bias included (convert's output is bit-identical)
+            y = self._op(x, *self.deployed_weight_and_bias(self.quantized_weight(), self.folded_bias(), x.dim()))
         return self._post(y)
 
     @classmethod
@@ -102,7 +102,7 @@ class ConvBnMixin:
         new.weight = nn.Parameter(float_layer.weight.detach().clone())
         new.bias = None if float_layer.bias is None else nn.Parameter(float_layer.bias.detach().clone())
         new.bn = copy.deepcopy(bn)
-        new.register_buffer("bn_frozen", torch.tensor(False))
+        new.register_buffer("bn_frozen", torch.tensor(False, device=new.weight.device))  # NCCL broadcasts it
         new.calibrate_weight()
         return new
 

@@ -87,13 +87,15 @@ def qlinear_add(
 ) -> np.ndarray:
     """QLinearAdd as MLAS's AVX2 kernel computes it (``MlasQLinearAddKernelAvx2Helper``).
 
-    ``r_a = f32(s_a / s_c)``, ``r_b = f32(s_b / s_c)``, ``fixed = f32(z_c) - (r_a * z_a + r_b * z_b)``;
+    ``r_a = f32(s_a / s_c)``, ``r_b = f32(s_b / s_c)``, ``fixed = f32(z_c) - fma(r_a, z_a, f32(r_b * z_b))``
+    (the product sum is contracted to one fma: checked against ORT 1.32 on every code pair of 300 random
+    scale sets, where separate roundings differed on 51 pairs);
     elementwise ``c = rint(fma(a, r_a, fma(b, r_b, fixed)))`` saturated to the output type. A one-element
     operand is folded into ``fixed`` with a separate multiply and add, as the kernel does. Shapes broadcast.
     """
     r_a = F32(F32(s_a) / F32(s_c))
     r_b = F32(F32(s_b) / F32(s_c))
-    fixed = F32(F32(z_c) - F32(F32(r_a * F32(z_a)) + F32(r_b * F32(z_b))))
+    fixed = F32(F32(z_c) - _fma32(z_a, r_a, F32(r_b * F32(z_b))))  # contracted to an fma in the kernel's build
     a = np.asarray(a).astype(np.int64)
     b = np.asarray(b).astype(np.int64)
     if a.size == 1 and b.size != 1:
