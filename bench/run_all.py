@@ -22,6 +22,11 @@ def main(argv: list[str]) -> int:
     quick = "--quick" in argv
     words = [a for a in argv if not a.startswith("-")]
     scripts = sorted(p for p in HERE.glob("bench_*.py") if not words or any(w in p.stem for w in words))
+    import torch
+
+    if not torch.cuda.is_available():  # bench_gpu.py measures CUDA kernels only
+        print("bench_gpu.py skipped: no CUDA device")
+        scripts = [p for p in scripts if p.name != "bench_gpu.py"]
     failed = []
     for script in scripts:
         help_text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True).stdout

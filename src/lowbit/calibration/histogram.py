@@ -9,6 +9,10 @@ So the histogram depends only on the data, not on the batch order or split: merg
 all-reducing across ranks gives exactly the histogram of the concatenated data.
 
 Memory: ``B * 2 * nb`` int64 counts plus per-block min/max, independent of the number of batches.
+
+Device: the batch is binned where it lives (CPU or CUDA), and the counts and extremes, which are small,
+are kept on the CPU. The counts are exact integers on every device, so the KL / percentile / MSE ranges
+computed from them are bit-identical whether the model was calibrated on a CPU or a GPU.
 """
 
 from __future__ import annotations
@@ -62,8 +66,12 @@ def covering_exponent(amax: torch.Tensor, num_bins: int) -> torch.Tensor:
 
 
 CHUNK_ELEMENTS = 1 << 16
-"""Elements binned at a time: the chunk and its temporaries stay in cache, and no temporary grows with
-the batch (peak memory of an update is independent of the batch size)."""
+"""Elements binned at a time on the CPU: the chunk and its temporaries stay in cache, and no temporary
+grows with the batch (peak memory of an update is independent of the batch size)."""
+
+CHUNK_ELEMENTS_GPU = 1 << 22
+"""Elements binned at a time on a GPU, where a kernel launch costs more than the cache misses of a
+larger chunk (16 MiB of float32 temporaries)."""
 
 
 def covering_exponent_scalar(amax: float, num_bins: int) -> int:
@@ -88,22 +96,26 @@ def count_bins(xb: torch.Tensor, exponent: torch.Tensor, num_bins: int) -> torch
     an arithmetic shift) moves negatives one column down so ``(-w, 0)`` and ``[0, w)`` stay apart.
     ``s + 0.0`` turns ``-0.0`` into ``+0.0``: a negative zero counts as ``x >= 0``. Works in float32 while
     ``2**-e`` is a normal float32, else in float64. Caller guarantees ``|x| < nb * 2**exponent``.
+    ``exponent`` may live on the CPU; the counts are computed and returned on ``xb``'s device.
     """
     n_blocks, n = xb.shape
+    device = xb.device
+    exponent = exponent.cpu()
     live = exponent != EMPTY_EXPONENT
     e_live = exponent[live]
     wide = bool(e_live.numel()) and not (-126 <= int(e_live.min()) and int(e_live.max()) <= 126)
     work, itype, sign_shift = (torch.float64, torch.int64, 63) if wide else (torch.float32, torch.int32, 31)
     inv = torch.where(live, torch.ldexp(torch.ones(n_blocks, dtype=torch.float64), (-exponent).clamp(-1100, 1100)),
                       torch.zeros(n_blocks, dtype=torch.float64))
-    cols = min(n, CHUNK_ELEMENTS)
-    rows = max(1, CHUNK_ELEMENTS // cols)
-    counts = torch.zeros(n_blocks * 2 * num_bins, dtype=torch.int64)
+    chunk = CHUNK_ELEMENTS if device.type == "cpu" else CHUNK_ELEMENTS_GPU
+    cols = min(n, chunk)
+    rows = max(1, chunk // cols)
+    counts = torch.zeros(n_blocks * 2 * num_bins, dtype=torch.int64, device=device)
     if n_blocks == 1:
         scale, offset = float(inv[0]), num_bins
     else:
-        scale = inv.to(work)[:, None]
-        offset = (torch.arange(n_blocks, dtype=itype) * (2 * num_bins) + num_bins)[:, None]
+        scale = inv.to(device, work)[:, None]
+        offset = (torch.arange(n_blocks, dtype=itype, device=device) * (2 * num_bins) + num_bins)[:, None]
     for r0 in range(0, n_blocks, rows):
         r1 = min(r0 + rows, n_blocks)
         sc = scale if n_blocks == 1 else scale[r0:r1]
@@ -111,7 +123,7 @@ def count_bins(xb: torch.Tensor, exponent: torch.Tensor, num_bins: int) -> torch
         out = counts[r0 * 2 * num_bins:r1 * 2 * num_bins]
         for c0 in range(0, n, cols):
             part = xb[r0:r1, c0:c0 + cols]
-            s_buf, i_buf = _workspace(work, itype, part.numel())
+            s_buf, i_buf = _workspace(work, itype, part.numel(), device)
             s = s_buf.view(part.shape)
             torch.mul(part if part.dtype == work else part.to(work), sc, out=s).add_(0.0)
             idx = i_buf.view(part.shape)
@@ -125,18 +137,20 @@ def count_bins(xb: torch.Tensor, exponent: torch.Tensor, num_bins: int) -> torch
 _SCRATCH = threading.local()
 
 
-def _workspace(work: torch.dtype, itype: torch.dtype, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _workspace(work: torch.dtype, itype: torch.dtype, numel: int,
+               device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-thread scratch buffers of ``numel`` elements, reused across calls. A fresh pair of temporaries
     per chunk would be allocated between the model's large activation buffers and, with glibc malloc,
     keep freed activation memory from being returned to the OS: RSS then creeps up with every batch."""
-    key = (work, itype)
+    device = torch.device("cpu") if device is None else device
+    key = (work, itype, device)
     bufs = getattr(_SCRATCH, "bufs", None)
     if bufs is None:
         bufs = _SCRATCH.bufs = {}
     pair = bufs.get(key)
     if pair is None or pair[0].numel() < numel:
-        pair = bufs[key] = (torch.empty(max(numel, CHUNK_ELEMENTS), dtype=work),
-                            torch.empty(max(numel, CHUNK_ELEMENTS), dtype=itype))
+        pair = bufs[key] = (torch.empty(max(numel, CHUNK_ELEMENTS), dtype=work, device=device),
+                            torch.empty(max(numel, CHUNK_ELEMENTS), dtype=itype, device=device))
     return pair[0][:numel], pair[1][:numel]
 
 
@@ -193,10 +207,11 @@ class Histogram:
         One ``aminmax`` pass gives the extremes and the finite check together (NaN propagates through
         min/max, +-Inf shows as an extreme), then :func:`count_bins` bins the data chunk by chunk.
         Raises :class:`~lowbit.errors.NonFiniteError` (naming ``name``) before changing any state.
+        ``xb`` may live on any device; the statistics stay on the CPU (module docstring).
         """
         n_blocks, nb = self.hist.shape[0], self.num_bins
         if n_blocks == 1:
-            mn, mx = torch.aminmax(xb)
+            mn, mx = (t.cpu() for t in torch.aminmax(xb))
             lo, hi = float(mn), float(mx)
             if not (math.isfinite(lo) and math.isfinite(hi)):
                 _raise_non_finite(xb, name)
@@ -207,13 +222,13 @@ class Histogram:
             self.max_val = torch.maximum(self.max_val, mx.float().reshape(1))
         else:
             mn, mx = torch.aminmax(xb, dim=1)
-            mn, mx = mn.float(), mx.float()
+            mn, mx = mn.float().cpu(), mx.float().cpu()
             if not bool(torch.isfinite(mn).all() & torch.isfinite(mx).all()):
                 _raise_non_finite(xb, name)
             self.align_to(torch.maximum(self.exponent, covering_exponent(torch.maximum(-mn, mx), nb)))
             self.min_val = torch.minimum(self.min_val, mn)
             self.max_val = torch.maximum(self.max_val, mx)
-        counts = count_bins(xb, self.exponent, nb)
+        counts = count_bins(xb, self.exponent, nb).cpu()
         self.hist[:, 0] += counts[:, nb:]
         self.hist[:, 1] += counts[:, :nb].flip(-1)
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import ConfigError, ModelFileError, ShapeMismatchError
 from ..granularity import PerChannel, PerGroup, PerTensor, PerToken
-from ..nn.quantizer import TensorQuantizer, quantizers
+from ..nn.quantizer import TensorQuantizer, place_quantizers, quantizers
 from ..spec import QuantSpec
 from ._io import check_output_path
 
@@ -183,7 +183,9 @@ def _rebuild(model: nn.Module, meta: dict, example_inputs: Any) -> nn.Module:
     example = None
     if recipe.edge_spec() is not None:
         if example_inputs is None and meta.get("example_inputs"):
-            example_inputs = tuple(torch.zeros(e["shape"], dtype=getattr(torch, e["dtype"])) for e in meta["example_inputs"])
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))  # trace where the model lives
+            example_inputs = tuple(torch.zeros(e["shape"], dtype=getattr(torch, e["dtype"]), device=device)
+                                   for e in meta["example_inputs"])
         if example_inputs is None:
             raise ConfigError(
                 "rebuilding a statically quantized model needs one example input to place the activation "
@@ -236,6 +238,7 @@ def load(
         raise ModelFileError(f"{p}: cannot read the tensors ({str(e)[:200]}); the file is corrupted.") from e
     _check_state(model, state, meta, p)
     model.load_state_dict(state, strict=True)
+    place_quantizers(model)  # a rebuilt model's quantizers start on the CPU; put them with a CUDA model's weights
     for m in model.modules():
         m.__dict__.pop("_lowbit_wcache", None)
     return model.eval()

@@ -90,7 +90,8 @@ class Int8Linear(_OutputSide):
                 log.info("lowbit: %s: torch._int_mm on CUDA needs K and N multiples of 8 (K=%d, N=%d); "
                          "using a float matmul of the int8 codes", self.lowbit_name, k, n)
                 self._warned = True
-            return (qx.float() @ self.weight_int8.t().float()).round().to(torch.int32)
+            # float64 holds every int32 partial sum exactly (float32 would round once K * 127^2 > 2^24)
+            return (qx.double() @ self.weight_int8.t().double()).to(torch.int32)
         pad = 17 - m if qx.is_cuda and m <= 16 else 0
         if pad:
             qx = F.pad(qx, (0, 0, 0, pad))

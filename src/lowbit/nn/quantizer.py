@@ -8,6 +8,12 @@ State lives in buffers (``scale``, ``zero_point``, ``observer_enabled``, ``quant
 or both at once (QAT's observer phase). ``lowbit.calibrating(model)`` scopes the observe phase for every
 quantizer in a model. With ``spec.dynamic`` the range is measured on every batch instead. With
 ``enable_lsq()`` the scale (and with LSQ+ an offset) becomes a learnable ``nn.Parameter``.
+
+Device: a quantizer is built on the CPU. The first time it sees (forward, calibration, ``set_qparams``)
+a tensor that lives on another device (a CUDA model), it moves its buffers there, once, as ``torch.ao``'s ``prepare`` moves
+observers to their module's device; so ``lowbit.quantize`` of a CUDA model returns a model whose
+quantizers are on CUDA too (DDP's NCCL buffer broadcast needs that). :func:`place_quantizers` does the
+same for a whole model explicitly (used by ``lowbit.load``).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from ..granularity import reduce_blocks
 from ..ops import fake_quantize, fake_quantize_lsq
 from ..spec import QuantSpec, compute_qparams
 
-__all__ = ["TensorQuantizer", "calibrating", "quantizers"]
+__all__ = ["TensorQuantizer", "calibrating", "quantizers", "place_quantizers"]
 
 
 class TensorQuantizer(nn.Module):
@@ -88,6 +94,13 @@ class TensorQuantizer(nn.Module):
             self.set_mode(False, True)
         self.compute_qparams()
 
+    # ---------------------------------------------------------------- device
+    def follow(self, device: torch.device) -> None:
+        """Move this quantizer to ``device`` if it still sits on the CPU and ``device`` is not the CPU
+        (module docstring). A quantizer already on an accelerator is never moved back."""
+        if device.type != "cpu" and self.scale.device.type == "cpu":
+            self.to(device)
+
     # ---------------------------------------------------------------- calibration
     def reset_observer(self) -> None:
         self.observer = make_observer(self.spec, self.name)
@@ -104,6 +117,7 @@ class TensorQuantizer(nn.Module):
 
     def calibrate_now(self, x: torch.Tensor) -> None:
         """Observe exactly ``x`` (e.g. a weight) and set the qparams from it, forgetting earlier batches."""
+        self.follow(x.device)
         self.reset_observer()
         self.observer.update(x)
         self.compute_qparams()
@@ -112,6 +126,7 @@ class TensorQuantizer(nn.Module):
     def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> None:
         """Set the quantization parameters directly (e.g. from a checkpoint or another tool)."""
         zp = torch.zeros_like(scale, dtype=torch.int32) if zero_point is None else zero_point
+        self.follow(scale.device)
         self._set_qparams(scale, zp)
 
     def _set_qparams(self, scale: torch.Tensor, zp: torch.Tensor) -> None:
@@ -143,6 +158,7 @@ class TensorQuantizer(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.follow(x.device)
         if self.spec.dynamic:
             return self._forward_dynamic(x)
         if bool(self.observer_enabled):
@@ -196,10 +212,12 @@ class TensorQuantizer(nn.Module):
         for key in ("scale", "zero_point"):
             t = state_dict.get(prefix + key)
             if t is not None and getattr(self, key).shape != t.shape:
-                if isinstance(getattr(self, key), nn.Parameter):
-                    getattr(self, key).data = torch.empty_like(t, dtype=getattr(self, key).dtype)
+                cur = getattr(self, key)  # keep the quantizer's device, not the checkpoint's (CPU)
+                fresh = torch.empty(t.shape, dtype=cur.dtype, device=cur.device)
+                if isinstance(cur, nn.Parameter):
+                    cur.data = fresh
                 else:
-                    setattr(self, key, torch.empty_like(t, dtype=getattr(self, key).dtype))
+                    setattr(self, key, fresh)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
 
@@ -208,6 +226,22 @@ def quantizers(model: nn.Module) -> Iterator[tuple[str, TensorQuantizer]]:
     for name, m in model.named_modules():
         if isinstance(m, TensorQuantizer):
             yield name, m
+
+
+def place_quantizers(model: nn.Module) -> int:
+    """Move every :class:`TensorQuantizer` of ``model`` that sits on the CPU to the device of the model's
+    parameters, when they all live on one non-CPU device. Returns how many were moved (0 for a CPU
+    model or one spread over several devices)."""
+    devices = {p.device for p in model.parameters()}
+    if len(devices) != 1:
+        return 0
+    (device,) = devices
+    moved = 0
+    for _, q in quantizers(model):
+        if device.type != "cpu" and q.scale.device.type == "cpu":
+            q.follow(device)
+            moved += 1
+    return moved
 
 
 @contextlib.contextmanager

@@ -79,7 +79,9 @@ def _seed_ema(q: TensorQuantizer, momentum: float) -> None:
         lo, hi = q.chosen_range
     else:  # qparams set directly or loaded: the interval they represent
         lo, hi = quantization_bounds(q.scale.detach(), q.zero_point.detach(), q.spec.format)
-    obs.min_val, obs.max_val = lo.detach().float().clone(), hi.detach().float().clone()
+    # on the quantizer's device (a histogram calibrator keeps its range on the CPU)
+    dev = q.scale.device
+    obs.min_val, obs.max_val = lo.detach().float().to(dev).clone(), hi.detach().float().to(dev).clone()
     obs.num_batches = 1
     q.spec = spec
     q.observer = obs

@@ -115,7 +115,9 @@ def install(model: nn.Module, cfg: QATConfig) -> None:
     """Attach ``cfg``, the step buffer and the hooks to a prepared model."""
     model.__dict__[CONFIG_ATTR] = cfg
     if STEP_BUFFER not in model._buffers:
-        model.register_buffer(STEP_BUFFER, torch.zeros((), dtype=torch.int64))
+        # on the model's device: DDP broadcasts buffers, and NCCL only takes CUDA tensors
+        device = next((t.device for t in model.parameters()), torch.device("cpu"))
+        model.register_buffer(STEP_BUFFER, torch.zeros((), dtype=torch.int64, device=device))
     # Plain module-level functions (no closures): the hooks survive copy.deepcopy and pickling.
     model.register_forward_pre_hook(_root_pre_hook)
     for m in model.modules():
