@@ -1,40 +1,58 @@
 """DFQ and AdaRound through ``lowbit.quantize`` on EfficientNet-Lite0 (issue 6 evidence).
 
-Rows (all through the one entry point, activations quantized uint8 per tensor, min/max ranges):
+Rows (all through the one entry point; activations uint8 affine per tensor):
 
-* W8A8 with per-tensor int8 weights: nearest rounding, then ``dfq=DFQ(...)`` with CLE, CLE+HBA,
-  CLE+HBA+analytic bias correction (data-free weights) and empirical bias correction;
-  when W8 per-tensor does not collapse on this model, the same rows at W6 (``--w6``);
-* W4A8 and W4A4 (int4 per-channel weights; first and last layer int8 weights and uint8 outputs):
+* ``w8``: W8A8 with per-tensor int8 weights, activation ranges min/max on calibration data: nearest
+  rounding, then ``dfq=DFQ(...)`` with CLE, CLE+HBA, CLE+HBA+analytic bias correction;
+* ``est``: CLE+HBA+bias correction with the percentile (99.99) and MSE activation range estimators;
+* ``free``: fully data-free W8A8, ``calib_data=None``: DFQ weights and activation ranges from the
+  BatchNorm statistics (``DFQ(input_range=(-1, 1), act_range="std" | "mse")``);
+* ``ref``: W8A8 with per-channel int8 weights (what the activation quantization alone costs);
+* ``w4a8`` / ``w4a4``: int4 per-channel weights (first and last layer int8 weights, uint8 outputs):
   nearest rounding vs ``adaround=AdaRoundConfig(...)``.
 
-Data: evaluation and calibration images are disjoint subsets of ../shared/data/imagenet-samples
-(1000 images, one per class, likely training split: read the deltas). Calibration = every 4th image
-(``--calib`` of them); evaluation = ``--images`` evenly spaced among the others. The float top-1 is
-measured in the same run.
+Data (``--data``, default ``../shared/data/imagenet-samples``, 1000 images, one per class, sorted file
+order = class index; likely the training split: read the deltas): resize 256, center crop 224, kept as
+uint8 and scaled ``(x / 255 - 0.5) / 0.5``. Calibration images are every 4th file (0, 4, 8 ...: 250);
+evaluation images are ``--images`` evenly spaced among the other 750, so the two never overlap.
+Activation ranges and empirical bias correction use ``--calib`` calibration images. AdaRound uses
+``--ada-calib`` samples: the ``--calib`` images, then random-resized crops of them (area 35-100 %, aspect
+3/4-4/3, bilinear with antialias back to 224x224, horizontal flip with p = 0.5, seeded) until the count is
+reached; on the AdaRound rows the activation ranges are calibrated on that same set. ``--data`` may also
+be a ``.pt`` file written by ``--save-data`` (the selected uint8 crops and labels; no PIL needed to read).
+Float top-1 is measured in the same run; every row prints its wall time.
 
-    .venv/bin/python bench/bench_dfq_adaround.py --images 200 --calib 32 --adaround-iters 200
+    .venv/bin/python bench/bench_dfq_adaround.py --rows float,w8,est,free --images 750 --calib 64
+    .venv/bin/python bench/bench_dfq_adaround.py --rows float,w4a8 --device cuda --ada-calib 1024 --ada-iters 10000
+    python3 bench/bench_dfq_adaround.py --quick --device cuda        # < 1 min smoke test
+    .venv/bin/python bench/bench_dfq_adaround.py --resnet18-budget    # AdaRound CPU cost per layer
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-import lowbit
-from lowbit import QuantSpec
-from lowbit.passes import DFQ, AdaRoundConfig
-from lowbit.recipes import Custom, LayerSpec
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import lowbit  # noqa: E402
+from lowbit import QuantSpec  # noqa: E402
+from lowbit.passes import DFQ, AdaRoundConfig  # noqa: E402
+from lowbit.recipes import Custom, LayerSpec  # noqa: E402
+
 U8 = QuantSpec("uint8", symmetric=False)
 W8PC = QuantSpec("int8", symmetric=True, granularity="channel")
 FIRST_LAST = ("_conv_stem", "_fc")  # EfficientNet-Lite0's first and last weighted layers
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenet-samples"
+ALL_ROWS = ("float", "ref", "w8", "est", "free", "w4a8", "w4a4")
 
 
 def load_model() -> nn.Module:
@@ -45,117 +63,249 @@ def load_model() -> nn.Module:
     return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()
 
 
-def preprocess(path: Path) -> torch.Tensor:
+def load_crop(path: Path) -> torch.Tensor:
+    """Resize the short side to 256 (bilinear, as torchvision's ``Resize(256)`` on a PIL image), center
+    crop 224: uint8 ``(3, 224, 224)``."""
     from PIL import Image
-    from torchvision.transforms import functional as TF
 
     img = Image.open(path).convert("RGB")
-    img = TF.center_crop(TF.resize(img, 256), 224)
-    return (TF.to_tensor(img) - 0.5) / 0.5
+    w, h = img.size
+    if w <= h:
+        size = (256, int(256 * h / w))
+    else:
+        size = (int(256 * w / h), 256)
+    img = img.resize(size, Image.BILINEAR)
+    left, top = int(round((size[0] - 224) / 2.0)), int(round((size[1] - 224) / 2.0))
+    img = img.crop((left, top, left + 224, top + 224))
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(224, 224, 3).permute(2, 0, 1).clone()
 
 
-def split_images(n_eval: int, n_calib: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(eval images, eval labels, calibration images): disjoint subsets of the 1000 samples."""
-    folder = ROOT.parent / "shared" / "data" / "imagenet-samples"
-    files = sorted(folder.glob("*.jpg"))
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return (x.float() / 255 - 0.5) / 0.5
+
+
+def split_images(data: Path, n_eval: int, n_calib: int) -> dict[str, torch.Tensor]:
+    """uint8 eval images, their labels and uint8 calibration images: disjoint subsets of the 1000."""
+    if data.suffix == ".pt":
+        d = torch.load(data)
+        if len(d["eval"]) < n_eval or len(d["calib"]) < n_calib:
+            sys.exit(f"{data} holds {len(d['eval'])} eval / {len(d['calib'])} calibration images; asked for "
+                     f"{n_eval} / {n_calib}")
+        pick = torch.linspace(0, len(d["eval"]) - 1, n_eval).round().long()
+        return {"eval": d["eval"][pick], "labels": d["labels"][pick], "calib": d["calib"][:n_calib]}
+    files = sorted(data.glob("*.jpg"))
     if len(files) != 1000:
-        sys.exit(f"expected 1000 images in {folder}; see ../shared/data/README.md")
+        sys.exit(f"expected 1000 images in {data}; see ../shared/data/README.md (or pass --data)")
+    if n_calib > 250 or n_eval > 750:
+        sys.exit("at most 250 calibration and 750 evaluation images")
     calib_idx = list(range(0, 1000, 4))[:n_calib]
     rest = [i for i in range(1000) if i % 4]
-    pick = torch.linspace(0, len(rest) - 1, n_eval).round().long().tolist()
-    eval_idx = [rest[i] for i in pick]
-    x = torch.stack([preprocess(files[i]) for i in eval_idx])
-    calib = torch.stack([preprocess(files[i]) for i in calib_idx])
-    return x, torch.tensor(eval_idx), calib
+    eval_idx = [rest[i] for i in torch.linspace(0, len(rest) - 1, n_eval).round().long().tolist()]
+    return {"eval": torch.stack([load_crop(files[i]) for i in eval_idx]), "labels": torch.tensor(eval_idx),
+            "calib": torch.stack([load_crop(files[i]) for i in calib_idx])}
+
+
+def augment(images: torch.Tensor, total: int, seed: int = 0) -> torch.Tensor:
+    """``images`` (uint8, N x 3 x 224 x 224) followed by random-resized crops of them (cycling) until
+    ``total`` samples: area 35-100 %, aspect 3/4-4/3, bilinear + antialias back to 224, flip p = 0.5."""
+    g = torch.Generator().manual_seed(seed)
+    out = [normalize(images)]
+    n, k = len(images), 0
+    while sum(len(o) for o in out) < total:
+        img = normalize(images[k % n])
+        k += 1
+        area = float(torch.empty(1).uniform_(0.35, 1.0, generator=g))
+        ratio = math.exp(float(torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g)))
+        w = min(224, int(round(224 * math.sqrt(area * ratio))))
+        h = min(224, int(round(224 * math.sqrt(area / ratio))))
+        top = int(torch.randint(0, 224 - h + 1, (1,), generator=g))
+        left = int(torch.randint(0, 224 - w + 1, (1,), generator=g))
+        crop = img[None, :, top:top + h, left:left + w]
+        crop = F.interpolate(crop, size=(224, 224), mode="bilinear", align_corners=False, antialias=True)
+        if float(torch.rand(1, generator=g)) < 0.5:
+            crop = crop.flip(-1)
+        out.append(crop)
+    return torch.cat(out)[:total]
 
 
 @torch.no_grad()
-def top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    pred = torch.cat([model(x[i:i + 25]).argmax(1) for i in range(0, len(x), 25)])
+def top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: str, bs: int) -> float:
+    pred = torch.cat([model(normalize(x[i:i + bs]).to(device)).argmax(1).cpu() for i in range(0, len(x), bs)])
     return float((pred == y).float().mean())
 
 
-def per_tensor_recipe(bits: int) -> Custom:
-    return Custom(weight=QuantSpec(f"int{bits}", symmetric=True), activation=U8)
+def per_tensor_recipe(bits: int, act: QuantSpec = U8) -> Custom:
+    return Custom(weight=QuantSpec(f"int{bits}", symmetric=True), activation=act)
 
 
-def w4_recipe(act_bits: int) -> Custom:
-    act = U8 if act_bits == 8 else QuantSpec(f"uint{act_bits}", symmetric=False)
-    guard = LayerSpec(W8PC, U8)
-    return Custom(weight=QuantSpec("int4", symmetric=True, granularity="channel"), activation=act,
+def w4_recipe(act_bits: int, grid: str = "minmax", act_cal: str = "minmax") -> Custom:
+    """int4 per-channel weights (grid: the weight range estimator), first/last layer int8 weights and
+    uint8 outputs; activations uint``act_bits`` with the ``act_cal`` range estimator."""
+    act = QuantSpec(f"uint{act_bits}", symmetric=False, calibrator=act_cal)
+    guard = LayerSpec(W8PC.replace(calibrator=grid), U8.replace(calibrator=act_cal))
+    return Custom(weight=QuantSpec("int4", symmetric=True, granularity="channel", calibrator=grid), activation=act,
                   overrides={name: guard for name in FIRST_LAST})
 
 
+def resnet18_budget(iters: int, threads: int) -> None:
+    """AdaRound cost per layer on this CPU: torchvision resnet18 (random weights, BN folded), int4
+    per-channel, 32 random 224x224 inputs, batch 32. Run once with 1 and once with ``1 + iters``
+    iterations per layer; the difference is the optimization alone (capture and final errors cancel)."""
+    import torchvision
+
+    from lowbit.passes import adaround, fold_bn
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model, _ = fold_bn(torchvision.models.resnet18().eval())
+    data = list(torch.randn(32, 3, 224, 224).split(16))
+    spec = QuantSpec("int4", symmetric=True, granularity="channel")
+    sec = {}
+    for n in (1, 1 + iters):
+        t = time.time()
+        _, res, _ = adaround(model, data, spec, AdaRoundConfig(iters=n, batch_size=32, lr=1e-2), progress=False)
+        sec[n] = time.time() - t
+    per = (sec[1 + iters] - sec[1]) / iters * 1000 / len(res)
+    print(f"resnet18 (random weights), {len(res)} layers, 32 inputs: 1 it/layer {sec[1]:.0f} s (capture, "
+          f"targets, errors), {1 + iters} it/layer {sec[1 + iters]:.0f} s -> {per:.0f} s per layer per 1000 it "
+          f"({threads} thread(s)); 10 000 it on all layers: {per * 10 * len(res) / 3600:.1f} h")
+    print(f"command: {' '.join(sys.argv)}")
+
+
+def capture_speed(calib: list[torch.Tensor], dev: str) -> None:
+    """AdaRound's input capture alone (1 iteration per layer), stepwise (O(L)) vs re-run (O(L^2)), on
+    EfficientNet-Lite0 with BN folded; checks that both give the same rounded weights."""
+    from lowbit.passes import adaround, fold_bn
+
+    model, _ = fold_bn(load_model().to(dev))
+    spec = QuantSpec("int4", symmetric=True, granularity="channel")
+    out = {}
+    for cap in ("auto", "rerun"):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t = time.time()
+        _, res, _ = adaround(model, calib, spec, AdaRoundConfig(iters=1), progress=False, capture=cap)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        out[cap] = (time.time() - t, res)
+    same = all(torch.equal(out["auto"][1][k].weight, out["rerun"][1][k].weight) for k in out["auto"][1])
+    n = sum(len(c) for c in calib)
+    print(f"AdaRound capture, {len(out['auto'][1])} layers, {n} samples, 1 it/layer: stepwise {out['auto'][0]:.1f} s, "
+          f"re-run {out['rerun'][0]:.1f} s ({out['rerun'][0] / out['auto'][0]:.1f}x); identical weights: {same}")
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=200, help="evaluation images")
-    ap.add_argument("--calib", type=int, default=32, help="calibration images (activation ranges, AdaRound, "
-                    "empirical bias correction), at most 250")
-    ap.add_argument("--adaround-iters", type=int, default=200, help="0 skips the AdaRound rows")
-    ap.add_argument("--adaround-batch", type=int, default=8)
-    ap.add_argument("--w6", choices=["auto", "yes", "no"], default="auto",
-                    help="W6 per-tensor rows: auto = only when W8 per-tensor nearest stays within 5 pt of float")
-    ap.add_argument("--skip", default="", help="comma-separated row groups to skip: w8,w6,w4a8,w4a4")
-    ap.add_argument("--reference", action="store_true", help="also W8A8 with per-channel weights (what the "
-                    "activation quantization alone costs)")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", default="float,ref,w8,est,free,w4a8,w4a4", help=f"comma-separated of {ALL_ROWS}")
+    ap.add_argument("--images", type=int, default=750, help="evaluation images (at most 750)")
+    ap.add_argument("--calib", type=int, default=64, help="calibration images (at most 250)")
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="image folder or a .pt from --save-data")
+    ap.add_argument("--save-data", type=Path, help="write the selected uint8 crops to this .pt and exit")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--ada-iters", type=int, default=200, help="AdaRound iterations per layer")
+    ap.add_argument("--ada-batch", type=int, default=32)
+    ap.add_argument("--ada-lr", type=float, default=1e-2)
+    ap.add_argument("--ada-calib", type=int, default=0, help="AdaRound samples (0: the --calib images; more: "
+                    "augmented crops added)")
+    ap.add_argument("--w4-grids", default="minmax,mse", help="weight range estimators for the W4 rows (the "
+                    "grid nearest rounding and AdaRound round to)")
+    ap.add_argument("--w4-act", default="minmax", help="activation range estimator for the W4 rows")
+    ap.add_argument("--act-num-std", type=float, default=6.0, help="n of the data-free std rule")
     ap.add_argument("--empirical", action="store_true", help="also the empirical bias-correction row")
+    ap.add_argument("--w6", action="store_true", help="also the W6A8 per-tensor rows")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 50 eval, 16 calib images, 20 AdaRound "
+                    "iterations, rows float,free,w4a8")
+    ap.add_argument("--resnet18-budget", action="store_true", help="only the AdaRound CPU cost on resnet18")
+    ap.add_argument("--budget-iters", type=int, default=20)
+    ap.add_argument("--capture-speed", action="store_true", help="only AdaRound's capture: stepwise vs re-run")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-batch", type=int, default=25)
     args = ap.parse_args()
+    if args.resnet18_budget:
+        return resnet18_budget(args.budget_iters, args.threads)
+    if args.quick:
+        args.images, args.calib, args.ada_iters, args.ada_calib = 50, 16, 20, 0
+        args.rows = "float,free,w4a8"
+    rows_wanted = [r for r in args.rows.split(",") if r]
+    if set(rows_wanted) - set(ALL_ROWS):
+        sys.exit(f"unknown rows {sorted(set(rows_wanted) - set(ALL_ROWS))}; choose from {ALL_ROWS}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda but torch.cuda.is_available() is False")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    skip = set(filter(None, args.skip.split(",")))
+    dev = args.device
     t0 = time.time()
-    x, y, calib = split_images(args.images, args.calib)
-    calib_batches = list(calib.split(8))
-    float_model = load_model()
-    print(f"data: {len(x)} eval images, {len(calib)} calibration images ({time.time() - t0:.0f} s)", flush=True)
+    d = split_images(args.data, args.images, args.calib)
+    if args.save_data:
+        torch.save(d, args.save_data)
+        print(f"wrote {args.save_data}: {len(d['eval'])} eval, {len(d['calib'])} calibration images")
+        return
+    x, y = d["eval"], d["labels"]
+    calib = list(normalize(d["calib"]).to(dev).split(8))
+    n_ada = max(args.ada_calib, len(d["calib"]))
+    ada_calib = list(augment(d["calib"], n_ada).to(dev).split(8)) if n_ada > len(d["calib"]) else calib
+    float_model = load_model().to(dev)
+    example = torch.zeros(1, 3, 224, 224, device=dev)
+    dname = torch.cuda.get_device_name() if dev == "cuda" else f"CPU, {args.threads} thread(s)"
+    print(f"data: {len(x)} eval images, {len(d['calib'])} calibration images, {n_ada} AdaRound samples; "
+          f"{dname} ({time.time() - t0:.0f} s)", flush=True)
+    if args.capture_speed:
+        return capture_speed(ada_calib, dev)
     rows: list[tuple[str, str, float, float]] = []
+    f_acc = math.nan
 
     def run(group: str, name: str, build) -> float:
         t = time.time()
         m = build()
-        acc = top1(m, x, y)
+        acc = top1(m, x, y, dev, args.eval_batch)
         rows.append((group, name, acc, time.time() - t))
-        print(f"{group:<5} {name:<52} top-1 {acc:.3f}  ({rows[-1][3]:.0f} s)", flush=True)
+        print(f"{group:<6} {name:<60} top-1 {acc:.3f}  ({rows[-1][3]:.0f} s)", flush=True)
         return acc
 
-    def q(recipe, **kw):
-        return lowbit.quantize(float_model, recipe, calib_batches, progress=False, **kw)
+    def q(recipe, data=calib, **kw):
+        return lowbit.quantize(float_model, recipe, data, progress=False, **kw)
 
-    f = run("float", "float (same run)", lambda: float_model)
-    def per_tensor_rows(bits: int) -> None:
-        g = f"W{bits}A8"
-        r = per_tensor_recipe(bits)
-        run(g, f"W{bits} per-tensor, nearest (BN folded)", lambda: q(r))
-        run(g, "+ CLE", lambda: q(r, dfq=DFQ(high_bias_absorption=False, bias_correction=None)))
-        run(g, "+ CLE + HBA", lambda: q(r, dfq=DFQ(bias_correction=None)))
-        run(g, "+ CLE + HBA + bias corr. (analytic, data-free)", lambda: q(r, dfq=DFQ()))
+    if "float" in rows_wanted:
+        f_acc = run("float", "float (same run)", lambda: float_model)
+    if "ref" in rows_wanted:
+        run("W8A8", "W8 per-channel, nearest (reference: activation loss)", lambda: q(Custom(weight=W8PC, activation=U8)))
+    for bits in (8, 6) if args.w6 else (8,):
+        if "w8" not in rows_wanted:
+            break
+        g, r = f"W{bits}A8", per_tensor_recipe(bits)
+        run(g, f"W{bits} per-tensor, nearest (BN folded), minmax act.", lambda r=r: q(r))
+        run(g, "+ CLE", lambda r=r: q(r, dfq=DFQ(high_bias_absorption=False, bias_correction=None)))
+        run(g, "+ CLE + HBA", lambda r=r: q(r, dfq=DFQ(bias_correction=None)))
+        run(g, "+ CLE + HBA + bias corr. (analytic)", lambda r=r: q(r, dfq=DFQ()))
         if args.empirical:
-            run(g, "+ CLE + HBA + bias corr. (empirical)", lambda: q(r, dfq=DFQ(bias_correction="empirical")))
-
-    if args.reference:
-        run("W8A8", "W8 per-channel, nearest (reference: activation loss)",
-            lambda: q(Custom(weight=W8PC, activation=U8)))
-    if "w8" not in skip:
-        per_tensor_rows(8)
-    w8_collapsed = any(r[0] == "W8A8" and "nearest" in r[1] and r[2] < f - 0.05 for r in rows)
-    if "w6" not in skip and (args.w6 == "yes" or (args.w6 == "auto" and not w8_collapsed)):
-        per_tensor_rows(6)
-    cfg = AdaRoundConfig(iters=args.adaround_iters or 1, lr=1e-2, batch_size=args.adaround_batch)
+            run(g, "+ CLE + HBA + bias corr. (empirical)", lambda r=r: q(r, dfq=DFQ(bias_correction="empirical")))
+    if "est" in rows_wanted:
+        for est in ("percentile", "mse"):
+            r = per_tensor_recipe(8, U8.replace(calibrator=est))
+            run("W8A8", f"CLE + HBA + bias corr., {est} act. ranges", lambda r=r: q(r, dfq=DFQ()))
+    if "free" in rows_wanted:
+        r = per_tensor_recipe(8)
+        for est in ("std", "mse"):
+            what = f"mean +- {args.act_num_std:g} std" if est == "std" else "MSE on BN-modelled distributions"
+            dfq = DFQ(input_range=(-1.0, 1.0), act_range=est, act_num_std=args.act_num_std)
+            run("W8A8", f"data-free: CLE + HBA + bias corr., act. {what}",
+                lambda dfq=dfq: lowbit.quantize(float_model, r, None, example, dfq=dfq, progress=False))
+    cfg = AdaRoundConfig(iters=args.ada_iters, lr=args.ada_lr, batch_size=args.ada_batch)
     for act_bits in (8, 4):
         g = f"W4A{act_bits}"
-        if g.lower() in skip:
+        if g.lower() not in rows_wanted:
             continue
-        r = w4_recipe(act_bits)
-        run(g, "int4 per-channel, nearest", lambda r=r: q(r))
-        if args.adaround_iters:
-            run(g, f"AdaRound ({args.adaround_iters} it/layer, batch {args.adaround_batch})",
-                lambda r=r: q(r, adaround=cfg))
+        for grid in args.w4_grids.split(","):
+            r = w4_recipe(act_bits, grid, args.w4_act)
+            what = f"{grid} weight grid, {args.w4_act} act."
+            run(g, f"int4 per-channel, nearest, {what}", lambda r=r: q(r))
+            run(g, f"AdaRound ({args.ada_iters} it/layer, batch {args.ada_batch}, lr {args.ada_lr:g}, {n_ada} samples), "
+                f"{what}", lambda r=r: q(r, ada_calib, adaround=cfg))
     print("\n| recipe | variant (EfficientNet-Lite0) | top-1 | vs float (pt) | s |")
     print("|---|---|---|---|---|")
     for group, name, acc, sec in rows:
-        print(f"| {group} | {name} | {acc:.3f} | {100 * (acc - f):+.1f} | {sec:.0f} |")
-    print(f"\ncommand: {' '.join(sys.argv)}; total {time.time() - t0:.0f} s")
+        print(f"| {group} | {name} | {acc:.3f} | {100 * (acc - f_acc):+.1f} | {sec:.0f} |")
+    print(f"\ncommand: {' '.join(sys.argv)}; {dname}; total {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

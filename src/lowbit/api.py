@@ -28,8 +28,9 @@ from .capture.swap import weighted_order as module_order
 from .errors import EmptyCalibrationError, QuantizationError, UnsupportedLayerError
 from .nn.quantizer import calibrating, quantizers
 from .passes.adaround import AdaRoundConfig
+from .passes.bn_ranges import bn_activation_ranges
 from .passes.fold_bn import fold_bn
-from .passes.pipeline import DFQ, PassPlan, apply_weight_qparams, plan_passes, run_passes
+from .passes.pipeline import DFQ, PassPlan, apply_weight_qparams, layer_bn_stats, plan_passes, run_passes
 from .recipes import Recipe, with_options
 
 log = logging.getLogger("lowbit")
@@ -189,8 +190,9 @@ def quantize(
         inplace: modify ``model`` instead of a copy.
         dfq: data-free quantization passes before capture (Nagel et al. 2019): ``True`` or
             :class:`~lowbit.passes.pipeline.DFQ` (cross-layer equalization, high-bias absorption, bias
-            correction analytic/empirical). Weight-side only: static activation ranges still need
-            ``calib_data``; with a weight-only or dynamic recipe the whole flow is data-free.
+            correction analytic/empirical). With ``calib_data=None`` and a static recipe the activation
+            ranges come from the BatchNorm statistics too (``DFQ(act_num_std=, input_range=)``,
+            :func:`~lowbit.passes.bn_ranges.bn_activation_ranges`): the whole flow is data-free.
         adaround: learned weight rounding (Nagel et al. 2020), ``True`` or
             :class:`~lowbit.passes.AdaRoundConfig`; needs ``calib_data``. Each layer's rounding is
             learned on the grid the recipe gives it, and that grid's scale/zero point is set on the weight
@@ -225,17 +227,21 @@ def quantize(
     example = None
     if example_inputs is not None:
         example = _example_call(example_inputs, model)
-    if edge is not None:
+    bn_ranges = edge is not None and calib_data is None and plan.dfq is not None  # data-free activation ranges
+    if edge is not None and not bn_ranges:
         if calib_data is None:
-            dfq_hint = (" DFQ makes the weight quantization data-free, but static activation ranges are measured "
-                        "on data." if plan.dfq is not None else "")
             raise EmptyCalibrationError(
                 f"{type(recipe).__name__} quantizes activations statically, so it needs calibration data: pass "
-                "calib_data= (a DataLoader or any iterable of input batches), or use W8A8Dynamic / a weight-only "
-                f"recipe.{dfq_hint}"
+                "calib_data= (a DataLoader or any iterable of input batches), use W8A8Dynamic / a weight-only "
+                "recipe, or dfq=DFQ(input_range=(lo, hi)) for ranges from the BatchNorm statistics."
             )
         first, calib_data = _peek(calib_data, model)
         example = example or first
+    if bn_ranges and example is None:
+        raise EmptyCalibrationError(
+            "data-free activation ranges (dfq= without calib_data) still need one input to place the quantizers: "
+            "pass example_inputs= (its values are not used for any range, e.g. torch.zeros(1, 3, 224, 224))."
+        )
 
     was_training = model.training
     work = model if inplace else copy.deepcopy(model)
@@ -246,7 +252,13 @@ def quantize(
     if plan.active:
         work, weight_qparams, plog, calib_data, example = _passes(work, recipe, plan, calib_data, example,
                                                                   num_batches, dlog, progress)
+    stats = layer_bn_stats(work) if bn_ranges else None
     qmodel = _capture(work, recipe, dlog, example)
+    if stats is not None:
+        rlog = bn_activation_ranges(qmodel, stats, num_std=plan.dfq.act_num_std, input_range=plan.dfq.input_range,
+                                    estimator=plan.dfq.act_range)
+        plog += rlog
+        dlog.note(f"{len(rlog)} activation range(s) from BatchNorm statistics (no calibration data)")
     if weight_qparams:
         for name in apply_weight_qparams(qmodel, weight_qparams):
             dlog.note(f"AdaRound qparams of {name} could not be set on its weight quantizer (re-quantized by min/max)")

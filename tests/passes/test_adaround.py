@@ -78,3 +78,104 @@ def test_errors():
         adaround_layer(nn.ConvTranspose2d(2, 2, 2), torch.randn(2, 2, 3, 3), INT3)
     with pytest.raises(ConfigError):
         adaround_layer(nn.Linear(2, 2), torch.randn(2, 2), QuantSpec("fp8_e4m3"))
+
+
+class _Residual(nn.Module):
+    """conv -> relu -> conv (+ skip) -> conv -> pool -> linear: a branch the stepwise capture must keep alive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        z = torch.relu(self.c2(y)) + y
+        return self.fc(self.c3(z).mean((2, 3)))
+
+
+def test_stepwise_capture_gives_the_rerun_results_exactly():
+    """The O(L) stepwise capture feeds each layer exactly the inputs the O(L^2) re-run gives."""
+    torch.manual_seed(3)
+    m = _Residual().eval()
+    data = [torch.randn(8, 3, 8, 8) for _ in range(3)]
+    cfg = AdaRoundConfig(iters=40, lr=1e-2, batch_size=8, qdrop_prob=0.3, act_spec=QuantSpec("uint8", symmetric=False))
+    spec = QuantSpec("int4", symmetric=True, granularity="channel")
+    out_a, res_a, _ = adaround(m, data, spec, cfg, progress=False)
+    out_b, res_b, _ = adaround(m, data, spec, cfg, progress=False, capture="rerun")
+    assert list(res_a) == list(res_b) == ["c1", "c2", "c3", "fc"]
+    for k in res_a:
+        assert torch.equal(res_a[k].weight, res_b[k].weight), k
+        assert res_a[k].error == res_b[k].error and res_a[k].error_nearest == res_b[k].error_nearest
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(out_a(x), out_b(x))
+
+
+def test_stepwise_capture_inputs_match_hooks():
+    """The stepper's captured inputs equal forward-hook captures on the model rounded so far."""
+    from lowbit.passes.adaround import _capture, _Stepper
+
+    torch.manual_seed(4)
+    m = _Residual().eval()
+    data = [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    st = _Stepper.create(m, data)
+    assert st is not None
+    for name in ("c1", "c2", "c3", "fc"):
+        got = st.inputs_of(name)
+        assert torch.equal(got, _capture(m, name, data)), name
+        with torch.no_grad():  # change the layer as AdaRound would: later captures must see it
+            m.get_submodule(name).weight.mul_(0.5)
+    assert st.inputs_of("c1") is None  # already passed: the caller re-runs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_adaround_on_cuda_matches_cpu():
+    torch.manual_seed(5)
+    m = _Residual().eval()
+    data = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    cfg = AdaRoundConfig(iters=30, lr=1e-2, batch_size=8)
+    _, res_cpu, _ = adaround(m, data, INT3, cfg, progress=False)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # TF32 flips many near-ties
+    try:
+        out, res_gpu, _ = adaround(m.cuda(), data, INT3, cfg, progress=False)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    for k in res_cpu:
+        assert res_gpu[k].weight.device.type == "cuda"
+        scale = res_gpu[k].scale.reshape(()) if res_gpu[k].scale.numel() == 1 else res_gpu[k].scale
+        assert _on_grid(res_gpu[k].weight.cpu(), INT3, scale.cpu())
+        assert res_gpu[k].error <= res_gpu[k].error_nearest
+        # Adam's normalized steps turn float noise in tiny gradients into different near-tie decisions,
+        # so only the quality is compared, not each rounding decision
+        assert res_gpu[k].error <= 2 * res_cpu[k].error + 1e-9, k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_qdrop_and_act_quant_run_on_cuda():
+    torch.manual_seed(6)
+    conv = nn.Conv2d(4, 6, 3, padding=1).cuda()
+    cfg = AdaRoundConfig(iters=20, lr=1e-2, batch_size=8, qdrop_prob=0.5, act_spec=QuantSpec("uint8", symmetric=False))
+    res = adaround_layer(conv, torch.randn(16, 4, 6, 6, device="cuda"), QuantSpec("int4", symmetric=True), cfg)
+    assert res.weight.device.type == "cuda" and res.error <= res.error_nearest
+
+
+def test_grid_follows_the_weight_calibrator():
+    """With an MSE weight spec, AdaRound rounds to the grid the layer's weight quantizer will use."""
+    from lowbit.nn.quantizer import TensorQuantizer
+
+    torch.manual_seed(7)
+    conv = nn.Conv2d(4, 6, 3)
+    with torch.no_grad():
+        conv.weight[0, 0, 0, 0] = 3.0  # an outlier: the MSE range clips it, min/max does not
+    spec = QuantSpec("int4", symmetric=True, granularity="channel", calibrator="mse")
+    wq = TensorQuantizer(spec, is_weight=True)
+    wq.calibrate_now(conv.weight.detach())
+    s, z = weight_qparams(conv.weight, spec)
+    assert torch.equal(s, wq.scale) and torch.equal(z, wq.zero_point)
+    s_mm, _ = weight_qparams(conv.weight, spec.replace(calibrator="minmax"))
+    assert float(s[0]) < float(s_mm[0])
+    res = adaround_layer(conv, torch.randn(16, 4, 6, 6), spec, AdaRoundConfig(iters=20, lr=1e-2, batch_size=8))
+    assert torch.equal(res.scale, wq.scale)
+    # AdaRound's weight re-quantized by the layer's quantizer is unchanged
+    assert torch.allclose(wq(res.weight), res.weight, atol=1e-6)

@@ -165,8 +165,12 @@ def test_adaround_and_bias_correction_are_not_combined():
 
 def test_data_rules():
     m = _model(8)
-    with pytest.raises(EmptyCalibrationError, match="DFQ makes the weight quantization data-free"):
+    # static activations without data: DFQ derives the ranges from BatchNorm statistics, which needs an
+    # example input (to place the quantizers) and the input's range
+    with pytest.raises(EmptyCalibrationError, match="example_inputs"):
         lowbit.quantize(m, W8A8(per_channel=False), dfq=True, progress=False)
+    with pytest.raises(EmptyCalibrationError, match="input_range"):
+        lowbit.quantize(m, W8A8(per_channel=False), None, torch.zeros(1, 3, 8, 8), dfq=True, progress=False)
     with pytest.raises(EmptyCalibrationError, match="AdaRound needs calibration data"):
         lowbit.quantize(m, Custom(weight=W8PT), adaround=True, progress=False)
     with pytest.raises(EmptyCalibrationError, match="empirical bias correction needs calibration data"):

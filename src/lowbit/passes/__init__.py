@@ -5,6 +5,7 @@
 * :func:`absorb_high_bias` - high-bias absorption (DFQ section 4.1.1);
 * :func:`correct_bias` - analytic and empirical bias correction (DFQ section 4.2);
 * :func:`adaround` - adaptive rounding of weights (Nagel et al. 2020);
+* :func:`bn_activation_ranges` - data-free activation ranges from BatchNorm statistics (DFQ);
 * :mod:`~lowbit.passes.pipeline` - which of these :func:`lowbit.quantize` runs (``dfq=DFQ()``, ``adaround=``).
 """
 
@@ -12,13 +13,14 @@ from __future__ import annotations
 
 from .adaround import AdaRoundConfig, AdaRoundResult, adaround, adaround_layer
 from .bias_correction import clipped_normal_mean, correct_bias, correct_layer_bias
+from .bn_ranges import Moments, bn_activation_ranges, clipped_normal_moments
 from .cle import equalize, equalize_pair
 from .clip import ChannelClip
 from .fold_bn import BNStats, fold_bn, fold_bn_into, output_stats
 from .high_bias_absorption import absorb_high_bias, absorb_pair
-from .pipeline import DFQ, apply_weight_qparams, run_passes, weight_specs
+from .pipeline import DFQ, apply_weight_qparams, layer_bn_stats, run_passes, weight_specs
 
 __all__ = ["fold_bn", "fold_bn_into", "BNStats", "output_stats", "equalize", "equalize_pair", "ChannelClip",
            "absorb_high_bias", "absorb_pair", "correct_bias", "correct_layer_bias", "clipped_normal_mean",
            "adaround", "adaround_layer", "AdaRoundConfig", "AdaRoundResult", "DFQ", "run_passes", "weight_specs",
-           "apply_weight_qparams"]
+           "apply_weight_qparams", "layer_bn_stats", "bn_activation_ranges", "clipped_normal_moments", "Moments"]

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..calibration import make_observer
+from ..calibration.config import MinMax
 from ..granularity import reduce_blocks
 from ..ops import fake_quantize
 from ..spec import QuantSpec, compute_qparams
@@ -60,9 +62,17 @@ def weight_times_channel_vector(layer: nn.Module, w: torch.Tensor, v: torch.Tens
 
 
 def weight_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point of a weight from its min/max per block of ``spec.granularity``."""
+    """Scale and zero point of a weight per block of ``spec.granularity``, from the range that
+    ``spec.calibrator`` picks (min/max by default; e.g. ``"mse"``), as the layer's weight quantizer
+    (``calibrate_now``) computes them. Returned on ``w``'s device."""
     w = w.detach().float()
-    return compute_qparams(spec, reduce_blocks(w, spec.granularity, "amin"), reduce_blocks(w, spec.granularity, "amax"))
+    if isinstance(spec.calibrator, MinMax):
+        return compute_qparams(spec, reduce_blocks(w, spec.granularity, "amin"), reduce_blocks(w, spec.granularity, "amax"))
+    obs = make_observer(spec, "weight")
+    obs.update(w.cpu())  # the histogram estimators work on the CPU; a weight is small
+    lo, hi = obs.compute_range()
+    scale, zp = compute_qparams(spec, lo, hi)
+    return scale.to(w.device), zp.to(w.device)
 
 
 def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

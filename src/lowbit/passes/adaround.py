@@ -21,6 +21,12 @@ input ``x``; the optimized layer sees ``x~``, its input in the model whose earli
 rounded (optionally activation-quantized with ``act_spec``). QDrop (Wei et al. 2022): with
 ``qdrop_prob = p``, each element of ``x~`` is replaced by the float ``x`` with probability ``p`` during
 optimization. Block reconstruction (BRECQ) is not implemented: every layer is reconstructed alone.
+
+Capturing ``x`` and ``x~``: when the model traces with torch.fx, both models are run node by node over
+all calibration batches and paused before each layer (``capture="auto"``), so every node runs once
+per batch: O(L) work for L layers. The values are the ones a full forward gives (same nodes, same
+order, a layer runs only after it was rounded). Models that do not trace re-run the forward up to each
+layer (``capture="rerun"``, O(L^2)). Everything runs on the device of the model's weights (CPU or CUDA).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import copy
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -37,7 +44,7 @@ from ..errors import ConfigError, EmptyCalibrationError, UnsupportedLayerError
 from ..granularity import PerTensor, broadcast_param, to_blocks
 from ..ops import fake_quantize
 from ..spec import QuantSpec, compute_qparams
-from ._graph import CONV_TYPES, get_module
+from ._graph import CONV_TYPES, get_module, trace
 from ._layer import batches, channel_dim, forward_with, spec_of, weight_qparams
 from .log import PassLog
 
@@ -149,7 +156,10 @@ def adaround_layer(layer: nn.Module, inputs: torch.Tensor, spec: QuantSpec, conf
         raise ConfigError(f"AdaRound rounds to an integer grid; {spec.format.name} is not an integer format.")
     if inputs.shape[0] == 0:
         raise EmptyCalibrationError("AdaRound got no calibration inputs for the layer.")
-    gen = torch.Generator().manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)  # batch indices: CPU stream on every device
+    dev = inputs.device
+    # QDrop masks are drawn where the inputs live; on CPU from the same stream as the indices
+    mask_gen = gen if dev.type == "cpu" else torch.Generator(device=dev).manual_seed(config.seed)
     x_fp = inputs if float_inputs is None else float_inputs
     x_q = inputs if config.act_spec is None else _act_quant(inputs, config.act_spec)
     w = layer.weight.detach().float()
@@ -169,10 +179,10 @@ def adaround_layer(layer: nn.Module, inputs: torch.Tensor, spec: QuantSpec, conf
     opt = torch.optim.Adam([v], lr=config.lr)
     n, warm = x_q.shape[0], int(config.warm_start * config.iters)
     for it in range(config.iters):
-        idx = torch.randint(0, n, (min(config.batch_size, n),), generator=gen)
+        idx = torch.randint(0, n, (min(config.batch_size, n),), generator=gen).to(dev)
         xb = x_q[idx]
         if config.qdrop_prob > 0:
-            keep_fp = torch.rand(xb.shape, generator=gen) < config.qdrop_prob
+            keep_fp = torch.rand(xb.shape, generator=mask_gen, device=dev) < config.qdrop_prob
             xb = torch.where(keep_fp, x_fp[idx], xb)
         h = _rectified_sigmoid(v)
         loss = _recon_error(layer, xb, weight_of(h), target[idx].detach())
@@ -221,6 +231,73 @@ def _capture(model: nn.Module, name: str, data: Sequence[torch.Tensor]) -> torch
     return torch.cat(store)
 
 
+class _Stepper:
+    """Runs a traced model node by node over every calibration batch, pausing before a layer's call.
+
+    ``inputs_of(name)`` executes the graph up to the first call of submodule ``name`` and returns that
+    call's first argument over all batches (concatenated on dim 0); the nodes before it never run again.
+    Submodules are looked up on ``model`` at call time, so a layer rounded while paused runs rounded.
+    Values are freed after their last use (the live set per batch is what a forward keeps alive anyway).
+    """
+
+    def __init__(self, model: nn.Module, gm: torch.fx.GraphModule, xs: Sequence[torch.Tensor]) -> None:
+        self.model, self.gm, self.xs = model, gm, xs
+        self.nodes = list(gm.graph.nodes)
+        self.pos = 0
+        self.envs: list[dict] = [{} for _ in xs]
+        self.last_use: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+        seen: set[torch.fx.Node] = set()
+        for node in reversed(self.nodes):
+            for arg in node.all_input_nodes:
+                if arg not in seen:
+                    seen.add(arg)
+                    self.last_use.setdefault(node, []).append(arg)
+
+    @classmethod
+    def create(cls, model: nn.Module, xs: Sequence[torch.Tensor]) -> _Stepper | None:
+        gm = trace(model)
+        if gm is None or sum(n.op == "placeholder" for n in gm.graph.nodes) != 1:
+            return None
+        return cls(model, gm, xs)
+
+    def _run(self, node: torch.fx.Node, env: dict, x: torch.Tensor):
+        args = torch.fx.node.map_arg(node.args, lambda n: env[n])
+        kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: env[n])
+        if node.op == "placeholder":
+            return x
+        if node.op == "get_attr":
+            obj = self.gm
+            for part in str(node.target).split("."):
+                obj = getattr(obj, part)
+            return obj
+        if node.op == "call_module":
+            return get_module(self.model, str(node.target))(*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return None  # output
+
+    def inputs_of(self, name: str) -> torch.Tensor | None:
+        """Inputs of the first call of ``name`` over all batches, or None when that call already ran
+        (or never comes): the caller then re-runs the model."""
+        stop = next((i for i in range(self.pos, len(self.nodes)) if self.nodes[i].op == "call_module"
+                     and str(self.nodes[i].target) == name), None)
+        if stop is None:
+            return None
+        with torch.no_grad():
+            for env, x in zip(self.envs, self.xs):
+                for node in self.nodes[self.pos:stop]:
+                    env[node] = self._run(node, env, x)
+                    for dead in self.last_use.get(node, ()):
+                        env.pop(dead, None)
+        self.pos = stop
+        arg = self.nodes[stop].args[0] if self.nodes[stop].args else None
+        if not isinstance(arg, torch.fx.Node):
+            return None
+        return torch.cat([env[arg] for env in self.envs]).detach()
+
+
 def _execution_order(model: nn.Module, x: torch.Tensor) -> list[str]:
     order: list[str] = []
     handles = [m.register_forward_pre_hook(lambda mod, inp, n=n: order.append(n) if n not in order else None)
@@ -237,7 +314,8 @@ def _execution_order(model: nn.Module, x: torch.Tensor) -> list[str]:
 def adaround(model: nn.Module, data: Iterable, spec: QuantSpec | Mapping[str, QuantSpec],
              config: AdaRoundConfig = AdaRoundConfig(), *,
              layers: Sequence[str] | None = None, inplace: bool = False,
-             progress: bool = True) -> tuple[nn.Module, dict[str, AdaRoundResult], PassLog]:
+             progress: bool = True,
+             capture: Literal["auto", "rerun"] = "auto") -> tuple[nn.Module, dict[str, AdaRoundResult], PassLog]:
     """AdaRound every Conv1d/2d/3d and Linear layer of ``model`` (or the named ``layers``), in execution order.
 
     Args:
@@ -246,6 +324,11 @@ def adaround(model: nn.Module, data: Iterable, spec: QuantSpec | Mapping[str, Qu
         spec: the integer weight spec; the rounded weights lie on its grid. Or ``{layer name: spec}``
             when layers differ (e.g. first/last layer 8-bit); layers not in the map are left alone.
         config: :class:`AdaRoundConfig`. progress: a tqdm bar over the layers.
+        capture: ``"auto"``: step through the torch.fx graph once (O(L) forwards for L layers), falling
+            back to re-running the model up to each layer when it does not trace; ``"rerun"``: always
+            re-run (O(L^2); the same inputs, kept as the reference).
+        Runs on the device of the model's weights; put the calibration batches anywhere (they are
+        moved there).
 
     Returns:
         ``(model, results, log)``: the model with rounded float weights (each layer also carries its
@@ -258,7 +341,11 @@ def adaround(model: nn.Module, data: Iterable, spec: QuantSpec | Mapping[str, Qu
     model = model if inplace else copy.deepcopy(model)
     if inplace:
         fp_model = copy.deepcopy(model)
-    xs = list(batches(data))
+    if capture not in ("auto", "rerun"):
+        raise ConfigError(f"capture must be 'auto' or 'rerun', got {capture!r}.")
+    param = next(model.parameters(), None)
+    dev = param.device if param is not None else torch.device("cpu")
+    xs = [x.to(dev) for x in batches(data)]
     if not xs:
         raise EmptyCalibrationError("adaround needs calibration data; got no batches.")
     order = _execution_order(model, xs[0])
@@ -271,9 +358,20 @@ def adaround(model: nn.Module, data: Iterable, spec: QuantSpec | Mapping[str, Qu
         if isinstance(m, _TYPES) and n not in order:
             plog.add("adaround", (n,), False, "not called in the forward pass")
     results: dict[str, AdaRoundResult] = {}
+    steppers = None
+    if capture == "auto":
+        fp_step, q_step = _Stepper.create(fp_model, xs), _Stepper.create(model, xs)
+        if fp_step is not None and q_step is not None:
+            steppers = (fp_step, q_step)
+        else:
+            log.info("adaround: the model does not trace; re-running it up to each layer (O(L^2) forwards)")
     for name in tqdm(names, desc="AdaRound", disable=not progress, unit="layer"):
-        x_fp = _capture(fp_model, name, xs)
-        x_q = _capture(model, name, xs) if results else x_fp
+        x_fp = x_q = None
+        if steppers is not None:
+            x_fp, x_q = steppers[0].inputs_of(name), steppers[1].inputs_of(name)
+        if x_fp is None or x_q is None:
+            x_fp = _capture(fp_model, name, xs)
+            x_q = _capture(model, name, xs) if results else x_fp
         layer = get_module(model, name)
         res = adaround_layer(layer, x_q, spec_of(spec, name), config, float_inputs=x_fp)
         with torch.no_grad():

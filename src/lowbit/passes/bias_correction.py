@@ -54,10 +54,11 @@ def clipped_normal_mean(mean: torch.Tensor, std: torch.Tensor, lo: float | torch
     0.398942
     """
     mean, std = torch.as_tensor(mean).double(), torch.as_tensor(std).double().abs()
-    lo_t = torch.as_tensor(lo, dtype=torch.float64).expand_as(mean)
-    hi_t = torch.as_tensor(hi, dtype=torch.float64).expand_as(mean)
+    lo_t = torch.as_tensor(lo, dtype=torch.float64, device=mean.device).expand_as(mean)
+    hi_t = torch.as_tensor(hi, dtype=torch.float64, device=mean.device).expand_as(mean)
     sd = std.clamp_min(1e-300)
-    normal = torch.distributions.Normal(torch.zeros(()).double(), torch.ones(()).double())
+    normal = torch.distributions.Normal(torch.zeros((), dtype=torch.float64, device=mean.device),
+                                        torch.ones((), dtype=torch.float64, device=mean.device))
 
     def pdf(z):
         return torch.exp(normal.log_prob(z))
@@ -84,7 +85,7 @@ def correct_layer_bias(layer: nn.Module, spec: QuantSpec, input_mean: torch.Tens
 
 def _sub_bias(layer: nn.Module, shift: torch.Tensor) -> None:
     if layer.bias is None:
-        layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype))
+        layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype, device=layer.weight.device))
     layer.bias.data.sub_(shift.to(layer.bias.dtype))
 
 
@@ -127,10 +128,11 @@ def _empirical_shifts(model: nn.Module, spec: QuantSpec | Mapping[str, QuantSpec
         return fn
 
     handles = [get_module(model, n).register_forward_hook(hook(n)) for n in names]
+    param = next(model.parameters(), None)
     try:
         with torch.no_grad():
             for x in batches(data):
-                model(x)
+                model(x if param is None else x.to(param.device))
     finally:
         for h in handles:
             h.remove()

@@ -99,7 +99,8 @@ def _clip_of(model: nn.Module, link: Link, relu6: ReLU6Mode) -> ChannelClip | No
         c = producer.weight.shape[0]
         upper = float(m.max_val) if isinstance(m, nn.Hardtanh) else 6.0
         linear = isinstance(producer, nn.Linear)
-        clip = ChannelClip(torch.full((c,), upper), dim=-1 if linear else 1, ndim=None if linear else producer.weight.dim())
+        clip = ChannelClip(torch.full((c,), upper, device=producer.weight.device), dim=-1 if linear else 1,
+                           ndim=None if linear else producer.weight.dim())
         set_module(model, name, clip)
         return clip
     return None

@@ -31,7 +31,7 @@ class ChannelClip(nn.Module):
             shape = [1] * x.dim()
             shape[self.dim] = -1
             up = self.upper.reshape(shape)
-        return torch.minimum(torch.relu(x), up.to(x.dtype))
+        return torch.minimum(torch.relu(x), up.to(x.device, x.dtype))
 
     def extra_repr(self) -> str:
         return f"channels={self.upper.numel()}, dim={self.dim}"

@@ -47,7 +47,7 @@ def absorb_pair(first: nn.Module, second: nn.Module, num_std: float = 3.0, clip:
         first.bias = nn.Parameter(torch.zeros_like(c).to(first.weight.dtype))
     first.bias.sub_(c.to(first.bias.dtype))
     if second.bias is None:
-        second.bias = nn.Parameter(torch.zeros(second.weight.shape[0], dtype=second.weight.dtype))
+        second.bias = nn.Parameter(torch.zeros(second.weight.shape[0], dtype=second.weight.dtype, device=second.weight.device))
     second.bias.add_(shift.to(second.bias.dtype))
     set_output_stats(first, st.shifted(c))
     if clip is not None:

@@ -6,8 +6,10 @@ Order (each step optional, every decision in the returned :class:`~lowbit.passes
 
 * :class:`DFQ` (Nagel et al. 2019) is data-free: CLE and HBA use only the weights and the BatchNorm
   statistics; bias correction is ``"analytic"`` (BatchNorm statistics, no data) or ``"empirical"``
-  (needs calibration data). Static activation ranges still come from calibration data: DFQ removes the
-  need for data in the *weights*, so a fully data-free model is a weight-only or dynamic recipe.
+  (needs calibration data). Static activation ranges come from calibration data when there is some;
+  with ``calib_data=None`` :func:`lowbit.quantize` derives them from the BatchNorm statistics instead
+  (:mod:`~lowbit.passes.bn_ranges`: ``mean +- act_num_std * std`` clipped by the activation, the model
+  input's range from ``DFQ.input_range``), so W8A8 needs no data at all.
 * AdaRound (Nagel et al. 2020) needs calibration data. It learns each layer's rounding on the grid that
   the recipe gives that layer; the scale and zero point it used are returned so that the quantized
   model's weight quantizer reproduces the rounded weight exactly (:func:`apply_weight_qparams`).
@@ -36,13 +38,13 @@ from ._graph import CONV_TYPES, get_module
 from .adaround import AdaRoundConfig, adaround
 from .bias_correction import correct_bias
 from .cle import ReLU6Mode, equalize
-from .fold_bn import fold_bn
+from .fold_bn import BNStats, fold_bn, output_stats
 from .high_bias_absorption import absorb_high_bias
 from .log import PassLog
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DFQ", "PassPlan", "plan_passes", "weight_specs", "run_passes", "apply_weight_qparams"]
+__all__ = ["DFQ", "PassPlan", "plan_passes", "weight_specs", "run_passes", "apply_weight_qparams", "layer_bn_stats"]
 
 _TYPES = (*CONV_TYPES, nn.Linear)
 
@@ -60,9 +62,17 @@ class DFQ:
         relu6: how CLE treats ReLU6: ``"channel_clip"`` (exact), ``"to_relu"`` (the paper's choice for
             MobileNetV2, changes the float function) or ``"skip"``.
         num_std: HBA's cut ``c = max(0, mean - num_std * std)``.
+        act_num_std: data-free activation ranges (used when :func:`lowbit.quantize` gets no
+            ``calib_data``): ``mean +- act_num_std * std`` of the BatchNorm statistics, clipped by the
+            activation (:func:`~lowbit.passes.bn_ranges.bn_activation_ranges`).
+        act_range: how the data-free ranges are chosen from the modelled per-channel distributions:
+            ``"std"`` (the paper's ``mean +- act_num_std * std``, united over channels) or ``"mse"``
+            (lowbit's MSE estimator on their quantiles; see :mod:`~lowbit.passes.bn_ranges`).
+        input_range: ``(lo, hi)`` of the model input for the data-free ranges, e.g. ``(-1.0, 1.0)`` for
+            images scaled by ``(x / 255 - 0.5) / 0.5``; needed when the input is quantized.
 
-    >>> DFQ(bias_correction=None)
-    DFQ(cle=True, high_bias_absorption=True, bias_correction=None, relu6='channel_clip', num_std=3.0)
+    >>> DFQ(bias_correction=None, input_range=(-1.0, 1.0)).input_range
+    (-1.0, 1.0)
     """
 
     cle: bool = True
@@ -70,14 +80,21 @@ class DFQ:
     bias_correction: Literal["analytic", "empirical"] | None = "analytic"
     relu6: ReLU6Mode = "channel_clip"
     num_std: float = 3.0
+    act_num_std: float = 6.0
+    act_range: Literal["std", "mse"] = "std"
+    input_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.bias_correction not in ("analytic", "empirical", None):
             raise ConfigError(f"DFQ.bias_correction must be 'analytic', 'empirical' or None, got {self.bias_correction!r}.")
         if self.relu6 not in ("channel_clip", "to_relu", "skip"):
             raise ConfigError(f"DFQ.relu6 must be 'channel_clip', 'to_relu' or 'skip', got {self.relu6!r}.")
-        if self.num_std <= 0:
-            raise ConfigError(f"DFQ.num_std must be > 0, got {self.num_std}.")
+        if self.num_std <= 0 or self.act_num_std <= 0:
+            raise ConfigError(f"DFQ.num_std and act_num_std must be > 0, got {self.num_std}, {self.act_num_std}.")
+        if self.act_range not in ("std", "mse"):
+            raise ConfigError(f"DFQ.act_range must be 'std' or 'mse', got {self.act_range!r}.")
+        if self.input_range is not None and (len(self.input_range) != 2 or not self.input_range[0] < self.input_range[1]):
+            raise ConfigError(f"DFQ.input_range must be (lo, hi) with lo < hi, got {self.input_range!r}.")
 
 
 @dataclass(frozen=True)
@@ -216,6 +233,12 @@ def run_passes(model: nn.Module, recipe, plan: PassPlan, data: Iterable | None =
         qparams = {n: (r.scale, r.zero_point) for n, r in results.items()}
     log.info("passes: %d applied, %d skipped", len(plog.applied), len(plog.skipped))
     return model, qparams, plog
+
+
+def layer_bn_stats(model: nn.Module) -> dict[str, BNStats]:
+    """``{layer name: BNStats}`` of every layer that :func:`fold_bn` recorded statistics on (kept up to
+    date by CLE and HBA): what :func:`~lowbit.passes.bn_ranges.bn_activation_ranges` reads after capture."""
+    return {n: st for n, m in model.named_modules() if (st := output_stats(m)) is not None}
 
 
 def apply_weight_qparams(qmodel: nn.Module, qparams: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[str]:
