@@ -2,8 +2,14 @@
 ORT's own quantize_static (QDQ, per-channel) and torch.ao FX x86 int8, for ResNet-18, MobileNetV2
 (torchvision, random weights: speed only), EfficientNet-Lite0 and MiniLM (when installed; seq 128,
 input_ids + attention_mask, dynamic int8: lowbit W8A8Dynamic export vs ORT quantize_dynamic vs torch.ao
-dynamic Linear), at batch 1 and 32, 2 threads, median of repeats (a third as many at batch 32). Also the int8/fp32 GEMM throughput ratio of ORT's kernels on this
-CPU, and per model how many convs/matmuls ran as int8 kernels in ORT's optimized graph.
+dynamic Linear), at batch 1 and 32, 2 threads, median of repeats (a third as many at batch 32); the ORT
+peers of one model are interleaved in rounds so that they share the same machine load (PyTorch eager and
+torch.ao run before them, alone: interleaved with the ORT sessions, eager times exploded in a trial run).
+Also the int8/fp32 GEMM throughput ratio of ORT's kernels on this CPU, and per model how many
+convs/matmuls ran as int8 kernels in ORT's optimized graph. "lowbit int8 (ORT)" is the default export
+(``target="ort-cpu"``: the exact ORT CPU rewrites of ``lowbit.export._ort_cpu``); "lowbit int8 QDQ (ORT)"
+is the same model exported with ``target="qdq"`` (plain QDQ), to show what those rewrites buy. The load
+average is printed with every model: figures from a shared machine are inflated and noisy.
 
     python bench/bench_speed.py            # everything
     python bench/bench_speed.py --quick    # ResNet-18 + MobileNetV2, batch 1, fewer repeats (no MiniLM)
@@ -33,19 +39,50 @@ from lowbit.export.verify import make_session
 THREADS = 2
 
 
-def median_ms(fn, repeats: int, warmup: int = 3) -> float:
+def timings_ms(fn, repeats: int, warmup: int = 3) -> list[float]:
+    """``repeats`` timed calls of ``fn`` after ``warmup`` untimed ones, in ms."""
     for _ in range(warmup):
         fn()
     ts = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
-        ts.append(time.perf_counter() - t)
-    return 1000 * statistics.median(ts)
+        ts.append(1000 * (time.perf_counter() - t))
+    return ts
+
+
+def median_ms(fn, repeats: int, warmup: int = 3) -> float:
+    return statistics.median(timings_ms(fn, repeats, warmup))
+
+
+def side_by_side(runners: dict, repeats: int, rounds: int = 5, warmup: int = 3) -> dict[str, list[float]]:
+    """Timings (ms) of each runner, measured interleaved: ``rounds`` rounds, each running every runner for a
+    block of ``repeats // rounds`` timed calls (after one untimed call), so that every peer sees the same
+    share of a fluctuating machine load; the ratios between peers are then comparable."""
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
+    per_block = max(1, repeats // rounds)
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(rounds):
+        for k, fn in runners.items():
+            fn()
+            for _ in range(per_block):
+                t = time.perf_counter()
+                fn()
+                times[k].append(1000 * (time.perf_counter() - t))
+    return times
+
+
+def no_grad(fn):
+    def run():
+        with torch.no_grad():
+            return fn()
+    return run
 
 
 def ort_runner(path, *xs: np.ndarray):
-    sess = make_session(path, threads=THREADS)
+    sess = make_session(path, threads=THREADS, spinning=False)
     feeds = {meta.name: x for meta, x in zip(sess.get_inputs(), xs)}
     return lambda: sess.run(None, feeds)
 
@@ -124,6 +161,7 @@ def bench_model(name, model, shape, batches, repeats, tmp: Path) -> list[str]:
     q = lowbit.quantize(model, lowbit.recipes.W8A8(), calib, progress=False)
     f_path = export_onnx_float(model, calib[0], tmp / f"{name}.fp32.onnx")
     res = export_onnx(q, calib[0], tmp / f"{name}.int8.onnx", min_fraction=0.0)  # parity printed below
+    plain = export_onnx(q, calib[0], tmp / f"{name}.int8.qdq.onnx", min_fraction=0.0, target="qdq")
     s_path = None
     try:
         s_path = ort_static(f_path, [c.numpy() for c in calib], tmp / f"{name}.ort_static.onnx")
@@ -136,21 +174,20 @@ def bench_model(name, model, shape, batches, repeats, tmp: Path) -> list[str]:
         ao = None
         print(f"{name}: torch.ao FX x86 int8 unavailable: {type(e).__name__}: {str(e)[:120]}")
     print(f"{name}: lowbit int8 {res.kernels}; parity {res.parity.fraction_within:.2%} within 1 step"
-          + (f"; ORT quantize_static {s_kernels}" if s_path else ""))
+          + (f"; ORT quantize_static {s_kernels}" if s_path else "") + f"; load average {os.getloadavg()[0]:.1f}")
     for b in batches:
         x = torch.randn(b, *shape)
         xn = x.numpy()
         n = repeats if b == 1 else max(5, repeats // 3)
-        t = {}
-        with torch.no_grad():
-            t["torch fp32"] = median_ms(lambda x=x: model(x), n)
-            if ao is not None:
-                t["torch.ao x86 int8"] = median_ms(lambda x=x: ao(x), n)
-        t["ORT fp32"] = median_ms(ort_runner(f_path, xn), n)
-        t["lowbit int8 (ORT)"] = median_ms(ort_runner(res.path, xn), n)
+        t = {"torch fp32": timings_ms(no_grad(lambda x=x: model(x)), n)}
+        if ao is not None:
+            t["torch.ao x86 int8"] = timings_ms(no_grad(lambda x=x: ao(x)), n)
+        runners = {"ORT fp32": ort_runner(f_path, xn)}
+        runners["lowbit int8 (ORT)"] = ort_runner(res.path, xn)
+        runners["lowbit int8 QDQ (ORT)"] = ort_runner(plain.path, xn)
         if s_path:
-            t["ORT quantize_static int8"] = median_ms(ort_runner(s_path, xn), n)
-        rows += _rows(name, b, t)
+            runners["ORT quantize_static int8"] = ort_runner(s_path, xn)
+        rows += _rows(name, b, {**t, **side_by_side(runners, n)})
     print("\n".join(rows), flush=True)
     return rows
 
@@ -181,27 +218,35 @@ def minilm_bench(batches, repeats, tmp: Path) -> list[str]:
     q = lowbit.quantize(model, lowbit.recipes.W8A8Dynamic(), example_inputs=ex, progress=False)
     f_path = export_onnx_float(model, ex, tmp / "minilm.fp32.onnx")
     res = export_onnx(q, ex, tmp / "minilm.int8.onnx", min_fraction=0.0, min_cosine=0.0)
+    plain = export_onnx(q, ex, tmp / "minilm.int8.qdq.onnx", min_fraction=0.0, min_cosine=0.0, target="qdq")
     d_path = export_onnx_dynamic(model, ex, tmp / "minilm.ort_dynamic.onnx")
     ao = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    print(f"{name}: lowbit int8 {res.kernels}; ORT quantize_dynamic {count_kernels(d_path)}", flush=True)
+    print(f"{name}: lowbit int8 {res.kernels}; parity: {res.parity.fraction_within:.2%} within 1 step, lowest row "
+          f"cosine {res.parity.min_cosine:.4f}; ORT quantize_dynamic {count_kernels(d_path)}; "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
     rows = []
     for b in batches:
         ids, mask = inputs(b)
         n = repeats if b == 1 else max(5, repeats // 3)
-        t = {}
-        with torch.no_grad():
-            t["torch fp32"] = median_ms(lambda ids=ids, mask=mask: model(ids, mask), n)
-            t["torch.ao x86 int8 (dynamic)"] = median_ms(lambda ids=ids, mask=mask: ao(ids, mask), n)
-        t["ORT fp32"] = median_ms(ort_runner(f_path, ids.numpy(), mask.numpy()), n)
-        t["lowbit int8 (ORT)"] = median_ms(ort_runner(res.path, ids.numpy(), mask.numpy()), n)
-        t["ORT quantize_dynamic int8"] = median_ms(ort_runner(d_path, ids.numpy(), mask.numpy()), n)
-        rows += _rows(name, b, t)
+        t = {"torch fp32": timings_ms(no_grad(lambda ids=ids, mask=mask: model(ids, mask)), n),
+             "torch.ao x86 int8 (dynamic)": timings_ms(no_grad(lambda ids=ids, mask=mask: ao(ids, mask)), n)}
+        runners = {
+            "ORT fp32": ort_runner(f_path, ids.numpy(), mask.numpy()),
+            "lowbit int8 (ORT)": ort_runner(res.path, ids.numpy(), mask.numpy()),
+            "lowbit int8 QDQ (ORT)": ort_runner(plain.path, ids.numpy(), mask.numpy()),
+            "ORT quantize_dynamic int8": ort_runner(d_path, ids.numpy(), mask.numpy()),
+        }
+        rows += _rows(name, b, {**t, **side_by_side(runners, n)})
+    print("\n".join(rows), flush=True)
     return rows
 
 
-def _rows(name: str, b: int, t: dict[str, float]) -> list[str]:
-    base = t["ORT fp32"]
-    return [f"| {name} | {b} | {k} | {v:.1f} | {base / v:.2f}x | {t['torch fp32'] / v:.2f}x |" for k, v in t.items()]
+def _rows(name: str, b: int, t: dict[str, list[float]]) -> list[str]:
+    """Median per runtime. (A low percentile is no fairer under intermittent load: short runs fit in the
+    quiet moments more often than long ones, which favours the int8 models.)"""
+    med = {k: statistics.median(v) for k, v in t.items()}
+    return [f"| {name} | {b} | {k} | {med[k]:.1f} | {med['ORT fp32'] / med[k]:.2f}x | {med['torch fp32'] / med[k]:.2f}x |"
+            for k in t]
 
 
 def main() -> None:

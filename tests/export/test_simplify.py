@@ -55,7 +55,7 @@ def test_real_model_patterns_fold_to_pure_qdq(samepad):
     ops = [n.op_type for n in onnx.load(str(r.path)).graph.node]
     for gone in ("Shape", "Gather", "ConstantOfShape", "Concat", "Slice", "Clip", "Constant"):
         assert gone not in ops, gone
-    assert ops.count("Pad") == 2
+    assert ops.count("Pad") == 3  # the two ZeroPad2d, and the stem's input channels 3 -> 4 (target "ort-cpu")
     assert r.kernels.int8 == {"QLinearConv": 3, "QGemm": 1} and r.kernels.n_float == 0
     assert r.biases_int32 == 4
     assert r.parity.fraction_within >= 0.99 and r.parity.top1_agreement == 1.0
@@ -103,7 +103,7 @@ def _clip_q_model(lo: float, hi: float, scale: float, zp: int) -> onnx.ModelProt
     inits = [numpy_helper.from_array(np.array(lo, np.float32), "lo"), numpy_helper.from_array(np.array(hi, np.float32), "hi"),
              numpy_helper.from_array(np.array(scale, np.float32), "s"), numpy_helper.from_array(np.array(zp, np.uint8), "z")]
     nodes = [helper.make_node("Clip", ["x", "lo", "hi"], ["c"]), helper.make_node("QuantizeLinear", ["c", "s", "z"], ["y"])]
-    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 13)])
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 13)], ir_version=9)
 
 
 @pytest.mark.parametrize("scale,zp,dropped", [
@@ -134,7 +134,7 @@ def test_quantize_before_pad_is_exact_on_ort(tmp_path):
              numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(7, np.uint8), "z")]
     nodes = [helper.make_node("Pad", ["x", "pads"], ["p"]), helper.make_node("QuantizeLinear", ["p", "s", "z"], ["q"]),
              helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
-    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 13)])
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 13)], ir_version=9)
     xv = np.random.default_rng(0).normal(size=(1, 2, 3, 3)).astype(np.float32)
     before = run_ort(make_session_from(model, tmp_path / "a.onnx"), [xv])[0]
     assert sp.quantize_before_pad(model) == 1
@@ -153,7 +153,7 @@ def test_runtime_pad_fill_value_on_grid_and_refused_off_grid(tmp_path):
                  numpy_helper.from_array(np.array(0.5, np.float32), "s"), numpy_helper.from_array(np.array(10, np.uint8), "z")]
         nodes = [helper.make_node("DequantizeLinear", ["x", "s", "z"], ["d"]),
                  helper.make_node("Pad", ["d", "pads", "v"], ["p"]), helper.make_node("QuantizeLinear", ["p", "s", "z"], ["y"])]
-        return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 13)])
+        return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 13)], ir_version=9)
 
     xv = np.array([[[[0, 255], [10, 37]]]], np.uint8)
     m = model(1.5)  # code 13
@@ -173,7 +173,7 @@ def test_fold_constants_keeps_qdq_and_dead_code_removed():
              helper.make_node("DequantizeLinear", ["w", "s"], ["wd"]),          # constant but kept (a weight)
              helper.make_node("Shape", ["x"], ["unused"]),                      # dead
              helper.make_node("Add", ["x", "wd"], ["y"])]
-    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 13)])
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 13)], ir_version=9)
     assert sp.fold_constants(model) == 1
     assert numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "ab")).tolist() == [1, 2, 3]
     assert sp.remove_dead_nodes(model) == 1
@@ -213,3 +213,77 @@ def test_attention_raises_the_opset_and_uses_int8_matmuls(tmp_path):
     assert r.opset >= 14  # scaled_dot_product_attention has no opset-13 form
     assert count_kernels(r.path).n_int8 == 2
     assert r.parity.min_cosine > 0.999
+
+
+def _shape_graph():
+    """x (n, 6, 4) -> Reshape to (n, 6, 2, 2) with the target computed from Shape(x) the way the tracer writes
+    ``x.view(x.size(0), x.size(1), 2, -1)``, then y = reshaped * 2."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    inits = [numpy_helper.from_array(np.array(0, np.int64), "i0"), numpy_helper.from_array(np.array(1, np.int64), "i1"),
+             numpy_helper.from_array(np.array([0], np.int64), "ax"), numpy_helper.from_array(np.array([2, -1], np.int64), "rest"),
+             numpy_helper.from_array(np.array(2.0, np.float32), "two")]
+    nodes = [helper.make_node("Shape", ["x"], ["shp"]),
+             helper.make_node("Gather", ["shp", "i0"], ["d0"]), helper.make_node("Gather", ["shp", "i1"], ["d1"]),
+             helper.make_node("Unsqueeze", ["d0", "ax"], ["u0"]), helper.make_node("Unsqueeze", ["d1", "ax"], ["u1"]),
+             helper.make_node("Concat", ["u0", "u1", "rest"], ["target"], axis=0),
+             helper.make_node("Reshape", ["x", "target"], ["r"]), helper.make_node("Mul", ["r", "two"], ["y"])]
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 13)], ir_version=9)
+
+
+def test_fold_static_shapes_keeps_dynamic_batch(tmp_path):
+    before, after = _shape_graph(), _shape_graph()
+    assert sp.fold_static_shapes(after) > 0
+    sp.remove_dead_nodes(after)
+    assert [n.op_type for n in after.graph.node] == ["Reshape", "Mul"]
+    target = next(t for t in after.graph.initializer if t.name == after.graph.node[0].input[1])
+    assert numpy_helper.to_array(target).tolist() == [0, 6, 2, -1]  # batch copied from the input, 6 now constant
+    for n in (1, 5):
+        xv = np.random.default_rng(n).normal(size=(n, 6, 4)).astype(np.float32)
+        got = run_ort(make_session_from(after, tmp_path / f"a{n}.onnx"), [xv])[0]
+        np.testing.assert_array_equal(got, run_ort(make_session_from(before, tmp_path / f"b{n}.onnx"), [xv])[0])
+        np.testing.assert_array_equal(got, xv.reshape(n, 6, 2, 2) * 2)
+
+
+def test_fold_static_shapes_leaves_a_dynamic_value_alone():
+    m = _shape_graph()
+    m.graph.node[1].input[1] = "i1"  # Gather dims 1 and 1: (6, 6, 2, -1) is static -> folded ...
+    m.graph.node[2].input[1] = "i0"  # ... but here: (6, n, 2, -1) puts the batch at position 1: kept
+    sp.fold_static_shapes(m)
+    ops = [n.op_type for n in m.graph.node]
+    assert "Shape" in ops and "Reshape" in ops and not any(t.name.endswith("_static_shape") for t in m.graph.initializer)
+
+
+class Heads(nn.Module):
+    """Multi-head split/merge as traced transformers write it (size() arithmetic in every layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 16)
+
+    def forward(self, x):
+        b, t = x.size(0), x.size(1)
+        h = self.qkv(x).view(b, t, 4, x.size(2) // 4).transpose(1, 2)
+        return self.out(torch.relu(h).transpose(1, 2).reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("kind", ["float", "int8"])
+def test_traced_head_reshapes_become_constant(tmp_path, kind):
+    from lowbit.export import export_onnx_float
+
+    torch.manual_seed(0)
+    m = Heads().eval()
+    x = torch.randn(2, 5, 16)
+    if kind == "float":
+        path = export_onnx_float(m, x, tmp_path / "h.onnx")
+    else:
+        q = lowbit.quantize(m, lowbit.recipes.W8A8Dynamic(), None, progress=False)
+        path = export_onnx(q, x, tmp_path / "h.onnx").path
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "Shape" not in ops and "Gather" not in ops and "Concat" not in ops, ops
+    x3 = torch.randn(3, 5, 16)  # another batch size: the batch dimension stayed dynamic
+    with torch.no_grad():
+        ref = (m if kind == "float" else q)(x3).numpy()
+    tol = 1e-5 if kind == "float" else 0.05 * np.abs(ref).max()
+    np.testing.assert_allclose(run_ort(path, [x3])[0], ref, rtol=0, atol=tol)

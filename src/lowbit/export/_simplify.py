@@ -14,6 +14,10 @@ a convolution and its QuantizeLinear. Every pass here leaves the model's outputs
   (``Q(0) = z`` exactly, so padding the codes with the zero point is the same thing).
 * :func:`drop_clip_before_quantize`: ``Clip(lo, hi) -> QuantizeLinear`` loses the Clip when the quantizer
   already saturates there (``Q(lo) = qmin`` and ``Q(hi) = qmax``, Q is monotone): the ReLU6 case.
+* :func:`fold_static_shapes`: the shape arithmetic a traced transformer repeats in every layer
+  (``Shape -> Gather -> Unsqueeze -> Concat -> Reshape``) is evaluated from the shapes ONNX shape inference
+  proves; only values that do not depend on a symbolic (dynamic) dimension become constants, and a Reshape
+  target whose only unknown entries are the input's own symbolic dimensions gets 0 there ("copy").
 * :func:`remove_dead_nodes`: nodes none of whose outputs reach a graph output.
 """
 
@@ -269,6 +273,131 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
 
 
 __all__ = [
-    "fold_constants", "batch_reshape_to_constant", "remove_dead_nodes", "quantize_before_pad",
+    "fold_constants", "fold_static_shapes", "batch_reshape_to_constant", "remove_dead_nodes", "quantize_before_pad",
     "drop_clip_before_quantize", "constants_to_initializers", "pad_fills_with_zero",
 ]
+
+
+# ----------------------------------------------------------------------------------- static shapes
+_Sym = str  # a symbolic dimension (an ONNX dim_param); ints are static
+_SHAPE_INT = {TensorProto.INT64: np.int64, TensorProto.INT32: np.int32}
+
+
+def _inferred_dims(model: onnx.ModelProto) -> dict[str, list[int | _Sym] | None]:
+    bare = onnx.ModelProto()
+    _copy_without_weights(model, bare)  # without value_info: the tracer's names its own symbolic dims
+    g = onnx.shape_inference.infer_shapes(bare).graph
+    out: dict[str, list[int | _Sym] | None] = {}
+    for v in [*g.value_info, *g.input, *g.output]:
+        t = v.type.tensor_type
+        if not t.HasField("shape"):
+            out[v.name] = None
+            continue
+        dims: list[int | _Sym] | None = []
+        for d in t.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            elif d.HasField("dim_param") and d.dim_param:
+                dims.append(d.dim_param)
+            else:
+                dims = None
+                break
+        out[v.name] = dims
+    return out
+
+
+def _copy_without_weights(model: onnx.ModelProto, bare: onnx.ModelProto, keep: int = 64) -> None:
+    """``bare`` = ``model`` with every initializer above ``keep`` elements declared as a graph input of the
+    same type and shape instead (shape inference needs only their shapes; copying weights is slow)."""
+    graph = model.graph
+    bare.CopyFrom(onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import))
+    bare.graph.name = graph.name
+    bare.graph.node.extend(graph.node)
+    bare.graph.input.extend(graph.input)
+    bare.graph.output.extend(graph.output)
+    for t in graph.initializer:
+        if int(np.prod(t.dims)) <= keep:
+            bare.graph.initializer.append(t)
+        else:
+            bare.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+
+
+def _shape_values(model: onnx.ModelProto, dims: dict) -> dict[str, tuple[list, bool, int]]:
+    """Integer tensors computed from shapes: name -> (elements (int or symbol), is_scalar, ONNX dtype)."""
+    graph = model.graph
+    val: dict[str, tuple[list, bool, int]] = {}
+    for t in graph.initializer:
+        if t.data_type in _SHAPE_INT and len(t.dims) <= 1:
+            a = numpy_helper.to_array(t)
+            if a.size <= 16:
+                val[t.name] = ([int(v) for v in a.reshape(-1)], a.ndim == 0, t.data_type)
+    for n in graph.node:
+        a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
+        ins = [val.get(i) for i in n.input]
+        res = None
+        if n.op_type == "Shape" and dims.get(n.input[0]) is not None:
+            d = dims[n.input[0]]
+            res = (list(d[a.get("start", 0): a.get("end", len(d))]), False, TensorProto.INT64)
+        elif n.op_type == "Gather" and ins[0] is not None and ins[1] is not None and a.get("axis", 0) == 0 \
+                and not ins[0][1]:
+            elems, size = ins[0][0], len(ins[0][0])
+            if all(isinstance(i, int) and -size <= i < size for i in ins[1][0]):
+                res = ([elems[i] for i in ins[1][0]], ins[1][1], ins[0][2])
+        elif n.op_type == "Unsqueeze" and ins[0] is not None and ins[0][1]:
+            axes = a.get("axes", ins[1][0] if len(ins) > 1 and ins[1] is not None else None)
+            if axes is not None and list(axes) in ([0], [-1]):
+                res = (ins[0][0], False, ins[0][2])
+        elif n.op_type == "Squeeze" and ins[0] is not None and not ins[0][1] and len(ins[0][0]) == 1:
+            res = (ins[0][0], True, ins[0][2])
+        elif n.op_type == "Concat" and a.get("axis") == 0 and ins and all(v is not None and not v[1] for v in ins):
+            res = ([e for v in ins for e in v[0]], False, ins[0][2])
+        elif n.op_type == "Cast" and ins[0] is not None and a.get("to") in _SHAPE_INT:
+            res = (ins[0][0], ins[0][1], a["to"])
+        if res is not None:
+            val[n.output[0]] = res
+    return val
+
+
+def fold_static_shapes(model: onnx.ModelProto) -> int:
+    """Replace shape arithmetic whose result shape inference proves static by initializers, and the shape
+    input of a ``Reshape`` whose unknown entries are exactly its data input's symbolic dimensions (at the
+    same positions) by a constant with 0 there (ONNX Reshape copies the input dimension for a 0). Values
+    that depend on a dynamic dimension are left to the runtime, so the graph keeps its dynamic batch.
+    Repeats until nothing changes; returns the number of tensors made constant."""
+    total = 0
+    for _ in range(8):
+        graph = model.graph
+        dims = _inferred_dims(model)
+        val = _shape_values(model, dims)
+        inits = {t.name for t in graph.initializer}
+        outputs = {o.name for o in graph.output}
+        new_inits: dict[str, np.ndarray] = {}
+        for n in graph.node:
+            if n.op_type in ("Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast") and len(n.output) == 1:
+                v = val.get(n.output[0])
+                if v is not None and n.output[0] not in outputs and all(isinstance(e, int) for e in v[0]):
+                    arr = np.asarray(v[0], dtype=_SHAPE_INT[v[2]])
+                    new_inits[n.output[0]] = arr.reshape(()) if v[1] else arr
+            elif n.op_type == "Reshape" and n.input[1] not in inits and n.input[1] in val \
+                    and not any(x.name == "allowzero" and x.i for x in n.attribute):
+                target, data = val[n.input[1]][0], dims.get(n.input[0])
+                if data is None or any(isinstance(e, int) and e == 0 for e in target):
+                    continue
+                if all(isinstance(e, int) or (i < len(data) and data[i] == e) for i, e in enumerate(target)):
+                    name = base = f"{n.name or n.output[0]}_static_shape".replace("/", "_")
+                    while name in inits or name in new_inits:  # never point at an unrelated initializer
+                        name = f"{base}_{len(new_inits)}_{len(inits)}"
+                        base = name
+                    new_inits[name] = np.asarray([e if isinstance(e, int) else 0 for e in target], np.int64)
+                    n.input[1] = name
+        fresh = {k: v for k, v in new_inits.items() if k not in inits}
+        if not fresh:
+            break
+        keep = [n for n in graph.node if not (len(n.output) == 1 and n.output[0] in fresh)]
+        del graph.node[:]
+        graph.node.extend(keep)
+        graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in fresh.items())
+        total += len(fresh)
+        fold_constants(model)
+        remove_dead_nodes(model)
+    return total

@@ -9,6 +9,9 @@ QLinearMatMul. Route: trace with ``torch.onnx.export(dynamo=False)`` while every
 placeholder node (its forward still computes the simulated value), then :mod:`._qdq_graph` turns the
 placeholders into Q/DQ nodes with the quantizers' exact scales, zero points and codes.
 
+With ``target="ort-cpu"`` (default) the QDQ graph then gets the exact rewrites of :mod:`._ort_cpu` that make
+ONNX Runtime's CPU provider choose its fast integer kernels; ``target="qdq"`` keeps the plain form.
+
 The opset is the lowest that expresses every format: 13 for int8/uint8 (per-channel DQ), 19 for fp8,
 21 for int4/uint4/int16/uint16 and per-group weights.
 """
@@ -32,6 +35,8 @@ from torch import nn
 from ..errors import ConfigError, EmptyCalibrationError, ExportError
 from ..nn.layers import QuantLayerMixin
 from ..nn.quantizer import TensorQuantizer
+from ..nn.requant import ort_arithmetic
+from . import _ort_cpu
 from . import _qdq_graph as qg
 from . import _simplify as sp
 from ._io import check_output_path
@@ -180,9 +185,11 @@ def _torch_export(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: str,
 
 
 def _simplify(model: onnx.ModelProto) -> None:
-    """Fold the tracer's shape arithmetic (static padding, ``view(x.size(0), -1)``) into constants."""
+    """Fold the tracer's shape arithmetic (static padding, ``view(x.size(0), -1)``, a transformer's per-layer
+    ``Shape -> Gather -> Concat -> Reshape``) into constants; dimension 0 stays dynamic."""
     sp.constants_to_initializers(model)
     sp.fold_constants(model)
+    sp.fold_static_shapes(model)
     sp.batch_reshape_to_constant(model)
     sp.remove_dead_nodes(model)
 
@@ -209,6 +216,7 @@ def export_onnx(
     dynamic_batch: bool = True,
     min_fraction: float = 0.99,
     min_cosine: float = 0.999,
+    target: str = "ort-cpu",
 ) -> ExportResult:
     """Write ``qmodel`` as a QDQ ONNX model, run it in ONNX Runtime and check it against the simulation.
 
@@ -227,6 +235,11 @@ def export_onnx(
         min_fraction: the parity tolerance: at least this fraction of outputs within one output step.
         min_cosine: for outputs without a quantization scale (float), the alternative tolerance: every
             row's cosine similarity to the simulation at least this (see :func:`verify_parity`).
+        target: ``"ort-cpu"`` (default) also applies the exact rewrites of :mod:`._ort_cpu` that make ONNX
+            Runtime's CPU provider pick its fast integer kernels (stem convolutions padded to 4 input
+            channels; dynamic Linear layers as ``MatMulInteger`` so ORT fuses the bias); ``"qdq"`` writes
+            the plain QDQ form (for runtimes that match DQ -> op -> Q themselves, e.g. TensorRT, and for
+            :class:`lowbit.runtime.IntegerRuntime`). Outputs are identical either way.
 
     Returns:
         :class:`ExportResult`.
@@ -237,6 +250,8 @@ def export_onnx(
         EmptyCalibrationError: an uncalibrated quantizer.
         ParityError: ORT disagrees with the simulation beyond the tolerance (see :func:`verify_parity`).
     """
+    if target not in _ort_cpu.TARGETS:
+        raise ConfigError(f"target must be one of {', '.join(map(repr, _ort_cpu.TARGETS))}, got {target!r}.")
     out_path = check_output_path(path, overwrite)
     inputs = as_input_tuple(example_inputs)
     was_training = qmodel.training
@@ -274,6 +289,9 @@ def export_onnx(
     sp.quantize_before_pad(model)
     qg.requantize_compute_inputs(model)
     n_bias = qg.quantize_biases(model)
+    if target == "ort-cpu":
+        log.info("lowbit: ONNX Runtime CPU rewrites: %s", _ort_cpu.optimize_for_ort_cpu(model))
+        sp.remove_dead_nodes(model)
     qg.remove_unused_initializers(model)
     qg.set_opset(model, opset)
     _save(model, out_path)
@@ -282,7 +300,8 @@ def export_onnx(
     if not verify:
         return ExportResult(out_path, opset, None, None, n_bias)
     kernels = count_kernels(out_path)
-    sim = [t.float().numpy() for t in _flat_outputs(qmodel(*inputs))]
+    with ort_arithmetic(qmodel):  # ORT's own requantization arithmetic: the comparison is exact where it can be
+        sim = [t.float().numpy() for t in _flat_outputs(qmodel(*inputs))]
     ort_out = run_ort(out_path, inputs)
     parity = verify_parity(sim, ort_out, model, min_fraction=min_fraction, min_cosine=min_cosine)
     return ExportResult(out_path, opset, kernels, parity, n_bias)
@@ -293,7 +312,9 @@ def export_onnx_float(
     model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, overwrite: bool = False,
     opset: int = 17, dynamic_batch: bool = True,
 ) -> Path:
-    """Write the float model as ONNX (the baseline the int8 export is compared with). Returns the path."""
+    """Write the float model as ONNX (the baseline the int8 export is compared with), with the same exact
+    shape simplifications as :func:`export_onnx` (so a speed comparison measures the integer kernels, not
+    a difference in graph clean-up). Returns the path."""
     out_path = check_output_path(path, overwrite)
     inputs = as_input_tuple(example_inputs)
     was_training = model.training
@@ -301,7 +322,10 @@ def export_onnx_float(
     with tempfile.TemporaryDirectory() as tmp:
         raw = os.path.join(tmp, "raw.onnx")
         _torch_export(model, inputs, raw, opset, dynamic_batch, custom=False)
-        _save(onnx.load(raw), out_path)
+        graph = onnx.load(raw)
+    _simplify(graph)
+    qg.remove_unused_initializers(graph)
+    _save(graph, out_path)
     model.train(was_training)
     return out_path
 

@@ -363,7 +363,16 @@ class IntegerRuntime:
 
     def _op_Pad(self, node: _Node, env: dict, ins: list[str]) -> QTensor:
         """Constant-mode Pad of a per-tensor quantized tensor: the fill value ``v`` becomes the code
-        ``z + v / s``, which must be an exact in-range code (``v = 0`` always is: the zero point)."""
+        ``z + v / s``, which must be an exact in-range code (``v = 0`` always is: the zero point). A Pad of
+        the integer codes themselves (``Q -> Pad(value = code) -> DQ``) pads with that code."""
+        raw = env[ins[0]]
+        if isinstance(raw, np.ndarray) and raw.dtype in (np.uint8, np.int8) and len(ins) > 2 and ins[2]:
+            pads = self._const(env, ins[1]).astype(np.int64).reshape(-1)
+            fill = self._const(env, ins[2])
+            if _s(node.attrs.get("mode", "constant")) != "constant" or np.any(pads < 0) or (len(ins) > 3 and ins[3]):
+                raise UnsupportedLayerError(f"Pad '{node.proto.name}' of integer codes: only constant mode, non-negative pads.")
+            width = [(int(pads[i]), int(pads[i + raw.ndim])) for i in range(raw.ndim)]
+            return np.pad(raw, width, constant_values=raw.dtype.type(np.asarray(fill).reshape(-1)[0]))
         x = self._q(env, ins[0], node)
         mode = _s(node.attrs.get("mode", "constant"))
         if mode != "constant" or not x.per_tensor or (len(ins) > 3 and ins[3]):

@@ -1,0 +1,172 @@
+"""Exact rewrites of a QDQ graph into the forms ONNX Runtime's CPU provider runs fastest (``target="ort-cpu"``).
+
+Both rewrites leave every output value unchanged (integer arithmetic is exact; see each function) and use
+standard ONNX operators only, so the file still runs anywhere; they only matter for which kernels ORT picks.
+Measured on the x86 machine of ``docs/benchmarks.md`` (Zen 4, AVX512-VNNI) with ONNX Runtime 1.32:
+
+* :func:`pad_conv_input_channels`: MLAS's fast symmetric-weight convolution (``MlasConvSym``, used by
+  QLinearConv when the weights are int8 with zero point 0) needs the input channels to be a multiple of 4;
+  a 3-channel RGB stem falls back to im2col + QGEMM, which is slower than ORT's fp32 stem convolution. The
+  input codes are padded with their zero point and the weights with zero codes, so the extra channel adds
+  ``(z - z) * 0 = 0`` to every accumulator.
+* :func:`dynamic_matmul_to_integer`: ``DynamicQuantizeLinear -> DequantizeLinear -> MatMul <- DQ(weight)``
+  becomes ``MatMulInteger -> Cast -> Mul(s_x * s_w)``, the form ORT's own ``quantize_dynamic`` writes. ORT
+  fuses it *with the following bias Add* into DynamicQuantizeMatMul / MatMulIntegerToFloat; the QDQ form
+  fuses without the bias, leaving one float Add per Linear. The integer accumulation is exact, so the
+  result is ``s_x * s_w * sum((q_x - z_x) * (q_w - z_w))``, the same real number the DQ -> MatMul form
+  rounds in float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+__all__ = ["TARGETS", "optimize_for_ort_cpu", "pad_conv_input_channels", "dynamic_matmul_to_integer"]
+
+TARGETS = ("ort-cpu", "qdq")
+"""Export targets: ``"ort-cpu"`` applies this module's rewrites; ``"qdq"`` keeps the plain QDQ form
+(for runtimes that pattern-match DQ -> op -> Q themselves, e.g. TensorRT, or lowbit's own interpreter)."""
+
+_INT8 = (TensorProto.INT8, TensorProto.UINT8)
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _maps(graph: onnx.GraphProto):
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return inits, producer, consumers
+
+
+def _per_tensor_const(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
+    return (len(dq.input) > 2 and dq.input[1] in inits and dq.input[2] in inits
+            and numpy_helper.to_array(inits[dq.input[1]]).size == 1)
+
+
+def pad_conv_input_channels(model: onnx.ModelProto, multiple: int = 4) -> int:
+    """Pad the input channels of every ungrouped QDQ Conv with int8 symmetric weights up to a multiple of
+    ``multiple``: ``Q -> DQ -> Conv`` becomes ``Q -> Pad(codes, value = z) -> DQ -> Conv`` and the weight
+    codes ``(M, C, k...)`` get zero codes up to ``(M, C', k...)``. Exact: a padded input code is the zero
+    point (dequantizes to 0) and a padded weight code is 0. Returns the number of convolutions padded."""
+    graph = model.graph
+    inits, producer, consumers = _maps(graph)
+    count = 0
+    for conv in list(graph.node):
+        if conv.op_type != "Conv" or _attr(conv, "group", 1) != 1:
+            continue
+        dqx, dqw = producer.get(conv.input[0]), producer.get(conv.input[1])
+        if dqx is None or dqw is None or dqx.op_type != "DequantizeLinear" or dqw.op_type != "DequantizeLinear":
+            continue
+        if not _per_tensor_const(dqx, inits) or inits[dqx.input[2]].data_type not in _INT8:
+            continue
+        codes_t = inits.get(dqw.input[0])
+        if codes_t is None or codes_t.data_type != TensorProto.INT8 or _attr(dqw, "block_size") is not None:
+            continue
+        if len(dqw.input) > 2 and dqw.input[2]:
+            if dqw.input[2] not in inits or np.any(numpy_helper.to_array(inits[dqw.input[2]]) != 0):
+                continue  # ORT's fast path needs symmetric weights
+        if len(consumers.get(dqw.output[0], [])) != 1 or len(consumers.get(dqw.input[0], [])) != 1:
+            continue  # the weight codes are rewritten in place: they must be this conv's alone
+        codes = numpy_helper.to_array(codes_t)
+        c = codes.shape[1]
+        extra = -c % multiple
+        if extra == 0:
+            continue
+        padded = np.zeros((codes.shape[0], c + extra, *codes.shape[2:]), codes.dtype)
+        padded[:, :c] = codes
+        codes_t.CopyFrom(numpy_helper.from_array(padded, codes_t.name))
+        rank = codes.ndim
+        base = f"lowbit_cpad{count}"
+        pads = np.zeros(2 * rank, np.int64)
+        pads[rank + 1] = extra  # end of axis 1 (channels)
+        graph.initializer.append(numpy_helper.from_array(pads, f"{base}_pads"))
+        pad = helper.make_node("Pad", [dqx.input[0], f"{base}_pads", dqx.input[2]], [f"{base}_codes"],
+                               name=f"{base}_pad", mode="constant")
+        dq = helper.make_node("DequantizeLinear", [f"{base}_codes", dqx.input[1], dqx.input[2]], [f"{base}_out"],
+                              name=f"{base}_dequant")
+        conv.input[0] = f"{base}_out"
+        nodes = list(graph.node)
+        at = nodes.index(conv)
+        nodes[at:at] = [pad, dq]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        count += 1
+    return count
+
+
+def _dynamic_input(dq: onnx.NodeProto | None, producer: dict[str, onnx.NodeProto]) -> bool:
+    """``dq`` dequantizes the three outputs of one DynamicQuantizeLinear."""
+    if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
+        return False
+    dyn = producer.get(dq.input[0])
+    return dyn is not None and dyn.op_type == "DynamicQuantizeLinear" and list(dq.input) == list(dyn.output)
+
+
+def _weight_kn(node: onnx.NodeProto | None, graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto],
+               producer: dict[str, onnx.NodeProto]) -> tuple[str, str, str] | None:
+    """(codes ``(K, N)``, scale, zero point) of a constant 2-D weight reaching a MatMul as ``DQ`` (per
+    tensor, or per column: axis 1) or as ``DQ(W (N, K), axis 0) -> Transpose`` (the traced ``nn.Linear``);
+    None for anything else. A transposed weight gets its codes stored transposed."""
+    transposed = node is not None and node.op_type == "Transpose" and list(_attr(node, "perm", [])) == [1, 0]
+    dq = producer.get(node.input[0]) if transposed else node
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or len(dq.input) < 3:
+        return None
+    if dq.input[1] not in inits or dq.input[2] not in inits or _attr(dq, "block_size") is not None:
+        return None
+    codes_t = inits[dq.input[0]]
+    if codes_t.data_type not in _INT8 or len(codes_t.dims) != 2:
+        return None
+    per_channel = numpy_helper.to_array(inits[dq.input[1]]).size > 1
+    if per_channel and _attr(dq, "axis", 1) != (0 if transposed else 1):
+        return None
+    if not transposed:
+        return dq.input[0], dq.input[1], dq.input[2]
+    name = f"{dq.input[0]}_kn"
+    if name not in inits:
+        t = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(codes_t).T), name)
+        graph.initializer.append(t)
+        inits[name] = t
+    return name, dq.input[1], dq.input[2]
+
+
+def dynamic_matmul_to_integer(model: onnx.ModelProto) -> int:
+    """Rewrite ``DQ(DynamicQuantizeLinear(x)) @ DQ(W)`` as ``Cast(MatMulInteger(q_x, q_w, z_x, z_w)) *
+    (s_x * s_w)`` (module docstring). Only where the int32 accumulator cannot overflow
+    (``K * 255 * 128 < 2**31``). Returns the number of MatMuls rewritten; the DequantizeLinear nodes left
+    without consumers are removed by the caller's dead-node pass."""
+    graph = model.graph
+    inits, producer, _ = _maps(graph)
+    new_nodes: list[onnx.NodeProto] = []
+    count = 0
+    for node in graph.node:
+        a = producer.get(node.input[0]) if node.op_type == "MatMul" else None
+        w = _weight_kn(producer.get(node.input[1]), graph, inits, producer) if _dynamic_input(a, producer) else None
+        if w is None or inits[w[0]].dims[0] * 255 * 128 >= 2**31:
+            new_nodes.append(node)
+            continue
+        codes, s_w, z_w = w
+        base = f"lowbit_mmi{count}"
+        new_nodes += [
+            helper.make_node("Mul", [a.input[1], s_w], [f"{base}_scale"], name=f"{base}_scales_mul"),
+            helper.make_node("MatMulInteger", [a.input[0], codes, a.input[2], z_w], [f"{base}_acc"], name=f"{base}_matmul"),
+            helper.make_node("Cast", [f"{base}_acc"], [f"{base}_acc_f"], name=f"{base}_cast", to=TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{base}_acc_f", f"{base}_scale"], [node.output[0]], name=f"{base}_rescale"),
+        ]
+        count += 1
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    return count
+
+
+def optimize_for_ort_cpu(model: onnx.ModelProto) -> dict[str, int]:
+    """Apply every rewrite of this module (in place); returns how many nodes each one rewrote."""
+    return {"conv_input_channels_padded": pad_conv_input_channels(model),
+            "dynamic_matmuls_to_integer": dynamic_matmul_to_integer(model)}
