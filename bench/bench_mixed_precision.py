@@ -24,6 +24,7 @@ from lowbit.capture.readback import deployed_size_bytes, weight_bytes
 from lowbit.mixed_precision import parse_size, search_mixed_precision
 from lowbit.recipes import Custom
 from lowbit.zoo.data import imagenet_samples
+from lowbit.zoo.metrics import model_size_bytes
 from lowbit.zoo.models import efficientnet_lite0
 
 U8 = QuantSpec("uint8", symmetric=False)
@@ -75,7 +76,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     model = efficientnet_lite0()
     x, y, calib = split(a.images, a.calib, a.data)
-    rows = [("float", "", top1(model, x, y), None, None, 0.0)]
+    rows = [("float", "", top1(model, x, y), model_size_bytes(model), None, 0.0)]
     for name, rec in (("W8A8", W8), ("W4A8", W4)):
         q = lowbit.quantize(model, rec, calib, progress=False)
         rows.append((name, "uniform", top1(q, x, y), deployed_size_bytes(q), None, 0.0))
