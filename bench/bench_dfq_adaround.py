@@ -205,6 +205,8 @@ def main() -> None:
     ap.add_argument("--ada-iters", type=int, default=200, help="AdaRound iterations per layer")
     ap.add_argument("--ada-batch", type=int, default=32)
     ap.add_argument("--ada-lr", type=float, default=1e-2)
+    ap.add_argument("--ada-qdrop", type=float, default=0.0,
+                    help="QDrop: probability of feeding the float input instead of the quantized one")
     ap.add_argument("--ada-calib", type=int, default=0, help="AdaRound samples (0: the --calib images; more: "
                     "augmented crops added)")
     ap.add_argument("--w4-grids", default="minmax,mse", help="weight range estimators for the W4 rows (the "
@@ -290,7 +292,7 @@ def main() -> None:
             dfq = DFQ(input_range=(-1.0, 1.0), act_range=est, act_num_std=args.act_num_std)
             run("W8A8", f"data-free: CLE + HBA + bias corr., act. {what}",
                 lambda dfq=dfq: lowbit.quantize(float_model, r, None, example, dfq=dfq, progress=False))
-    cfg = AdaRoundConfig(iters=args.ada_iters, lr=args.ada_lr, batch_size=args.ada_batch)
+    cfg = AdaRoundConfig(iters=args.ada_iters, lr=args.ada_lr, batch_size=args.ada_batch, qdrop_prob=args.ada_qdrop)
     for act_bits in (8, 4):
         g = f"W4A{act_bits}"
         if g.lower() not in rows_wanted:
@@ -299,7 +301,8 @@ def main() -> None:
             r = w4_recipe(act_bits, grid, args.w4_act)
             what = f"{grid} weight grid, {args.w4_act} act."
             run(g, f"int4 per-channel, nearest, {what}", lambda r=r: q(r))
-            run(g, f"AdaRound ({args.ada_iters} it/layer, batch {args.ada_batch}, lr {args.ada_lr:g}, {n_ada} samples), "
+            run(g, f"AdaRound ({args.ada_iters} it/layer, batch {args.ada_batch}, lr {args.ada_lr:g}, {n_ada} samples"
+                f"{f', QDrop {args.ada_qdrop:g}' if args.ada_qdrop else ''}), "
                 f"{what}", lambda r=r: q(r, ada_calib, adaround=cfg))
     print("\n| recipe | variant (EfficientNet-Lite0) | top-1 | vs float (pt) | s |")
     print("|---|---|---|---|---|")

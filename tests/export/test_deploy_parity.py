@@ -153,3 +153,21 @@ def test_qlinear_add_arithmetic_equals_ort_on_every_code_pair(params, tmp_path):
     # the integer runtime's QLinearAdd (lowbit.runtime.ort_numerics) is the same arithmetic
     rt = ort_numerics.qlinear_add(a, sa, za, b, sb, zb, sc, zc, np.uint8)
     np.testing.assert_array_equal(rt, expected)
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "qdq"])
+def test_dynamic_linear_matches_ort_kernels(target, tmp_path):
+    """One W8A8Dynamic Linear on a 3-D input: the simulation's per-tensor uint8 dynamic quantization and
+    int32 accumulation match ORT's DynamicQuantizeMatMul / MatMulInteger to float32 rounding. (Through
+    GELU / LayerNorm, ORT's float ops differ from torch's in the last bits and can flip a dynamic code at
+    a tie; docs/benchmarks.md, Deployment parity, MiniLM.)"""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(64, 48)).eval()
+    x = torch.randn(2, 16, 64)
+    q = lowbit.quantize(model, lowbit.recipes.W8A8Dynamic(), example_inputs=(x,), progress=False)
+    res = export_onnx(q, (x,), tmp_path / "d.onnx", target=target)
+    with torch.no_grad():
+        sim = q(x).numpy()
+    ort = run_ort(res.path, (x,))[0]
+    assert np.abs(sim - ort).max() <= 2e-6 * np.abs(sim).max()
+    assert np.abs(sim - model(x).detach().numpy()).max() > 1e-3 * np.abs(sim).max()  # it is quantized
