@@ -266,17 +266,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING if args.verbose == 0 else (logging.INFO if args.verbose == 1 else logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    if args.verbose == 0:
-        logging.getLogger("lowbit").setLevel(logging.ERROR)  # skips are summarised in the output and report
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx.*")  # exporter chatter
-    try:
-        return COMMANDS[args.command](args)
-    except QuantizationError as e:
-        print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    lowbit_log = logging.getLogger("lowbit")
+    saved_level = lowbit_log.level
+    with warnings.catch_warnings():
+        if args.verbose == 0:
+            lowbit_log.setLevel(logging.ERROR)  # skips are summarised in the output and report
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx.*")  # exporter chatter
+        try:
+            return COMMANDS[args.command](args)
+        except QuantizationError as e:
+            print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        finally:  # main() called in-process (tests, notebooks) leaves lowbit's logging as it found it
+            lowbit_log.setLevel(saved_level)
 
 
 if __name__ == "__main__":  # pragma: no cover

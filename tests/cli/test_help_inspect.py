@@ -86,3 +86,14 @@ def test_model_errors(capsys, model, needle):
 def test_bad_input_shape_is_usage_error(capsys):
     rc, _, err = call(capsys, "inspect", TINY, "--input-shape", "3,a")
     assert rc == 2 and "C,H,W" in err
+
+
+def test_main_in_process_restores_lowbit_log_level(capsys):
+    import logging
+
+    from lowbit.cli import main
+
+    log = logging.getLogger("lowbit")
+    before = log.level
+    assert main(["explain", "0.1", "--format", "fp16"]) == 0
+    assert log.level == before  # the quiet default applies to the command only
