@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ._simplify import consumers as consumers_of
+
 __all__ = ["TARGETS", "optimize_for_ort_cpu", "pad_conv_input_channels", "dynamic_matmul_to_integer"]
 
 TARGETS = ("ort-cpu", "qdq")
@@ -39,11 +41,7 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
 def _maps(graph: onnx.GraphProto):
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    return inits, producer, consumers
+    return inits, producer, consumers_of(graph)
 
 
 def _per_tensor_const(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:

@@ -30,6 +30,7 @@ from ..granularity import PerChannel, PerGroup, PerTensor, PerToken
 from ..nn.bias import Int32Bias, int32_bias, rerounded_weight_codes
 from ..ops import quantize
 from ..spec import QuantSpec
+from ._simplify import consumers as consumers_of
 from ._simplify import pad_fills_with_zero
 
 DOMAIN = "lowbit"
@@ -385,10 +386,7 @@ def drop_relu_before_quantize(model: onnx.ModelProto) -> int:
     point's code. Exact; ORT does the same fusion, and the integer runtime needs ``op -> Q`` adjacency."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = consumers_of(graph)
     outputs = {o.name for o in graph.output}
     drop = []
     for n in graph.node:

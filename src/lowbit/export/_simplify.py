@@ -31,7 +31,8 @@ _KEEP = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 _NP_QRANGE = {TensorProto.UINT8: (0, 255), TensorProto.INT8: (-128, 127)}
 
 
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """``{tensor name: nodes that read it}`` (a node reading a tensor twice is listed twice)."""
     out: dict[str, list[onnx.NodeProto]] = {}
     for n in graph.node:
         for i in n.input:
@@ -163,7 +164,7 @@ def quantize_before_pad(model: onnx.ModelProto) -> int:
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
-    cons = _consumers(graph)
+    cons = consumers(graph)
     outputs = {o.name for o in graph.output}
     count = 0
     for pad in list(graph.node):
@@ -215,7 +216,7 @@ def drop_clip_before_quantize(model: onnx.ModelProto) -> int:
     x. ReLU6 under a quantizer whose range is [0, <= 6] is the common case. Returns the count."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    cons = _consumers(graph)
+    cons = consumers(graph)
     outputs = {o.name for o in graph.output}
     drop = []
     for n in graph.node:
@@ -274,7 +275,7 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
 
 __all__ = [
     "fold_constants", "fold_static_shapes", "batch_reshape_to_constant", "remove_dead_nodes", "quantize_before_pad",
-    "drop_clip_before_quantize", "constants_to_initializers", "pad_fills_with_zero",
+    "drop_clip_before_quantize", "constants_to_initializers", "pad_fills_with_zero", "consumers",
 ]
 
 
