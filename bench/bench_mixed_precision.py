@@ -20,7 +20,7 @@ from torch import nn
 
 import lowbit
 from lowbit import QuantSpec
-from lowbit.capture.readback import deployed_size_bytes, weight_bytes
+from lowbit.capture.readback import deployed_size_bytes, quantized_weight_layers, weight_bytes
 from lowbit.mixed_precision import parse_size, search_mixed_precision
 from lowbit.recipes import Custom
 from lowbit.zoo.data import imagenet_samples
@@ -54,7 +54,7 @@ def largest_first(model: nn.Module, calib, budget: int) -> Custom:
     q8 = lowbit.quantize(model, W8, calib, progress=False)
     q4 = lowbit.quantize(model, W4, calib, progress=False)
     m4 = dict(q4.named_modules())
-    layers = sorted(((n, m) for n, m in q8.named_modules() if hasattr(m, "weight_quantizer")),
+    layers = sorted(quantized_weight_layers(q8),
                     key=lambda nm: -nm[1].weight.numel())
     size, moved = deployed_size_bytes(q8), {}
     for n, m in layers:

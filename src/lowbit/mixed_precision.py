@@ -40,9 +40,14 @@ from tqdm.auto import tqdm
 
 from .api import quantize
 from .capture.data import iter_calls
-from .capture.readback import _first_tensor, deployed_size_bytes, quantization_disabled, weight_bytes
+from .capture.readback import (
+    _first_tensor,
+    deployed_size_bytes,
+    quantization_disabled,
+    quantized_weight_layers,
+    weight_bytes,
+)
 from .errors import ConfigError
-from .nn.quantizer import TensorQuantizer
 from .recipes import Recipe
 
 log = logging.getLogger("lowbit")
@@ -135,32 +140,24 @@ class _OutputNSR:
 
     name = "output SQNR dB"
 
-    def __init__(self, calls: list[tuple[tuple, dict]]) -> None:
+    def __init__(self, calls: list[tuple[tuple, dict]], qmodel: nn.Module) -> None:
+        """Reference outputs: ``qmodel`` with every quantizer off (the float, BN-folded function)."""
         self.calls = calls
-        self.ref: list[torch.Tensor] | None = None
+        with quantization_disabled(qmodel):
+            self.ref = self._outputs(qmodel)
+        self.signal = sum(float((r * r).sum()) for r in self.ref)
 
     def _outputs(self, model: nn.Module) -> list[torch.Tensor]:
         with torch.no_grad():
             return [_first_tensor(model(*a, **k)).detach().double() for a, k in self.calls]
 
-    def set_reference(self, qmodel: nn.Module) -> None:
-        with quantization_disabled(qmodel):
-            self.ref = self._outputs(qmodel)
-
     def nsr(self, model: nn.Module) -> float:
-        assert self.ref is not None
-        sig = sum(float((r * r).sum()) for r in self.ref)
         noise = sum(float(((r - y) ** 2).sum()) for r, y in zip(self.ref, self._outputs(model), strict=True))
-        return noise / max(sig, 1e-300)
+        return noise / max(self.signal, 1e-300)
 
     @staticmethod
     def to_db(nsr: float) -> float:
         return math.inf if nsr <= 0 else -10.0 * math.log10(nsr)
-
-
-def _weighted_layers(qmodel: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in qmodel.named_modules()
-            if isinstance(getattr(m, "weight_quantizer", None), TensorQuantizer) and torch.is_tensor(getattr(m, "weight", None))}
 
 
 def _greedy_path(costs: Mapping[str, tuple[float, ...]], sizes: Mapping[str, tuple[int, ...]],
@@ -237,7 +234,7 @@ def search_mixed_precision(
         return quantize(model, recipe, calib_data, example_inputs, num_batches=num_batches, progress=False)
 
     qmodels = [build(c) for c in tqdm(candidates, desc="quantizing candidates", disable=not progress)]
-    layers = [dict(_weighted_layers(q)) for q in qmodels]
+    layers = [dict(quantized_weight_layers(q)) for q in qmodels]
     names = list(layers[0])
     allowed = {n: tuple(i for i in range(len(candidates)) if n in layers[i]) for n in names}
     allowed = {n: a for n, a in allowed.items() if a and a[0] == 0 and len(a) > 1}
@@ -250,8 +247,7 @@ def search_mixed_precision(
     nsr = None
     if metric is None:
         calls = list(iter_calls(calib_data, qmodels[0], num_batches, progress=False))
-        nsr = _OutputNSR(calls)
-        nsr.set_reference(qmodels[0])
+        nsr = _OutputNSR(calls, qmodels[0])
         metric_name = _OutputNSR.name
         float_metric = math.inf
     else:

@@ -16,7 +16,7 @@ from ..nn.quantizer import TensorQuantizer, quantizers
 from ..spec import QuantSpec
 from .data import iter_calls
 
-__all__ = ["deployed_size_bytes", "weight_bytes", "QuantRecord", "quant_table", "format_quant_table", "quantization_disabled", "LayerSQNR", "layer_sqnr",
+__all__ = ["deployed_size_bytes", "weight_bytes", "quantized_weight_layers", "QuantRecord", "quant_table", "format_quant_table", "quantization_disabled", "LayerSQNR", "layer_sqnr",
            "format_sqnr_table"]
 
 
@@ -237,6 +237,14 @@ def weight_bytes(weight: torch.Tensor, wq) -> int:
     return total
 
 
+def quantized_weight_layers(qmodel: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` of every module with a weight tensor and a ``TensorQuantizer`` for it
+    (``module.weight``, ``module.weight_quantizer``), in ``named_modules`` order."""
+    for n, m in qmodel.named_modules():
+        if isinstance(getattr(m, "weight_quantizer", None), TensorQuantizer) and torch.is_tensor(getattr(m, "weight", None)):
+            yield n, m
+
+
 def deployed_size_bytes(qmodel: nn.Module) -> int:
     """Bytes a deployment of ``qmodel`` stores: each quantized weight by :func:`weight_bytes`; each
     static activation quantizer's float32 scale (+ zero point for affine); every other parameter and
@@ -245,13 +253,10 @@ def deployed_size_bytes(qmodel: nn.Module) -> int:
     seen: set[int] = set()
     weight_quantizers: set[int] = set()
     total = 0
-    for m in qmodel.modules():
-        wq = getattr(m, "weight_quantizer", None)
-        w = getattr(m, "weight", None)
-        if isinstance(wq, TensorQuantizer) and torch.is_tensor(w):
-            total += weight_bytes(w, wq)
-            seen.add(id(w))
-            weight_quantizers.add(id(wq))
+    for _, m in quantized_weight_layers(qmodel):
+        total += weight_bytes(m.weight, m.weight_quantizer)
+        seen.add(id(m.weight))
+        weight_quantizers.add(id(m.weight_quantizer))
     for m in qmodel.modules():
         if not isinstance(m, TensorQuantizer):
             continue
