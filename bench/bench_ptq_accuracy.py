@@ -120,27 +120,9 @@ def fashion(name: str, n_test: int, rows: list[Row]) -> None:
     bench_classifier(name, model, calib, list(zoo.loader(test, batch_size=500)), rows)
 
 
-def imagenet_split(n_images: int, n_extra: int) -> tuple[list[int], list[int]]:
-    """Evaluation indices (every ``1000 // n``-th sample) and ``n_extra`` calibration indices from the
-    samples between them (disjoint; none when every sample is evaluated)."""
-    step = max(1, 1000 // n_images)
-    evaluate = list(range(0, 1000, step))[:n_images]
-    used = set(evaluate)
-    extra = [i for i in range(1000) if i not in used][:n_extra]
-    return evaluate, extra
-
-
 def efficientnet(n_images: int, n_extra: int, rows: list[Row]) -> None:
     model = zoo.efficientnet_lite0()
-    samples = zoo.imagenet_samples()
-    evaluate, extra = imagenet_split(n_images, n_extra)
-    fb = zoo.foolbox_images("imagenet")
-    calib_x = [fb[i][0] for i in range(len(fb))] + [samples[i][0] for i in extra]
-    calib = [torch.stack(calib_x[i:i + 16]) for i in range(0, len(calib_x), 16)]
-    batches = []
-    for i in range(0, len(evaluate), 25):
-        items = [samples[j] for j in evaluate[i:i + 25]]
-        batches.append((torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])))
+    calib, batches = zoo.imagenet_eval_and_calibration(zoo.imagenet_samples(), n_images, n_extra)
     bench_classifier("EfficientNet-Lite0", model, calib, batches, rows)
 
 

@@ -87,15 +87,7 @@ def efficientnet_run():
         pytest.skip(f"ImageNet samples not available: {e}")
     torch.manual_seed(0)
     model = zoo.efficientnet_lite0()
-    evaluate = list(range(0, 1000, 5))
-    extra = [i for i in range(1000) if i % 5][:44]
-    fb = zoo.foolbox_images("imagenet")
-    xs = [fb[i][0] for i in range(len(fb))] + [samples[i][0] for i in extra]
-    calib = [torch.stack(xs[i:i + 16]) for i in range(0, len(xs), 16)]
-    batches = []
-    for i in range(0, len(evaluate), 25):
-        items = [samples[j] for j in evaluate[i:i + 25]]
-        batches.append((torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])))
+    calib, batches = zoo.imagenet_eval_and_calibration(samples, 200, 44)
     ref = _logits(model, batches)
     out = {}
     for calibrator, per_channel in (("mse", True), ("minmax", True), ("minmax", False)):

@@ -16,6 +16,7 @@ from .data import (
     fashion_mnist,
     foolbox_images,
     image_folder,
+    imagenet_eval_and_calibration,
     imagenet_samples,
     loader,
     stsb,
@@ -36,7 +37,7 @@ from .transforms import EFFICIENTNET_LITE, FASHION, IMAGENET, Preprocess
 __all__ = [
     "efficientnet_lite0", "fashion_cnn", "fashion_resnet", "minilm", "SentenceEncoder", "torchvision_model",
     "imagenet_samples", "foolbox_images", "image_folder", "fashion_mnist", "tensor_file", "stsb",
-    "LabelledImages", "SentencePairs", "loader", "calibration_batches",
+    "LabelledImages", "SentencePairs", "loader", "calibration_batches", "imagenet_eval_and_calibration",
     "Preprocess", "EFFICIENTNET_LITE", "IMAGENET", "FASHION",
     "EvalResult", "evaluate_classifier", "compare", "evaluate_sts", "compare_sts",
     "top1_accuracy", "mean_kl", "mean_cosine", "spearman", "model_size_bytes",

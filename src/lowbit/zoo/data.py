@@ -217,6 +217,29 @@ def loader(dataset: Dataset, batch_size: int = 32, shuffle: bool = False, seed: 
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen)
 
 
+def imagenet_eval_and_calibration(samples: Dataset, n_images: int, n_extra: int, eval_batch: int = 25,
+                                  calib_batch: int = 16) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The split the PTQ accuracy benchmark and its slow test share, over :func:`imagenet_samples`.
+
+    Evaluation: every ``len // n_images``-th sample (``n_images`` of them), as ``(x, y)`` batches of
+    ``eval_batch``. Calibration: foolbox's 20 labelled ImageNet images, then the first ``n_extra`` samples
+    not evaluated (disjoint from the evaluation set), as input batches of ``calib_batch``.
+    Returns ``(calibration batches, evaluation batches)``.
+    """
+    n = len(samples)
+    evaluate = list(range(0, n, max(1, n // n_images)))[:n_images]
+    used = set(evaluate)
+    extra = [i for i in range(n) if i not in used][:n_extra]
+    fb = foolbox_images("imagenet")
+    xs = [fb[i][0] for i in range(len(fb))] + [samples[i][0] for i in extra]
+    calib = [torch.stack(xs[i:i + calib_batch]) for i in range(0, len(xs), calib_batch)]
+    batches = []
+    for i in range(0, len(evaluate), eval_batch):
+        items = [samples[j] for j in evaluate[i:i + eval_batch]]
+        batches.append((torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])))
+    return calib, batches
+
+
 def calibration_batches(dataset: Dataset, num_samples: int | None = None, batch_size: int = 32,
                         seed: int | None = None) -> list[torch.Tensor]:
     """The inputs (labels dropped) of ``num_samples`` items as a list of ``(B, ...)`` tensors.
