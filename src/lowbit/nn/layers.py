@@ -295,9 +295,15 @@ class QuantLayerMixin(OutputSideMixin):
         the gradient reaches ``bias`` unchanged), and ``w`` re-rounded on the channels whose weight scale
         had to be raised for the bias to fit int32. ``(w, bias)`` unchanged where the export keeps the bias
         float (:meth:`int32_bias`)."""
-        if torch.jit.is_tracing():  # the ONNX export traces the float bias and writes the int32 form itself
-            return w, bias
-        dep = self.int32_bias(bias, x_dim)
+        return self._apply_int32_bias(w, bias, self._deployed_bias(bias, x_dim))
+
+    def _deployed_bias(self, bias: torch.Tensor | None, x_dim: int) -> Int32Bias | None:
+        """:meth:`int32_bias`, except while tracing: the ONNX export traces the float bias and writes the
+        int32 form itself."""
+        return None if torch.jit.is_tracing() else self.int32_bias(bias, x_dim)
+
+    def _apply_int32_bias(self, w: torch.Tensor, bias: torch.Tensor | None,
+                          dep: Int32Bias | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if dep is None:
             return w, bias
         b = bias + (dep.dequantize().to(bias.dtype) - bias).detach()
@@ -310,16 +316,14 @@ class QuantLayerMixin(OutputSideMixin):
             w = w + (new.to(w.dtype) * dep.weight_scale.reshape(shape) - w).detach()
         return w, b
 
-    def _weight_and_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.deployed_weight_and_bias(self.quantized_weight(), self.bias, x.dim())
-
     def _linear_forward(self, x: torch.Tensor, op) -> torch.Tensor:
         """``_post(op(x, w, b))`` with the deployed weight and bias; inside :func:`lowbit.nn.ort_arithmetic`
         the integer kernel's output where ORT runs one (:func:`lowbit.nn.requant.ort_requantized_output`)."""
         x = self._pre(x)
-        w, b = self._weight_and_bias(x)
+        dep = self._deployed_bias(self.bias, x.dim())  # once: the simulation and ORT's arithmetic both use it
+        w, b = self._apply_int32_bias(self.quantized_weight(), self.bias, dep)
         if self.__dict__.get(ORT_MODE_ATTR):
-            y = ort_requantized_output(self, x, w, self.int32_bias(self.bias, x.dim()), lambda xx, ww: op(xx, ww, None))
+            y = ort_requantized_output(self, x, w, dep, lambda xx, ww: op(xx, ww, None))
             if y is not None:
                 return y
         return self._post(op(x, w, b))
@@ -360,7 +364,7 @@ class QuantConvTranspose2d(QuantLayerMixin, nn.ConvTranspose2d):
         output_padding = self._output_padding(
             x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation
         )
-        w, b = self._weight_and_bias(x)
+        w, b = self.deployed_weight_and_bias(self.quantized_weight(), self.bias, x.dim())
         y = F.conv_transpose2d(x, w, b, self.stride, self.padding, output_padding, self.groups, self.dilation)
         return self._post(y)
 
