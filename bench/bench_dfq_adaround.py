@@ -47,6 +47,7 @@ import lowbit  # noqa: E402
 from lowbit import QuantSpec  # noqa: E402
 from lowbit.passes import DFQ, AdaRoundConfig  # noqa: E402
 from lowbit.recipes import Custom, LayerSpec  # noqa: E402
+from lowbit.zoo.data import every_fourth_split  # noqa: E402
 
 U8 = QuantSpec("uint8", symmetric=False)
 W8PC = QuantSpec("int8", symmetric=True, granularity="channel")
@@ -98,9 +99,7 @@ def split_images(data: Path, n_eval: int, n_calib: int) -> dict[str, torch.Tenso
         sys.exit(f"expected 1000 images in {data}; see ../shared/data/README.md (or pass --data)")
     if n_calib > 250 or n_eval > 750:
         sys.exit("at most 250 calibration and 750 evaluation images")
-    calib_idx = list(range(0, 1000, 4))[:n_calib]
-    rest = [i for i in range(1000) if i % 4]
-    eval_idx = [rest[i] for i in torch.linspace(0, len(rest) - 1, n_eval).round().long().tolist()]
+    eval_idx, calib_idx = every_fourth_split(1000, n_eval, n_calib)
     return {"eval": torch.stack([load_crop(files[i]) for i in eval_idx]), "labels": torch.tensor(eval_idx),
             "calib": torch.stack([load_crop(files[i]) for i in calib_idx])}
 

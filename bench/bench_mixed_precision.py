@@ -23,7 +23,7 @@ from lowbit import QuantSpec
 from lowbit.capture.readback import deployed_size_bytes, quantized_weight_layers, weight_bytes
 from lowbit.mixed_precision import parse_size, search_mixed_precision
 from lowbit.recipes import Custom
-from lowbit.zoo.data import imagenet_samples
+from lowbit.zoo.data import every_fourth_split, imagenet_samples
 from lowbit.zoo.metrics import model_size_bytes
 from lowbit.zoo.models import efficientnet_lite0
 
@@ -34,10 +34,7 @@ W4 = Custom(weight=QuantSpec("int4", granularity="channel"), activation=U8)
 
 def split(n_eval: int, n_calib: int, data: str | None):
     ds = imagenet_samples(data)
-    calib_idx = list(range(0, len(ds), 4))[:n_calib]
-    rest = [i for i in range(len(ds)) if i % 4]
-    pick = torch.linspace(0, len(rest) - 1, n_eval).round().long().tolist()
-    ev = [rest[i] for i in pick]
+    ev, calib_idx = every_fourth_split(len(ds), n_eval, n_calib)
     x = torch.stack([ds[i][0] for i in ev])
     y = torch.tensor([ds[i][1] for i in ev])
     calib = torch.stack([ds[i][0] for i in calib_idx])

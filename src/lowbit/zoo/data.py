@@ -217,6 +217,15 @@ def loader(dataset: Dataset, batch_size: int = 32, shuffle: bool = False, seed: 
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen)
 
 
+def every_fourth_split(n: int, n_eval: int, n_calib: int) -> tuple[list[int], list[int]]:
+    """``(evaluation indices, calibration indices)`` of ``n`` samples, disjoint: calibration takes every 4th
+    sample (0, 4, 8 ...; the first ``n_calib``), evaluation ``n_eval`` evenly spaced among the others
+    (the DFQ/AdaRound and mixed-precision benchmarks' split)."""
+    calib = list(range(0, n, 4))[:n_calib]
+    rest = [i for i in range(n) if i % 4]
+    return [rest[i] for i in torch.linspace(0, len(rest) - 1, n_eval).round().long().tolist()], calib
+
+
 def imagenet_eval_and_calibration(samples: Dataset, n_images: int, n_extra: int, eval_batch: int = 25,
                                   calib_batch: int = 16) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
     """The split the PTQ accuracy benchmark and its slow test share, over :func:`imagenet_samples`.
