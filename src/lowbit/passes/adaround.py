@@ -231,6 +231,22 @@ def _capture(model: nn.Module, name: str, data: Sequence[torch.Tensor]) -> torch
     return torch.cat(store)
 
 
+class _LiveInterpreter(torch.fx.Interpreter):
+    """``torch.fx.Interpreter`` whose placeholder is the current batch ``x`` and whose ``call_module``
+    looks the submodule up on the live ``model`` (not on the traced copy), so a rounded layer runs rounded."""
+
+    def __init__(self, model: nn.Module, gm: torch.fx.GraphModule) -> None:
+        super().__init__(gm, garbage_collect_values=False)
+        self.model = model
+        self.x: torch.Tensor | None = None
+
+    def placeholder(self, target, args, kwargs):
+        return self.x
+
+    def call_module(self, target, args, kwargs):
+        return get_module(self.model, str(target))(*args, **kwargs)
+
+
 class _Stepper:
     """Runs a traced model node by node over every calibration batch, pausing before a layer's call.
 
@@ -241,7 +257,8 @@ class _Stepper:
     """
 
     def __init__(self, model: nn.Module, gm: torch.fx.GraphModule, xs: Sequence[torch.Tensor]) -> None:
-        self.model, self.gm, self.xs = model, gm, xs
+        self.xs = xs
+        self.interp = _LiveInterpreter(model, gm)
         self.nodes = list(gm.graph.nodes)
         self.pos = 0
         self.envs: list[dict] = [{} for _ in xs]
@@ -260,24 +277,6 @@ class _Stepper:
             return None
         return cls(model, gm, xs)
 
-    def _run(self, node: torch.fx.Node, env: dict, x: torch.Tensor):
-        args = torch.fx.node.map_arg(node.args, lambda n: env[n])
-        kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: env[n])
-        if node.op == "placeholder":
-            return x
-        if node.op == "get_attr":
-            obj = self.gm
-            for part in str(node.target).split("."):
-                obj = getattr(obj, part)
-            return obj
-        if node.op == "call_module":
-            return get_module(self.model, str(node.target))(*args, **kwargs)
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)
-        if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
-        return None  # output
-
     def inputs_of(self, name: str) -> torch.Tensor | None:
         """Inputs of the first call of ``name`` over all batches, or None when that call already ran
         (or never comes): the caller then re-runs the model."""
@@ -287,8 +286,9 @@ class _Stepper:
             return None
         with torch.no_grad():
             for env, x in zip(self.envs, self.xs):
+                self.interp.env, self.interp.x = env, x
                 for node in self.nodes[self.pos:stop]:
-                    env[node] = self._run(node, env, x)
+                    env[node] = self.interp.run_node(node)
                     for dead in self.last_use.get(node, ()):
                         env.pop(dead, None)
         self.pos = stop
