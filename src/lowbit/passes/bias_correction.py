@@ -30,6 +30,7 @@ from ..errors import EmptyCalibrationError
 from ..spec import QuantSpec
 from ._graph import CONV_TYPES, LAYER_TYPES, Link, find_links, get_module
 from ._layer import batches, channel_dim, forward_with, quantize_weight, spec_of, weight_times_channel_vector
+from .bn_ranges import clipped_normal_moments
 from .clip import ChannelClip
 from .fold_bn import output_stats
 from .log import PassLog
@@ -48,27 +49,13 @@ def clipped_normal_mean(mean: torch.Tensor, std: torch.Tensor, lo: float | torch
         E = lo Phi(a) + hi (1 - Phi(b)) + mean (Phi(b) - Phi(a)) + std (phi(a) - phi(b)),
         a = (lo - mean) / std,  b = (hi - mean) / std
 
-    (terms with an infinite bound vanish). ``std = 0`` gives ``clip(mean, lo, hi)``.
+    (terms with an infinite bound vanish). ``std = 0`` gives ``clip(mean, lo, hi)``. The first moment of
+    :func:`~lowbit.passes.bn_ranges.clipped_normal_moments`.
 
     >>> round(float(clipped_normal_mean(torch.tensor(0.0), torch.tensor(1.0))), 6)  # E[relu(N(0,1))] = 1/sqrt(2 pi)
     0.398942
     """
-    mean, std = torch.as_tensor(mean).double(), torch.as_tensor(std).double().abs()
-    lo_t = torch.as_tensor(lo, dtype=torch.float64, device=mean.device).expand_as(mean)
-    hi_t = torch.as_tensor(hi, dtype=torch.float64, device=mean.device).expand_as(mean)
-    sd = std.clamp_min(1e-300)
-    normal = torch.distributions.Normal(torch.zeros((), dtype=torch.float64, device=mean.device),
-                                        torch.ones((), dtype=torch.float64, device=mean.device))
-
-    def pdf(z):
-        return torch.exp(normal.log_prob(z))
-
-    a, b = (lo_t - mean) / sd, (hi_t - mean) / sd
-    cdf_a, cdf_b = normal.cdf(a), normal.cdf(b)
-    e = mean * (cdf_b - cdf_a) + std * (pdf(a) - pdf(b))
-    e = e + torch.where(torch.isfinite(lo_t), lo_t * cdf_a, torch.zeros_like(e))
-    e = e + torch.where(torch.isfinite(hi_t), hi_t * (1 - cdf_b), torch.zeros_like(e))
-    return torch.where(std > 0, e, torch.minimum(torch.maximum(mean, lo_t), hi_t))
+    return clipped_normal_moments(mean, std, lo, hi)[0]
 
 
 @torch.no_grad()
