@@ -226,3 +226,12 @@ def test_scalar_exponent_equals_tensor_exponent(amax, nb):
     from lowbit.calibration.histogram import covering_exponent, covering_exponent_scalar
 
     assert covering_exponent_scalar(amax, nb) == int(covering_exponent(torch.tensor([amax]), nb)[0])
+
+
+def test_tiny_negative_that_underflows_stays_negative():
+    # found by hypothesis: with w = 2, -2**-149 * 2**-1 underflows to -0.0 in float32; it is still x < 0
+    tiny = -float(torch.finfo(torch.float32).smallest_normal) * 2.0**-23
+    obs = _obs(nb=32)
+    obs.update(torch.tensor([tiny, 32.0, -0.0]))
+    assert int(obs.stats.hist[0, 1, 0]) == 1 and int(obs.stats.hist[0, 0, 0]) == 1  # -0.0 counts as >= 0
+    assert int(obs.stats.hist[0, 0, 16]) == 1

@@ -94,7 +94,8 @@ def count_bins(xb: torch.Tensor, exponent: torch.Tensor, num_bins: int) -> torch
     that cannot overflow, since ``|x| < nb w``; an underflow only touches ``|s| < 1``), the cast to int
     truncates toward zero, i.e. gives ``sign(x) floor(|x| / w)``, and the sign bit of ``s`` (``-1`` after
     an arithmetic shift) moves negatives one column down so ``(-w, 0)`` and ``[0, w)`` stay apart.
-    ``s + 0.0`` turns ``-0.0`` into ``+0.0``: a negative zero counts as ``x >= 0``. Works in float32 while
+    ``x + 0.0`` (before the scaling) turns ``-0.0`` into ``+0.0``: a negative zero counts as ``x >= 0``, while a
+    tiny negative ``x`` whose product underflows keeps its sign (``-0.0``) and counts as negative. Works in float32 while
     ``2**-e`` is a normal float32, else in float64. Caller guarantees ``|x| < nb * 2**exponent``.
     ``exponent`` may live on the CPU; the counts are computed and returned on ``xb``'s device.
     """
@@ -125,7 +126,7 @@ def count_bins(xb: torch.Tensor, exponent: torch.Tensor, num_bins: int) -> torch
             part = xb[r0:r1, c0:c0 + cols]
             s_buf, i_buf = _workspace(work, itype, part.numel(), device)
             s = s_buf.view(part.shape)
-            torch.mul(part if part.dtype == work else part.to(work), sc, out=s).add_(0.0)
+            torch.add(part, 0.0, out=s).mul_(sc)  # -0.0 -> +0.0 first; an underflow to -0.0 keeps its sign
             idx = i_buf.view(part.shape)
             idx.copy_(s)  # float -> int casts truncate toward zero
             idx += s.view(itype).bitwise_right_shift_(sign_shift)
