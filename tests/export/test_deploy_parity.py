@@ -171,3 +171,24 @@ def test_dynamic_linear_matches_ort_kernels(target, tmp_path):
     ort = run_ort(res.path, (x,))[0]
     assert np.abs(sim - ort).max() <= 2e-6 * np.abs(sim).max()
     assert np.abs(sim - model(x).detach().numpy()).max() > 1e-3 * np.abs(sim).max()  # it is quantized
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "qdq"])
+def test_ort_arithmetic_dynamic_linears_are_bit_exact(target, tmp_path):
+    """Two W8A8Dynamic Linears in a row (3-D input; the second has K = 1536, so its integer accumulator is
+    summed in slices that stay exact in float32): inside ``ort_arithmetic`` every output equals ORT's
+    DynamicQuantizeMatMul / MatMulIntegerToFloat (``f32(f32(acc) * f32(s_x s_w)) + b``), the second layer's
+    dynamic range included; the default float32 GEMM of dequantized operands equals it on a minority."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(64, 1536), nn.Linear(1536, 48)).eval()
+    x = torch.randn(2, 16, 64) * 3 + 0.5
+    q = lowbit.quantize(model, lowbit.recipes.W8A8Dynamic(), example_inputs=(x,), progress=False)
+    res = export_onnx(q, (x,), tmp_path / "d2.onnx", target=target)
+    ort = run_ort(res.path, (x,))[0]
+    with torch.no_grad():
+        default = q(x).numpy()
+        with lowbit.nn.ort_arithmetic(q):
+            exact = q(x).numpy()
+    np.testing.assert_array_equal(exact, ort)
+    assert (default == ort).mean() < 0.9
+    assert res.parity.fraction_within == 1.0 and res.parity.max_steps == 0.0

@@ -30,7 +30,11 @@ from ..granularity import reduce_blocks
 from ..ops import fake_quantize, fake_quantize_lsq
 from ..spec import QuantSpec, compute_qparams
 
-__all__ = ["TensorQuantizer", "calibrating", "quantizers", "place_quantizers"]
+__all__ = ["TensorQuantizer", "calibrating", "quantizers", "place_quantizers", "DYNAMIC_QPARAMS_ATTR"]
+
+DYNAMIC_QPARAMS_ATTR = "_lowbit_dynamic_qparams"
+"""Instance attribute where a dynamic quantizer keeps the ``(scale, zero_point)`` of the last batch it
+quantized (not a buffer: it is per batch, not state); :mod:`lowbit.nn.requant` reads it to recover the codes."""
 
 
 class TensorQuantizer(nn.Module):
@@ -196,6 +200,7 @@ class TensorQuantizer(nn.Module):
         lo = reduce_blocks(x.detach().float(), g, "amin")
         hi = reduce_blocks(x.detach().float(), g, "amax")
         scale, zp = compute_qparams(self.spec, lo, hi)
+        self.__dict__[DYNAMIC_QPARAMS_ATTR] = (scale, zp)  # this batch's, for lowbit.nn.ort_arithmetic
         return fake_quantize(x, scale, zp, self.spec)
 
     def extra_repr(self) -> str:

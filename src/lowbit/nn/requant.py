@@ -25,8 +25,22 @@ QLinearAdd (``onnxruntime/core/mlas/lib/qladd_avx2.cpp``)::
     r_a = f32(s_a / s_c),  r_b = f32(s_b / s_c),  k = f32(z_c) - fma(r_a, z_a, f32(r_b z_b))
     c_q = clamp(rint(fma(a_q, r_a, fma(b_q, r_b, k))), qmin, qmax)      fma: float32, one rounding
 
-Any other op computes as usual (pooling, concat and matmul joins included). This is ORT's CPU arithmetic, not every backend's (TFLite requantizes
-with a fixed-point multiplier, :mod:`lowbit.runtime.fixed_point`), so it is a scoped mode, not the default.
+A Linear whose input is quantized dynamically (``W8A8Dynamic``: uint8 per tensor, ONNX
+``DynamicQuantizeLinear``) and whose weight is int8/uint8 per tensor or per output channel, computes as
+ORT's DynamicQuantizeMatMul / MatMulIntegerToFloat (what the export's ``MatMulInteger -> Cast -> Mul -> Add``
+fuses into; ``onnxruntime/contrib_ops/cpu/quantization/matmul_integer_to_float.cc``)::
+
+    acc = sum((x_q - z_x)(w_q - z_w))                        exact integer
+    y   = f32(f32(acc) * f32(s_x * s_w)) + b                 float32 multiply, then the float bias
+
+(bit-exact with ORT 1.32 on every output of 384x384, 1536x384 and 384x1536 layers; the default
+simulation's float32 GEMM of the dequantized operands equals it on ~11 % of outputs, within 5e-7 of the
+range). The input's codes come from the scale and zero point the dynamic quantizer kept for its batch
+(:data:`lowbit.nn.quantizer.DYNAMIC_QPARAMS_ATTR`).
+
+Any other op computes as usual (pooling, concat and matmul joins included). This is ORT's CPU arithmetic,
+not every backend's (TFLite requantizes with a fixed-point multiplier, :mod:`lowbit.runtime.fixed_point`),
+so it is a scoped mode, not the default.
 """
 
 from __future__ import annotations
@@ -37,7 +51,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["ort_arithmetic", "ORT_MODE_ATTR", "ort_requantized_output", "ort_qlinear_add"]
+__all__ = ["ort_arithmetic", "ORT_MODE_ATTR", "ort_requantized_output", "ort_dynamic_linear_output", "ort_qlinear_add"]
 
 ORT_MODE_ATTR = "_lowbit_ort_arithmetic"
 _OUT_FORMATS = frozenset({"int8", "uint8"})
@@ -109,6 +123,9 @@ def ort_requantized_output(layer: nn.Module, x: torch.Tensor, w: torch.Tensor, b
 
     if not layer.__dict__.get(ORT_MODE_ATTR) or torch.is_grad_enabled() or torch.jit.is_tracing():
         return None
+    if isinstance(layer, nn.Linear) and getattr(layer.input_quantizer, "spec", None) is not None \
+            and layer.input_quantizer.spec.dynamic:
+        return ort_dynamic_linear_output(layer, x, w)
     if layer.bias is not None and bias_int32 is None:
         return None
     iq, wq, oq = layer.bias_input_quantizer(), layer.weight_quantizer, layer.output_quantizer
@@ -139,6 +156,50 @@ def ort_requantized_output(layer: nn.Module, x: torch.Tensor, w: torch.Tensor, b
     z_y = int(oq.zero_point)
     v = torch.clamp(acc32 * m, float(qmin - z_y), float(qmax - z_y))
     return (torch.round(v) * oq.scale.detach().to(torch.float32)).to(x.dtype)
+
+
+_EXACT_F32 = 2**24  # float32 holds every integer up to this: sums of integer products below it are exact
+
+
+def _integer_linear(x_c: torch.Tensor, w_c: torch.Tensor) -> torch.Tensor:
+    """``x_c @ w_c.T`` of integer-valued tensors, exactly, as float64: float32 GEMMs over slices of the
+    inner dimension short enough that no partial sum can reach 2**24, summed in float64."""
+    bound = float(x_c.abs().max()) * float(w_c.abs().max()) if x_c.numel() and w_c.numel() else 0.0
+    k = x_c.shape[-1]
+    step = k if bound * k < _EXACT_F32 else max(1, int(_EXACT_F32 // max(bound, 1.0)))
+    acc = None
+    for i in range(0, k, step):
+        part = torch.nn.functional.linear(x_c[..., i:i + step].float(), w_c[:, i:i + step].float()).double()
+        acc = part if acc is None else acc + part
+    return acc
+
+
+def ort_dynamic_linear_output(layer: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """``layer``'s output (a quantized Linear with a dynamic input quantizer) computed as ONNX Runtime's
+    DynamicQuantizeMatMul / MatMulIntegerToFloat (module docstring), then its fused activation and output
+    quantizer as usual; None when ORT would not run it so: the input quantizer not uint8 per tensor affine
+    (DynamicQuantizeLinear), the weight not int8/uint8 per tensor or per output channel, or no batch
+    quantized yet. ``x``: the input, already on its dynamic grid; ``w``: the quantized weight."""
+    from .layers import _BIAS_WEIGHT_FORMATS, _static_int_quantizer
+    from .quantizer import DYNAMIC_QPARAMS_ATTR
+
+    iq, wq = layer.input_quantizer, layer.weight_quantizer
+    qp = iq.__dict__.get(DYNAMIC_QPARAMS_ATTR)
+    if qp is None or not bool(iq.quant_enabled) or iq.spec.format.name != "uint8" or iq.spec.symmetric:
+        return None
+    if qp[0].numel() != 1 or not _static_int_quantizer(wq, _BIAS_WEIGHT_FORMATS):
+        return None
+    if wq.scale.numel() not in (1, w.shape[0]) or (wq.scale.numel() > 1 and wq.spec.granularity.axis % 2 != 0):
+        return None
+    s_x = qp[0].detach().to(torch.float32).reshape(())
+    s_w = wq.scale.detach().to(torch.float32).reshape(-1)
+    x_c = torch.round(x.detach().double() / s_x.double())  # x = (q - z_x) s_x exactly: the centred codes
+    w_c = torch.round(w.detach().double() / s_w.double().reshape(-1, 1))
+    acc = _integer_linear(x_c, w_c).to(torch.float32)  # |acc| < 2**31: ORT's int32, then Cast to float
+    y = acc * (s_x * s_w)  # f32(s_x * s_w) per column, one float32 multiply
+    if layer.bias is not None:
+        y = y + layer.bias.detach().to(torch.float32)
+    return layer._post(y.to(x.dtype))
 
 
 def _f32(v) -> torch.Tensor:
