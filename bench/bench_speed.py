@@ -197,7 +197,10 @@ SEQ = 128
 
 def minilm_bench(batches, repeats, tmp: Path) -> list[str]:
     """MiniLM encoder (input_ids + attention_mask, seq 128): lowbit W8A8Dynamic export (DynamicQuantizeLinear
-    -> int8 MatMul, fused by ORT) vs ORT fp32, ORT's own quantize_dynamic, torch.ao dynamic int8 Linear."""
+    -> int8 MatMul, fused by ORT) vs ORT fp32, ORT's own quantize_dynamic, torch.ao dynamic int8 Linear.
+    "ORT fp32", lowbit int8 and quantize_dynamic have each attention block fused into ORT's
+    MultiHeadAttention (``target="ort-cpu"``, lowbit.export._attention); "ORT fp32 (unfused attention)" and
+    "lowbit int8 QDQ" are the plain exports (``target="qdq"``), to show what the fusion buys each."""
     from lowbit.export import export_onnx_dynamic
 
     try:
@@ -216,12 +219,15 @@ def minilm_bench(batches, repeats, tmp: Path) -> list[str]:
 
     ex = inputs(2)
     q = lowbit.quantize(model, lowbit.recipes.W8A8Dynamic(), example_inputs=ex, progress=False)
-    f_path = export_onnx_float(model, ex, tmp / "minilm.fp32.onnx")
+    f_path = export_onnx_float(model, ex, tmp / "minilm.fp32.onnx")  # attention fused, as the int8 export's
+    f_plain = export_onnx_float(model, ex, tmp / "minilm.fp32.unfused.onnx", target="qdq")
     res = export_onnx(q, ex, tmp / "minilm.int8.onnx", min_fraction=0.0, min_cosine=0.0)
     plain = export_onnx(q, ex, tmp / "minilm.int8.qdq.onnx", min_fraction=0.0, min_cosine=0.0, target="qdq")
     d_path = export_onnx_dynamic(model, ex, tmp / "minilm.ort_dynamic.onnx")
     ao = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    print(f"{name}: lowbit int8 {res.kernels}; parity: {res.parity.fraction_within:.2%} within 1 step, lowest row "
+    n_mha = sum(n.op_type == "MultiHeadAttention" for n in onnx.load(str(res.path)).graph.node)
+    print(f"{name}: {n_mha} attention blocks fused (MultiHeadAttention); "
+          f"lowbit int8 {res.kernels}; parity: {res.parity.fraction_within:.2%} within 1 step, lowest row "
           f"cosine {res.parity.min_cosine:.4f}; ORT quantize_dynamic {count_kernels(d_path)}; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     rows = []
@@ -232,6 +238,7 @@ def minilm_bench(batches, repeats, tmp: Path) -> list[str]:
              "torch.ao x86 int8 (dynamic)": timings_ms(no_grad(lambda ids=ids, mask=mask: ao(ids, mask)), n)}
         runners = {
             "ORT fp32": ort_runner(f_path, ids.numpy(), mask.numpy()),
+            "ORT fp32 (unfused attention)": ort_runner(f_plain, ids.numpy(), mask.numpy()),
             "lowbit int8 (ORT)": ort_runner(res.path, ids.numpy(), mask.numpy()),
             "lowbit int8 QDQ (ORT)": ort_runner(plain.path, ids.numpy(), mask.numpy()),
             "ORT quantize_dynamic int8": ort_runner(d_path, ids.numpy(), mask.numpy()),

@@ -1,7 +1,10 @@
 """Exact rewrites of a QDQ graph into the forms ONNX Runtime's CPU provider runs fastest (``target="ort-cpu"``).
 
-Both rewrites leave every output value unchanged (integer arithmetic is exact; see each function) and use
-standard ONNX operators only, so the file still runs anywhere; they only matter for which kernels ORT picks.
+The two integer rewrites leave every output value unchanged (integer arithmetic is exact; see each function)
+and use standard ONNX operators only; they only matter for which kernels ORT picks. The third,
+:func:`lowbit.export._attention.fuse_attention`, writes ORT's contrib ``MultiHeadAttention`` (so a file
+exported for ``"ort-cpu"`` needs ONNX Runtime) and is applied to the float export as well
+(:func:`optimize_float_for_ort_cpu`), so that a float baseline gets the same attention kernel.
 Measured on the x86 machine of ``docs/benchmarks.md`` (Zen 4, AVX512-VNNI) with ONNX Runtime 1.32:
 
 * :func:`pad_conv_input_channels`: MLAS's fast symmetric-weight convolution (``MlasConvSym``, used by
@@ -23,9 +26,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ._attention import fuse_attention
 from ._simplify import consumers as consumers_of
 
-__all__ = ["TARGETS", "optimize_for_ort_cpu", "pad_conv_input_channels", "dynamic_matmul_to_integer"]
+__all__ = ["TARGETS", "optimize_for_ort_cpu", "optimize_float_for_ort_cpu", "pad_conv_input_channels",
+           "dynamic_matmul_to_integer"]
 
 TARGETS = ("ort-cpu", "qdq")
 """Export targets: ``"ort-cpu"`` applies this module's rewrites; ``"qdq"`` keeps the plain QDQ form
@@ -164,7 +169,15 @@ def dynamic_matmul_to_integer(model: onnx.ModelProto) -> int:
     return count
 
 
-def optimize_for_ort_cpu(model: onnx.ModelProto) -> dict[str, int]:
-    """Apply every rewrite of this module (in place); returns how many nodes each one rewrote."""
+def optimize_for_ort_cpu(model: onnx.ModelProto, example_feeds: dict[str, np.ndarray] | None = None) -> dict[str, int]:
+    """Apply every rewrite of this module and the attention fusion (in place); returns how many nodes or
+    blocks each one rewrote. ``example_feeds`` (``{input name: array}``) lets the attention fusion prove a
+    mask's shape by one ORT run where shape inference cannot (:func:`fuse_attention`)."""
     return {"conv_input_channels_padded": pad_conv_input_channels(model),
-            "dynamic_matmuls_to_integer": dynamic_matmul_to_integer(model)}
+            "dynamic_matmuls_to_integer": dynamic_matmul_to_integer(model),
+            "attention_fused": fuse_attention(model, example_feeds)}
+
+
+def optimize_float_for_ort_cpu(model: onnx.ModelProto, example_feeds: dict[str, np.ndarray] | None = None) -> dict[str, int]:
+    """The rewrites that also apply to a float graph (the attention fusion), for the float baseline."""
+    return {"attention_fused": fuse_attention(model, example_feeds)}

@@ -354,6 +354,13 @@ def _shape_values(model: onnx.ModelProto, dims: dict) -> dict[str, tuple[list, b
             res = ([e for v in ins for e in v[0]], False, ins[0][2])
         elif n.op_type == "Cast" and ins[0] is not None and a.get("to") in _SHAPE_INT:
             res = (ins[0][0], ins[0][1], a["to"])
+        elif n.op_type == "Slice" and ins[0] is not None and not ins[0][1] and len(ins) >= 3 \
+                and all(v is not None for v in ins[1:]) and all(len(v[0]) == 1 for v in ins[1:]) \
+                and (len(ins) < 4 or ins[3][0][0] in (0, -1)):  # 1-D: the only axis is 0
+            start, end = ins[1][0][0], ins[2][0][0]
+            step = ins[4][0][0] if len(ins) > 4 else 1
+            if all(isinstance(v, int) for v in (start, end, step)) and step > 0:
+                res = (ins[0][0][slice(start, end, step)], False, ins[0][2])  # Python clamps as ONNX Slice does
         if res is not None:
             val[n.output[0]] = res
     return val
@@ -374,7 +381,7 @@ def fold_static_shapes(model: onnx.ModelProto) -> int:
         outputs = {o.name for o in graph.output}
         new_inits: dict[str, np.ndarray] = {}
         for n in graph.node:
-            if n.op_type in ("Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast") and len(n.output) == 1:
+            if n.op_type in ("Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Slice") and len(n.output) == 1:
                 v = val.get(n.output[0])
                 if v is not None and n.output[0] not in outputs and all(isinstance(e, int) for e in v[0]):
                     arr = np.asarray(v[0], dtype=_SHAPE_INT[v[2]])

@@ -35,12 +35,11 @@ from torch import nn
 from ..errors import ConfigError, EmptyCalibrationError, ExportError
 from ..nn.layers import QuantLayerMixin
 from ..nn.quantizer import TensorQuantizer
-from ..nn.requant import ort_arithmetic
 from . import _ort_cpu
 from . import _qdq_graph as qg
 from . import _simplify as sp
 from ._io import check_output_path
-from .verify import KernelCount, ParityReport, count_kernels, run_ort, verify_parity
+from .verify import KernelCount, ParityReport, count_kernels, verify_export
 
 log = logging.getLogger("lowbit")
 
@@ -194,6 +193,11 @@ def _simplify(model: onnx.ModelProto) -> None:
     sp.remove_dead_nodes(model)
 
 
+def _feeds(inputs: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+    """The example inputs under the names :func:`_torch_export` gives them."""
+    return {f"input_{i}": t.detach().cpu().numpy() for i, t in enumerate(inputs)}
+
+
 def _save(model: onnx.ModelProto, path: Path) -> None:
     try:
         onnx.checker.check_model(model)
@@ -237,9 +241,12 @@ def export_onnx(
             row's cosine similarity to the simulation at least this (see :func:`verify_parity`).
         target: ``"ort-cpu"`` (default) also applies the exact rewrites of :mod:`._ort_cpu` that make ONNX
             Runtime's CPU provider pick its fast integer kernels (stem convolutions padded to 4 input
-            channels; dynamic Linear layers as ``MatMulInteger`` so ORT fuses the bias); ``"qdq"`` writes
+            channels; dynamic Linear layers as ``MatMulInteger`` so ORT fuses the bias) and fuses each
+            transformer attention block into ORT's contrib ``MultiHeadAttention`` (float32, the same math;
+            :mod:`._attention`); ``"qdq"`` writes
             the plain QDQ form (for runtimes that match DQ -> op -> Q themselves, e.g. TensorRT, and for
-            :class:`lowbit.runtime.IntegerRuntime`). Outputs are identical either way.
+            :class:`lowbit.runtime.IntegerRuntime`). Outputs are identical either way (the attention
+            fusion: bit-identical on the x86 machine of docs/benchmarks.md, tested to float32 rounding).
 
     Returns:
         :class:`ExportResult`.
@@ -290,7 +297,7 @@ def export_onnx(
     qg.requantize_compute_inputs(model)
     n_bias = qg.quantize_biases(model)
     if target == "ort-cpu":
-        log.info("lowbit: ONNX Runtime CPU rewrites: %s", _ort_cpu.optimize_for_ort_cpu(model))
+        log.info("lowbit: ONNX Runtime CPU rewrites: %s", _ort_cpu.optimize_for_ort_cpu(model, _feeds(inputs)))
         sp.remove_dead_nodes(model)
     qg.remove_unused_initializers(model)
     qg.set_opset(model, opset)
@@ -300,21 +307,24 @@ def export_onnx(
     if not verify:
         return ExportResult(out_path, opset, None, None, n_bias)
     kernels = count_kernels(out_path)
-    with ort_arithmetic(qmodel):  # ORT's own requantization arithmetic: the comparison is exact where it can be
-        sim = [t.float().numpy() for t in _flat_outputs(qmodel(*inputs))]
-    ort_out = run_ort(out_path, inputs)
-    parity = verify_parity(sim, ort_out, model, min_fraction=min_fraction, min_cosine=min_cosine)
+    # in ORT's arithmetic (lowbit.nn.ort_arithmetic); dynamic quantizers stage by stage (verify_export)
+    parity = verify_export(qmodel, inputs, out_path, quantizers=[q for q, _ in pairs],
+                           min_fraction=min_fraction, min_cosine=min_cosine)
     return ExportResult(out_path, opset, kernels, parity, n_bias)
 
 
 @torch.no_grad()
 def export_onnx_float(
     model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, overwrite: bool = False,
-    opset: int = 17, dynamic_batch: bool = True,
+    opset: int = 17, dynamic_batch: bool = True, target: str = "ort-cpu",
 ) -> Path:
     """Write the float model as ONNX (the baseline the int8 export is compared with), with the same exact
-    shape simplifications as :func:`export_onnx` (so a speed comparison measures the integer kernels, not
-    a difference in graph clean-up). Returns the path."""
+    shape simplifications as :func:`export_onnx` and, for ``target="ort-cpu"`` (default), the same
+    attention fusion (ORT's ``MultiHeadAttention``, :mod:`._attention`), so a speed comparison measures the
+    integer kernels, not a difference in graph clean-up. ``target="qdq"`` keeps standard ONNX operators
+    only. Returns the path."""
+    if target not in _ort_cpu.TARGETS:
+        raise ConfigError(f"target must be one of {', '.join(map(repr, _ort_cpu.TARGETS))}, got {target!r}.")
     out_path = check_output_path(path, overwrite)
     inputs = as_input_tuple(example_inputs)
     was_training = model.training
@@ -324,6 +334,9 @@ def export_onnx_float(
         _torch_export(model, inputs, raw, opset, dynamic_batch, custom=False)
         graph = onnx.load(raw)
     _simplify(graph)
+    if target == "ort-cpu":
+        log.info("lowbit: ONNX Runtime CPU rewrites (float): %s", _ort_cpu.optimize_float_for_ort_cpu(graph, _feeds(inputs)))
+        sp.remove_dead_nodes(graph)
     qg.remove_unused_initializers(graph)
     _save(graph, out_path)
     model.train(was_training)
@@ -332,20 +345,31 @@ def export_onnx_float(
 
 def export_onnx_dynamic(
     model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, overwrite: bool = False,
-    per_channel: bool = True, op_types: tuple[str, ...] = ("MatMul", "Gemm"),
+    per_channel: bool = True, op_types: tuple[str, ...] = ("MatMul", "Gemm"), target: str = "ort-cpu",
 ) -> Path:
     """Write a dynamically quantized ONNX model for Linear-heavy models (transformers): the float export
     passed through ONNX Runtime's ``quantize_dynamic`` (int8 weights, uint8 activations quantized per
     batch by DynamicQuantizeLinear, MatMulInteger). Only MatMul/Gemm by default: dynamic ConvInteger
-    is slower than float convolutions in ORT. Returns the path."""
+    is slower than float convolutions in ORT. With ``target="ort-cpu"`` (default) the attention blocks are
+    then fused as in :func:`export_onnx_float` (after ``quantize_dynamic``, whose shape inference cannot
+    type contrib operators). Returns the path."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    if target not in _ort_cpu.TARGETS:
+        raise ConfigError(f"target must be one of {', '.join(map(repr, _ort_cpu.TARGETS))}, got {target!r}.")
     out_path = check_output_path(path, overwrite)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "float.onnx"
-        export_onnx_float(model, example_inputs, raw)
+        export_onnx_float(model, example_inputs, raw, target="qdq")
         dst = Path(tmp) / "dyn.onnx"
         quantize_dynamic(str(raw), str(dst), op_types_to_quantize=list(op_types), per_channel=per_channel,
                          weight_type=QuantType.QInt8)
+        if target == "ort-cpu":
+            graph = onnx.load(str(dst))
+            feeds = _feeds(as_input_tuple(example_inputs))
+            log.info("lowbit: ONNX Runtime CPU rewrites (dynamic): %s", _ort_cpu.optimize_float_for_ort_cpu(graph, feeds))
+            sp.remove_dead_nodes(graph)
+            qg.remove_unused_initializers(graph)
+            _save(graph, dst)
         os.replace(dst, out_path)
     return out_path
