@@ -30,7 +30,15 @@ from .nn.quantizer import calibrating, quantizers
 from .passes.adaround import AdaRoundConfig
 from .passes.bn_ranges import bn_activation_ranges
 from .passes.fold_bn import fold_bn
-from .passes.pipeline import DFQ, PassPlan, apply_weight_qparams, layer_bn_stats, plan_passes, run_passes
+from .passes.pipeline import (
+    DFQ,
+    PassPlan,
+    apply_weight_qparams,
+    distilled_calibration,
+    layer_bn_stats,
+    plan_passes,
+    run_passes,
+)
 from .recipes import Recipe, with_options
 
 log = logging.getLogger("lowbit")
@@ -192,7 +200,9 @@ def quantize(
             :class:`~lowbit.passes.pipeline.DFQ` (cross-layer equalization, high-bias absorption, bias
             correction analytic/empirical). With ``calib_data=None`` and a static recipe the activation
             ranges come from the BatchNorm statistics too (``DFQ(act_num_std=, input_range=)``,
-            :func:`~lowbit.passes.bn_ranges.bn_activation_ranges`): the whole flow is data-free.
+            :func:`~lowbit.passes.bn_ranges.bn_activation_ranges`), or with ``DFQ(act_range="distilled")``
+            they are calibrated on inputs distilled from the BatchNorm statistics before folding (ZeroQ,
+            :mod:`~lowbit.passes.distill`): the whole flow is data-free.
         adaround: learned weight rounding (Nagel et al. 2020), ``True`` or
             :class:`~lowbit.passes.AdaRoundConfig`; needs ``calib_data``. Each layer's rounding is
             learned on the grid the recipe gives it, and that grid's scale/zero point is set on the weight
@@ -227,8 +237,10 @@ def quantize(
     example = None
     if example_inputs is not None:
         example = _example_call(example_inputs, model)
-    bn_ranges = edge is not None and calib_data is None and plan.dfq is not None  # data-free activation ranges
-    if edge is not None and not bn_ranges:
+    data_free = edge is not None and calib_data is None and plan.dfq is not None  # data-free activation ranges
+    distilled = data_free and plan.dfq.act_range == "distilled"  # ... calibrated on distilled inputs (ZeroQ)
+    bn_ranges = data_free and not distilled
+    if edge is not None and not data_free:
         if calib_data is None:
             raise EmptyCalibrationError(
                 f"{type(recipe).__name__} quantizes activations statically, so it needs calibration data: pass "
@@ -237,7 +249,7 @@ def quantize(
             )
         first, calib_data = _peek(calib_data, model)
         example = example or first
-    if bn_ranges and example is None:
+    if data_free and example is None:
         raise EmptyCalibrationError(
             "data-free activation ranges (dfq= without calib_data) still need one input to place the quantizers: "
             "pass example_inputs= (its values are not used for any range, e.g. torch.zeros(1, 3, 224, 224))."
@@ -249,6 +261,9 @@ def quantize(
     dlog = DecisionLog()
 
     weight_qparams, plog = {}, None
+    if distilled:  # before BatchNorm folding: the distillation matches the BatchNorm statistics
+        calib_data, note = distilled_calibration(work, plan.dfq, example, progress=progress)
+        dlog.note(note)
     if plan.active:
         work, weight_qparams, plog, calib_data, example = _passes(work, recipe, plan, calib_data, example,
                                                                   num_batches, dlog, progress)

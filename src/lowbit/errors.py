@@ -24,6 +24,11 @@ class EmptyCalibrationError(QuantizationError, ValueError):
     """Calibration saw no data, so no range can be computed."""
 
 
+class NoBatchNormError(EmptyCalibrationError):
+    """Data-free calibration inputs were asked for (``DFQ(act_range="distilled")``), but the model has no
+    BatchNorm statistics to distill them from."""
+
+
 class ShapeMismatchError(QuantizationError, ValueError):
     """A tensor's shape does not fit the spec, checkpoint or layer it is used with."""
 

@@ -9,7 +9,9 @@ Order (each step optional, every decision in the returned :class:`~lowbit.passes
   (needs calibration data). Static activation ranges come from calibration data when there is some;
   with ``calib_data=None`` :func:`lowbit.quantize` derives them from the BatchNorm statistics instead
   (:mod:`~lowbit.passes.bn_ranges`: ``mean +- act_num_std * std`` clipped by the activation, the model
-  input's range from ``DFQ.input_range``), so W8A8 needs no data at all.
+  input's range from ``DFQ.input_range``), or (``act_range="distilled"``) calibrates them on synthetic
+  inputs distilled from the BatchNorm statistics (:mod:`~lowbit.passes.distill`, ZeroQ), so W8A8 needs
+  no data at all.
 * AdaRound (Nagel et al. 2020) needs calibration data. It learns each layer's rounding on the grid that
   the recipe gives that layer; the scale and zero point it used are returned so that the quantized
   model's weight quantizer reproduces the rounded weight exactly (:func:`apply_weight_qparams`).
@@ -38,13 +40,15 @@ from ._graph import CONV_TYPES, get_module
 from .adaround import AdaRoundConfig, adaround
 from .bias_correction import correct_bias
 from .cle import ReLU6Mode, equalize
+from .distill import DistillConfig, distill_inputs
 from .fold_bn import BNStats, fold_bn, output_stats
 from .high_bias_absorption import absorb_high_bias
 from .log import PassLog
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DFQ", "PassPlan", "plan_passes", "weight_specs", "run_passes", "apply_weight_qparams", "layer_bn_stats"]
+__all__ = ["DFQ", "PassPlan", "plan_passes", "weight_specs", "run_passes", "apply_weight_qparams", "layer_bn_stats",
+           "distilled_calibration"]
 
 _TYPES = (*CONV_TYPES, nn.Linear)
 
@@ -65,14 +69,29 @@ class DFQ:
         act_num_std: data-free activation ranges (used when :func:`lowbit.quantize` gets no
             ``calib_data``): ``mean +- act_num_std * std`` of the BatchNorm statistics, clipped by the
             activation (:func:`~lowbit.passes.bn_ranges.bn_activation_ranges`).
-        act_range: how the data-free ranges are chosen from the modelled per-channel distributions:
-            ``"std"`` (the paper's ``mean +- act_num_std * std``, united over channels) or ``"mse"``
-            (lowbit's MSE estimator on their quantiles; see :mod:`~lowbit.passes.bn_ranges`).
+        act_range: how the data-free ranges are chosen (used only when ``calib_data`` is None):
+            ``"std"`` (the paper's ``mean +- act_num_std * std`` of the modelled per-channel
+            distributions, united over channels), ``"mse"`` (lowbit's MSE estimator on their quantiles;
+            see :mod:`~lowbit.passes.bn_ranges`) or ``"distilled"``: calibrate the recipe's activation
+            quantizers (its own range estimator) on synthetic inputs distilled from the float model's
+            BatchNorm statistics before folding (ZeroQ, Cai et al. 2020; :mod:`~lowbit.passes.distill`).
+            Much closer to real-data ranges than the Gaussian model on depthwise networks (see
+            docs/benchmarks.md), at the cost of ``distill.iters`` forward+backward passes; needs BatchNorm
+            layers (else :class:`~lowbit.errors.NoBatchNormError`).
+        distill: :class:`~lowbit.passes.distill.DistillConfig` for ``act_range="distilled"`` (None: its
+            defaults, 32 samples x 200 Adam steps, plain ZeroQ); the inputs are clamped into ``input_range``
+            when it is given. For a classifier add ``label_weight`` (a cross-entropy to random classes,
+            GDFQ): plain ZeroQ inputs give logits less confident than real images', whose min/max range
+            then clips the top logits (EfficientNet-Lite0 W8A8: ``DistillConfig(iters=50, label_weight=50)``
+            lost 0.8 / 1.4 / 1.0 pt with seeds 0 / 1 / 2, no more than 64 real calibration images (1.4 pt
+            on the same images), where plain ZeroQ with 200 steps lost 5.2 pt; docs/benchmarks.md).
         input_range: ``(lo, hi)`` of the model input for the data-free ranges, e.g. ``(-1.0, 1.0)`` for
             images scaled by ``(x / 255 - 0.5) / 0.5``; needed when the input is quantized.
 
     >>> DFQ(bias_correction=None, input_range=(-1.0, 1.0)).input_range
     (-1.0, 1.0)
+    >>> DFQ(act_range="distilled", distill=DistillConfig(num_samples=16, iters=200)).distill.iters
+    200
     """
 
     cle: bool = True
@@ -81,8 +100,9 @@ class DFQ:
     relu6: ReLU6Mode = "channel_clip"
     num_std: float = 3.0
     act_num_std: float = 6.0
-    act_range: Literal["std", "mse"] = "std"
+    act_range: Literal["std", "mse", "distilled"] = "std"
     input_range: tuple[float, float] | None = None
+    distill: DistillConfig | None = None
 
     def __post_init__(self) -> None:
         if self.bias_correction not in ("analytic", "empirical", None):
@@ -91,8 +111,15 @@ class DFQ:
             raise ConfigError(f"DFQ.relu6 must be 'channel_clip', 'to_relu' or 'skip', got {self.relu6!r}.")
         if self.num_std <= 0 or self.act_num_std <= 0:
             raise ConfigError(f"DFQ.num_std and act_num_std must be > 0, got {self.num_std}, {self.act_num_std}.")
-        if self.act_range not in ("std", "mse"):
-            raise ConfigError(f"DFQ.act_range must be 'std' or 'mse', got {self.act_range!r}.")
+        if self.act_range not in ("std", "mse", "distilled"):
+            raise ConfigError(f"DFQ.act_range must be 'std', 'mse' or 'distilled', got {self.act_range!r}.")
+        if self.distill is not None and not isinstance(self.distill, DistillConfig):
+            raise ConfigError(f"DFQ.distill takes a DistillConfig(...), got {type(self.distill).__name__}.")
+        if self.distill is not None and self.act_range != "distilled":
+            raise ConfigError(f"DFQ.distill is only used with act_range='distilled' (got act_range={self.act_range!r}); "
+                              "set act_range='distilled' or drop distill=.")
+        if self.act_range == "distilled" and self.distill is None:
+            object.__setattr__(self, "distill", DistillConfig())
         if self.input_range is not None and (len(self.input_range) != 2 or not self.input_range[0] < self.input_range[1]):
             raise ConfigError(f"DFQ.input_range must be (lo, hi) with lo < hi, got {self.input_range!r}.")
 
@@ -233,6 +260,32 @@ def run_passes(model: nn.Module, recipe, plan: PassPlan, data: Iterable | None =
         qparams = {n: (r.scale, r.zero_point) for n, r in results.items()}
     log.info("passes: %d applied, %d skipped", len(plog.applied), len(plog.skipped))
     return model, qparams, plog
+
+
+def distilled_calibration(model: nn.Module, dfq: DFQ, example: tuple[tuple, dict], *,
+                          progress: bool = True) -> tuple[list[torch.Tensor], str]:
+    """Calibration batches for ``dfq.act_range == "distilled"``: inputs distilled from ``model``'s
+    BatchNorm statistics (:func:`~lowbit.passes.distill.distill_inputs`, ZeroQ) with ``dfq.distill``, split
+    into batches of ``dfq.distill.batch_size``, plus a one-line summary for the decision log. Call it on
+    the float model before BatchNorm folding; ``model`` is not changed.
+
+    Raises:
+        NoBatchNormError: the model has no BatchNorm layer with running statistics.
+        ConfigError: the model takes more than one input tensor (distillation makes one).
+    """
+    args, kwargs = example
+    if len(args) != 1 or kwargs or not torch.is_tensor(args[0]):
+        raise ConfigError(
+            "act_range='distilled' makes synthetic inputs for a model that takes one input tensor; this model's "
+            "example input is not a single tensor. Pass calib_data= (real batches) instead."
+        )
+    cfg = dfq.distill or DistillConfig()
+    res = distill_inputs(model, args[0], cfg, input_range=dfq.input_range, progress=progress)
+    how = "ZeroQ" + (f" + label loss x{cfg.label_weight:g}" if cfg.label_weight else "")
+    note = (f"activation ranges calibrated on {len(res.inputs)} inputs distilled from {res.num_bn} BatchNorm layers "
+            f"({how}; {cfg.iters} steps, BatchNorm loss {res.initial_loss:.4g} -> {res.final_loss:.4g}, "
+            f"{res.seconds:.0f} s)")
+    return list(res.inputs.split(min(cfg.batch_size, cfg.num_samples))), note
 
 
 def layer_bn_stats(model: nn.Module) -> dict[str, BNStats]:
