@@ -7,9 +7,13 @@ Rows (all through the one entry point; activations uint8 affine per tensor):
 * ``est``: CLE+HBA+bias correction with the percentile (99.99) and MSE activation range estimators;
 * ``free``: fully data-free W8A8, ``calib_data=None``: DFQ weights and activation ranges from the
   BatchNorm statistics (``DFQ(input_range=(-1, 1), act_range="std" | "mse")``);
+* ``distilled``: fully data-free W8A8 with activation ranges calibrated on inputs distilled from the
+  BatchNorm statistics (ZeroQ, ``DFQ(act_range="distilled", distill=DistillConfig(...))``, ``--distill-*``);
+  the first estimator of ``--distill-act`` goes through ``calib_data=None``, the others reuse its inputs;
 * ``ref``: W8A8 with per-channel int8 weights (what the activation quantization alone costs);
 * ``w4a8`` / ``w4a4``: int4 per-channel weights (first and last layer int8 weights, uint8 outputs):
-  nearest rounding vs ``adaround=AdaRoundConfig(...)``.
+  nearest rounding vs ``adaround=AdaRoundConfig(...)``; ``--ada-granularity layer,block`` adds the BRECQ
+  block-reconstruction row (``AdaRoundConfig(granularity="block")``) next to per-layer AdaRound.
 
 Data (``--data``, default ``../shared/data/imagenet-samples``, 1000 images, one per class, sorted file
 order = class index; likely the training split: read the deltas): resize 256, center crop 224, kept as
@@ -24,6 +28,8 @@ Float top-1 is measured in the same run; every row prints its wall time.
 
     .venv/bin/python bench/bench_dfq_adaround.py --rows float,w8,est,free --images 750 --calib 64
     .venv/bin/python bench/bench_dfq_adaround.py --rows float,w4a8 --device cuda --ada-calib 1024 --ada-iters 10000
+    .venv/bin/python bench/bench_dfq_adaround.py --rows float,distilled --images 500 --threads 1   # ZeroQ ranges
+    .venv/bin/python bench/bench_dfq_adaround.py --rows float,w4a8 --w4-grids minmax --ada-granularity layer,block
     python3 bench/bench_dfq_adaround.py --quick --device cuda        # < 1 min smoke test
     .venv/bin/python bench/bench_dfq_adaround.py --resnet18-budget    # AdaRound CPU cost per layer
 """
@@ -53,7 +59,7 @@ U8 = QuantSpec("uint8", symmetric=False)
 W8PC = QuantSpec("int8", symmetric=True, granularity="channel")
 FIRST_LAST = ("_conv_stem", "_fc")  # EfficientNet-Lite0's first and last weighted layers
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenet-samples"
-ALL_ROWS = ("float", "ref", "w8", "est", "free", "w4a8", "w4a4")
+ALL_ROWS = ("float", "ref", "w8", "est", "free", "distilled", "w4a8", "w4a4")
 
 
 def load_model() -> nn.Module:
@@ -193,6 +199,68 @@ def capture_speed(calib: list[torch.Tensor], dev: str) -> None:
           f"re-run {out['rerun'][0]:.1f} s ({out['rerun'][0] / out['auto'][0]:.1f}x); identical weights: {same}")
 
 
+@torch.no_grad()
+def logits_of(model: nn.Module, x: torch.Tensor, device: str, bs: int) -> torch.Tensor:
+    return torch.cat([model(normalize(x[i:i + bs]).to(device)).float().cpu() for i in range(0, len(x), bs)])
+
+
+def fidelity(q_logits: torch.Tensor, f_logits: torch.Tensor) -> str:
+    """``--w4-fidelity``: top-1 agreement with the float model and KL(float || quantized) of the softmax,
+    on the evaluation images: far less noisy than top-1 differences on 200 images."""
+    agree = float((q_logits.argmax(1) == f_logits.argmax(1)).float().mean())
+    kl = float(F.kl_div(F.log_softmax(q_logits, 1), F.log_softmax(f_logits, 1), log_target=True, reduction="batchmean"))
+    return f"agree {agree:.3f}, KL {kl:.3f}"
+
+
+def ada_granularities(text: str) -> list[str]:
+    """``--ada-granularity``: the AdaRound rows of the W4 groups, ``layer`` (per-layer AdaRound) and/or
+    ``block`` (BRECQ block reconstruction: EfficientNet-Lite0's 16 MBConv blocks, stem/head/classifier alone)."""
+    grans = [g for g in text.split(",") if g]
+    if not grans or set(grans) - {"layer", "block"}:
+        sys.exit(f"--ada-granularity takes layer and/or block, got {text!r}")
+    return grans
+
+
+def distilled_rows(run, float_model: nn.Module, example: torch.Tensor, args) -> None:
+    """The ``distilled`` rows: W8A8 per-tensor, CLE + HBA + analytic bias correction, ``calib_data=None``,
+    activation ranges calibrated on ``--distill-samples`` inputs distilled from the BatchNorm statistics
+    (ZeroQ) with each estimator of ``--distill-act``. The first row runs the whole data-free entry point
+    (its time includes the distillation); the distilled batches it made are recorded (by wrapping
+    ``lowbit.api.distilled_calibration``) and the other estimators calibrate on them through
+    ``calib_data=``, which gives the same ranges as distilling again (deterministic seed; checked in
+    tests/passes/test_distill.py) without paying for it again."""
+    import lowbit.api
+    from lowbit.passes.distill import DistillConfig
+
+    cfg = DistillConfig(num_samples=args.distill_samples, batch_size=args.distill_batch or args.distill_samples,
+                        iters=args.distill_iters, lr=args.distill_lr, label_weight=args.distill_label_weight,
+                        seed=args.distill_seed)
+    dfq = DFQ(input_range=(-1.0, 1.0), act_range="distilled", distill=cfg)
+    made: list = []
+    inner = lowbit.api.distilled_calibration
+
+    def recording(*a, **kw):
+        batches, note = inner(*a, **kw)
+        made.append((batches, note))
+        print(f"       {note}", flush=True)
+        return batches, note
+
+    what = (f"{cfg.num_samples} distilled inputs ({cfg.iters} steps, lr {cfg.lr:g}, batch {cfg.batch_size}, "
+            f"label weight {cfg.label_weight:g}, seed {cfg.seed})")
+    for i, est in enumerate(a for a in args.distill_act.split(",") if a):
+        r = per_tensor_recipe(8, U8.replace(calibrator=est))
+        if i == 0:
+            lowbit.api.distilled_calibration = recording
+            try:
+                run("W8A8", f"data-free: CLE + HBA + bias corr., act. {est} on {what}",
+                    lambda r=r: lowbit.quantize(float_model, r, None, example, dfq=dfq, progress=False))
+            finally:
+                lowbit.api.distilled_calibration = inner
+        else:
+            run("W8A8", f"same distilled inputs, {est} act. (distillation not re-timed)",
+                lambda r=r: lowbit.quantize(float_model, r, made[0][0], dfq=DFQ(), progress=False))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="float,ref,w8,est,free,w4a8,w4a4", help=f"comma-separated of {ALL_ROWS}")
@@ -208,10 +276,28 @@ def main() -> None:
                     help="QDrop: probability of feeding the float input instead of the quantized one")
     ap.add_argument("--ada-calib", type=int, default=0, help="AdaRound samples (0: the --calib images; more: "
                     "augmented crops added)")
+    ap.add_argument("--ada-reg", type=float, default=0.01, help="AdaRound regularizer weight lambda (short "
+                    "budgets need a larger one for h to end binary, e.g. 1 at 200-600 iterations)")
+    ap.add_argument("--ada-granularity", default="layer", help="comma-separated of layer,block: one AdaRound row "
+                    "each (block: BRECQ block reconstruction, AdaRoundConfig(granularity='block'); --ada-iters "
+                    "then counts per block)")
+    ap.add_argument("--ada-fisher", action="store_true", help="block rows: weight the block output error by "
+                    "BRECQ's diagonal Fisher (AdaRoundConfig(fisher=True))")
+    ap.add_argument("--w4-fidelity", action="store_true", help="W4 rows: also top-1 agreement with float and "
+                    "KL(float || quantized) on the evaluation images (one more evaluation pass per row)")
     ap.add_argument("--w4-grids", default="minmax,mse", help="weight range estimators for the W4 rows (the "
                     "grid nearest rounding and AdaRound round to)")
     ap.add_argument("--w4-act", default="minmax", help="activation range estimator for the W4 rows")
     ap.add_argument("--act-num-std", type=float, default=6.0, help="n of the data-free std rule")
+    ap.add_argument("--distill-samples", type=int, default=32, help="distilled inputs (ZeroQ) for the distilled rows")
+    ap.add_argument("--distill-iters", type=int, default=50, help="Adam steps of the distillation")
+    ap.add_argument("--distill-lr", type=float, default=0.2)
+    ap.add_argument("--distill-batch", type=int, default=0, help="inputs optimized together (0: all)")
+    ap.add_argument("--distill-label-weight", type=float, default=50.0, help="weight of the cross-entropy to random "
+                    "classes added to the BatchNorm-statistics loss (GDFQ; 0: plain ZeroQ)")
+    ap.add_argument("--distill-seed", type=int, default=0, help="seed of the distillation's initial inputs")
+    ap.add_argument("--distill-act", default="minmax,percentile,mse",
+                    help="activation range estimators calibrated on the distilled inputs")
     ap.add_argument("--empirical", action="store_true", help="also the empirical bias-correction row")
     ap.add_argument("--w6", action="store_true", help="also the W6A8 per-tensor rows")
     ap.add_argument("--quick", action="store_true", help="smoke test: 50 eval, 16 calib images, 20 AdaRound "
@@ -291,7 +377,25 @@ def main() -> None:
             dfq = DFQ(input_range=(-1.0, 1.0), act_range=est, act_num_std=args.act_num_std)
             run("W8A8", f"data-free: CLE + HBA + bias corr., act. {what}",
                 lambda dfq=dfq: lowbit.quantize(float_model, r, None, example, dfq=dfq, progress=False))
-    cfg = AdaRoundConfig(iters=args.ada_iters, lr=args.ada_lr, batch_size=args.ada_batch, qdrop_prob=args.ada_qdrop)
+    if "distilled" in rows_wanted:
+        distilled_rows(run, float_model, example, args)
+    grans = ada_granularities(args.ada_granularity)
+    f_logits: list[torch.Tensor] = []
+
+    def with_fidelity(build):
+        """``build`` that, with --w4-fidelity, also notes agreement/KL vs float for the row's label."""
+        if not args.w4_fidelity:
+            return build
+
+        def wrapped():
+            m = build()
+            if not f_logits:
+                f_logits.append(logits_of(float_model, x, dev, args.eval_batch))
+            notes.append(fidelity(logits_of(m, x, dev, args.eval_batch), f_logits[0]))
+            return m
+        return wrapped
+
+    notes: list[str] = []
     for act_bits in (8, 4):
         g = f"W4A{act_bits}"
         if g.lower() not in rows_wanted:
@@ -299,10 +403,19 @@ def main() -> None:
         for grid in args.w4_grids.split(","):
             r = w4_recipe(act_bits, grid, args.w4_act)
             what = f"{grid} weight grid, {args.w4_act} act."
-            run(g, f"int4 per-channel, nearest, {what}", lambda r=r: q(r))
-            run(g, f"AdaRound ({args.ada_iters} it/layer, batch {args.ada_batch}, lr {args.ada_lr:g}, {n_ada} samples"
-                f"{f', QDrop {args.ada_qdrop:g}' if args.ada_qdrop else ''}), "
-                f"{what}", lambda r=r: q(r, ada_calib, adaround=cfg))
+            run(g, f"int4 per-channel, nearest, {what}", with_fidelity(lambda r=r: q(r)))
+            if notes:
+                rows[-1] = (*rows[-1][:1], f"{rows[-1][1]}; {notes.pop()}", *rows[-1][2:])
+            for gran in grans:
+                cfg = AdaRoundConfig(iters=args.ada_iters, lr=args.ada_lr, batch_size=args.ada_batch,
+                                     qdrop_prob=args.ada_qdrop, granularity=gran, reg_weight=args.ada_reg,
+                                     fisher=args.ada_fisher and gran == "block")
+                label = "AdaRound" if gran == "layer" else f"BRECQ blocks{', Fisher' if cfg.fisher else ''}"
+                run(g, f"{label} ({args.ada_iters} it/{gran}, batch {args.ada_batch}, lr {args.ada_lr:g}, "
+                    f"{f'lambda {args.ada_reg:g}, ' if args.ada_reg != 0.01 else ''}{n_ada} samples{f', QDrop {args.ada_qdrop:g}' if args.ada_qdrop else ''}), "
+                    f"{what}", with_fidelity(lambda r=r, cfg=cfg: q(r, ada_calib, adaround=cfg)))
+                if notes:
+                    rows[-1] = (*rows[-1][:1], f"{rows[-1][1]}; {notes.pop()}", *rows[-1][2:])
     print("\n| recipe | variant (EfficientNet-Lite0) | top-1 | vs float (pt) | s |")
     print("|---|---|---|---|---|")
     for group, name, acc, sec in rows:

@@ -127,7 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data-free quantization first: BN folding, cross-layer equalization, high-bias absorption, "
                         "analytic bias correction")
     q.add_argument("--adaround", action="store_true", help="AdaRound the weights on the calibration data")
-    q.add_argument("--adaround-iters", type=_positive, default=200, help="AdaRound iterations per layer (default 200)")
+    q.add_argument("--adaround-iters", type=_positive, default=200,
+                   help="AdaRound iterations per layer or block (default 200)")
+    q.add_argument("--adaround-granularity", choices=("layer", "block"), default="layer",
+                   help="AdaRound unit: each layer alone (default) or each block's layers jointly on the block's "
+                        "output (BRECQ; blocks = children of Sequential/ModuleList containers)")
     q.add_argument("--mixed", type=_name_list, default=[], metavar="RECIPE[,RECIPE]",
                    help="mixed precision: less precise recipes each layer may take instead of --recipe, chosen by "
                         "measured sensitivity (needs --size-budget and/or --min-sqnr)")
@@ -191,7 +195,7 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
 
     s = run_quantize(a.model, out_dir=a.out, recipe=a.recipe, calibrator=a.calibrator, calib=a.calib,
                      num_batches=a.num_batches, batch_size=a.batch_size, dfq=a.dfq, adaround=a.adaround,
-                     adaround_iters=a.adaround_iters, overwrite=a.overwrite, weights=a.weights,
+                     adaround_iters=a.adaround_iters, adaround_granularity=a.adaround_granularity, overwrite=a.overwrite, weights=a.weights,
                      input_shape=a.input_shape, export=not a.no_export, mixed=a.mixed, size_budget=a.size_budget,
                      min_sqnr=a.min_sqnr)
     print(s.table())

@@ -281,6 +281,7 @@ def run_quantize(
     dfq: bool = False,
     adaround: bool = False,
     adaround_iters: int = 200,
+    adaround_granularity: str = "layer",
     overwrite: bool = False,
     weights: str | None = None,
     input_shape: tuple[int, ...] | None = None,
@@ -336,7 +337,8 @@ def run_quantize(
     qmodel = api.quantize(
         float_model, rec, calib_x, progress=progress,
         dfq=DFQ() if dfq else False,
-        adaround=AdaRoundConfig(iters=adaround_iters, batch_size=min(32, len(calib_x[0]))) if adaround else False,
+        adaround=AdaRoundConfig(iters=adaround_iters, batch_size=min(32, len(calib_x[0])),
+                                granularity=adaround_granularity) if adaround else False,
     )
     plog = getattr(qmodel, "lowbit_passes", None)
     if plog is not None:

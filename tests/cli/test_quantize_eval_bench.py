@@ -209,3 +209,18 @@ def test_quantize_mixed_precision_errors(capsys, tmp_path, tiny_data, args, need
     rc, _, err = call(capsys, "quantize", TINY, "--recipe", "fp16", "--calib", str(tiny_data["npy"]),
                       "--num-batches", "1", "--out", str(tmp_path / "o"), "--no-export", *args)
     assert rc != 0 and needle in err, err
+
+
+def test_quantize_adaround_block_granularity(capsys, tmp_path, tiny_data):
+    out = tmp_path / "o"
+    rc, _, err = call(capsys, "quantize", TINY, "--calib", str(tiny_data["npy"]), "--num-batches", "1",
+                      "--batch-size", "4", "--out", str(out), "--adaround", "--adaround-iters", "5",
+                      "--adaround-granularity", "block", "--no-export")
+    assert rc == 0, err
+    s = json.loads((out / "summary.json").read_text())
+    # tiny_net has no Sequential blocks: block mode says so (a skipped record) and rounds the 3 layers alone
+    assert any(n.startswith("passes: ") and "adaround on 3 layer(s)" in n and "1 skipped" in n
+               for n in s["notes"]), s["notes"]
+    rc, _, err = call(capsys, "quantize", TINY, "--calib", str(tiny_data["npy"]), "--out", str(tmp_path / "p"),
+                      "--adaround", "--adaround-granularity", "row")
+    assert rc != 0 and "granularity" in err

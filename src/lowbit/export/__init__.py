@@ -2,7 +2,15 @@
 
 from .checkpoint import load, save
 from .onnx_qdq import ExportResult, export_onnx, export_onnx_dynamic, export_onnx_float
-from .verify import KernelCount, ParityReport, StageParity, count_kernels, run_ort, verify_export, verify_parity
+from .verify import (
+    KernelCount,
+    ParityReport,
+    StageParity,
+    count_kernels,
+    run_ort,
+    verify_export,
+    verify_parity,
+)
 
 __all__ = [
     "ExportResult", "export_onnx", "export_onnx_float", "export_onnx_dynamic",

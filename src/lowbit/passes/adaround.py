@@ -20,7 +20,11 @@ Layers are done one at a time in execution order. A layer's target output comes 
 input ``x``; the optimized layer sees ``x~``, its input in the model whose earlier layers are already
 rounded (optionally activation-quantized with ``act_spec``). QDrop (Wei et al. 2022): with
 ``qdrop_prob = p``, each element of ``x~`` is replaced by the float ``x`` with probability ``p`` during
-optimization. Block reconstruction (BRECQ) is not implemented: every layer is reconstructed alone.
+optimization.
+
+Block reconstruction (BRECQ, Li et al. 2021), ``AdaRoundConfig(granularity="block")``: the ``V`` of all
+layers of a block (e.g. an inverted-residual block with its skip add) are optimized together against the
+block's output error; see :mod:`~lowbit.passes.brecq` for the objective and for how blocks are found.
 
 Capturing ``x`` and ``x~``: when the model traces with torch.fx, both models are run node by node over
 all calibration batches and paused before each layer (``capture="auto"``), so every node runs once
@@ -35,7 +39,7 @@ import copy
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -55,6 +59,7 @@ __all__ = ["AdaRoundConfig", "AdaRoundResult", "adaround", "adaround_layer"]
 ZETA, GAMMA = 1.1, -0.1
 _TYPES = (*CONV_TYPES, nn.Linear)
 _QPARAMS_ATTR = "lowbit_weight_qparams"
+Granularity = Literal["layer", "block"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,18 @@ class AdaRoundConfig:
         act_spec: if set, the layer's (quantized-model) input is fake-quantized with a per-tensor
             min/max range under this spec before the layer sees it.
         seed: for batch sampling and QDrop masks.
+        granularity: ``"layer"`` (AdaRound: each layer's own output error) or ``"block"`` (BRECQ: all
+            layers of a block rounded together against the block's output error;
+            :mod:`~lowbit.passes.brecq`). ``iters`` and ``batch_size`` then count per block; layers outside
+            every block are reconstructed alone.
+        blocks: with ``granularity="block"``, the module names of the blocks (e.g.
+            ``("features.1", "features.2")``); None finds them with :func:`~lowbit.passes.brecq.find_blocks`.
+        fisher: with ``granularity="block"``, weight each block's output error by BRECQ's diagonal Fisher,
+            the squared gradient of the float model's cross-entropy (against its own prediction) with
+            respect to the block output, normalized to mean 1 (:mod:`~lowbit.passes.brecq`).
+
+    >>> AdaRoundConfig(granularity="block", iters=500).granularity
+    'block'
     """
 
     iters: int = 1000
@@ -81,8 +98,24 @@ class AdaRoundConfig:
     qdrop_prob: float = 0.0
     act_spec: QuantSpec | None = None
     seed: int = 0
+    granularity: Granularity = "layer"
+    blocks: tuple[str, ...] | None = None
+    fisher: bool = False
 
     def __post_init__(self) -> None:
+        if self.granularity not in get_args(Granularity):
+            raise ConfigError(f"AdaRoundConfig.granularity must be 'layer' or 'block', got {self.granularity!r}.")
+        if self.fisher and self.granularity != "block":
+            raise ConfigError("AdaRoundConfig.fisher weights block outputs: it needs granularity='block'.")
+        if self.blocks is not None:
+            if self.granularity != "block":
+                raise ConfigError("AdaRoundConfig.blocks names the blocks of granularity='block'; "
+                                  f"got blocks with granularity={self.granularity!r}.")
+            if isinstance(self.blocks, str) or not all(isinstance(b, str) and b for b in self.blocks):
+                raise ConfigError(f"AdaRoundConfig.blocks is a tuple of module names, got {self.blocks!r}.")
+            if len(set(self.blocks)) != len(self.blocks):
+                raise ConfigError(f"AdaRoundConfig.blocks names a block twice: {self.blocks!r}.")
+            object.__setattr__(self, "blocks", tuple(self.blocks))
         if self.iters < 1 or not 0 <= self.warm_start < 1 or self.batch_size < 1:
             raise ConfigError(f"AdaRoundConfig needs iters >= 1, 0 <= warm_start < 1, batch_size >= 1; got "
                               f"{self.iters}, {self.warm_start}, {self.batch_size}.")
@@ -96,7 +129,8 @@ class AdaRoundConfig:
 class AdaRoundResult:
     """Outcome for one layer: the rounded ``weight`` (float, on the quantization grid of ``scale`` /
     ``zero_point``), the final soft ``h`` (shape of the weight), and the reconstruction errors
-    (mean squared output error per sample, on all stored inputs) of nearest rounding and of the result."""
+    (mean squared output error per sample, on all stored inputs) of nearest rounding and of the result.
+    With block reconstruction ``block`` names the block and the errors are the block's output errors."""
 
     weight: torch.Tensor
     scale: torch.Tensor
@@ -105,6 +139,7 @@ class AdaRoundResult:
     error_nearest: float
     error: float
     used: str  # "adaround" or "nearest" (AdaRound reconstructed worse and was discarded)
+    block: str | None = None
 
 
 def _rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -271,8 +306,15 @@ class _Stepper:
                     self.last_use.setdefault(node, []).append(arg)
 
     @classmethod
-    def create(cls, model: nn.Module, xs: Sequence[torch.Tensor]) -> _Stepper | None:
-        gm = trace(model)
+    def create(cls, model: nn.Module, xs: Sequence[torch.Tensor], leaves: Iterable[str] = ()) -> _Stepper | None:
+        """``leaves``: module names traced as single calls (the blocks of block reconstruction)."""
+        leaves = frozenset(leaves)
+        if leaves:
+            from .brecq import trace_with_leaves
+
+            gm = trace_with_leaves(model, leaves)
+        else:
+            gm = trace(model)
         if gm is None or sum(n.op == "placeholder" for n in gm.graph.nodes) != 1:
             return None
         return cls(model, gm, xs)
@@ -323,7 +365,9 @@ def adaround(model: nn.Module, data: Iterable, spec: QuantSpec | Mapping[str, Qu
         data: calibration batches (tensors or ``(input, target)`` pairs); a few hundred samples suffice.
         spec: the integer weight spec; the rounded weights lie on its grid. Or ``{layer name: spec}``
             when layers differ (e.g. first/last layer 8-bit); layers not in the map are left alone.
-        config: :class:`AdaRoundConfig`. progress: a tqdm bar over the layers.
+        config: :class:`AdaRoundConfig`; ``granularity="block"`` rounds each block's layers together against
+            the block output (BRECQ, :mod:`~lowbit.passes.brecq`). progress: a tqdm bar over the layers
+            (over the blocks and lone layers with ``granularity="block"``).
         capture: ``"auto"``: step through the torch.fx graph once (O(L) forwards for L layers), falling
             back to re-running the model up to each layer when it does not trace; ``"rerun"``: always
             re-run (O(L^2); the same inputs, kept as the reference).
@@ -357,6 +401,10 @@ def adaround(model: nn.Module, data: Iterable, spec: QuantSpec | Mapping[str, Qu
     for n, m in model.named_modules():
         if isinstance(m, _TYPES) and n not in order:
             plog.add("adaround", (n,), False, "not called in the forward pass")
+    if config.granularity == "block":
+        from .brecq import adaround_blocks
+
+        return adaround_blocks(model, fp_model, xs, names, spec, config, plog, progress=progress, capture=capture)
     results: dict[str, AdaRoundResult] = {}
     steppers = None
     if capture == "auto":
