@@ -20,7 +20,7 @@ from .mixed_precision import MixedPrecisionPlan, search_mixed_precision  # per-l
 from .nn import TensorQuantizer, calibrating, quantizers
 from .nn.int8 import convert
 from .ops import dequantize, fake_quantize
-from .passes import DFQ, AdaRoundConfig
+from .passes import DFQ, AdaRoundConfig, DistillConfig
 from .qat import distillation_loss, prepare_qat  # quantization-aware training (issue 7)
 from .spec import QuantSpec, compute_qparams
 
@@ -32,7 +32,7 @@ __all__ = [
     "QuantizationError", "ConfigError", "NonFiniteError", "EmptyCalibrationError", "ShapeMismatchError",
     "UnsupportedLayerError",
     "recipes", "calibrate", "decision_log", "quant_table", "format_quant_table", "layer_sqnr", "format_sqnr_table",
-    "TensorQuantizer", "calibrating", "quantizers", "DFQ", "AdaRoundConfig",
+    "TensorQuantizer", "calibrating", "quantizers", "DFQ", "AdaRoundConfig", "DistillConfig",
     "export_onnx", "export_onnx_float", "export_onnx_dynamic", "save", "load", "convert",
     "prepare_qat", "distillation_loss", "search_mixed_precision", "MixedPrecisionPlan",
 ]
