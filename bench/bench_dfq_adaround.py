@@ -271,12 +271,12 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--ada-iters", type=int, default=200, help="AdaRound iterations per layer")
     ap.add_argument("--ada-batch", type=int, default=32)
-    ap.add_argument("--ada-lr", type=float, default=1e-2)
+    ap.add_argument("--ada-lr", type=float, default=3e-2, help="AdaRound Adam step size (AdaRoundConfig default)")
     ap.add_argument("--ada-qdrop", type=float, default=0.0,
                     help="QDrop: probability of feeding the float input instead of the quantized one")
     ap.add_argument("--ada-calib", type=int, default=0, help="AdaRound samples (0: the --calib images; more: "
                     "augmented crops added)")
-    ap.add_argument("--ada-reg", type=float, default=0.01, help="AdaRound regularizer weight lambda (short "
+    ap.add_argument("--ada-reg", type=float, default=1.0, help="AdaRound regularizer weight lambda (short "
                     "budgets need a larger one for h to end binary, e.g. 1 at 200-600 iterations)")
     ap.add_argument("--ada-granularity", default="layer", help="comma-separated of layer,block: one AdaRound row "
                     "each (block: BRECQ block reconstruction, AdaRoundConfig(granularity='block'); --ada-iters "
@@ -412,7 +412,7 @@ def main() -> None:
                                      fisher=args.ada_fisher and gran == "block")
                 label = "AdaRound" if gran == "layer" else f"BRECQ blocks{', Fisher' if cfg.fisher else ''}"
                 run(g, f"{label} ({args.ada_iters} it/{gran}, batch {args.ada_batch}, lr {args.ada_lr:g}, "
-                    f"{f'lambda {args.ada_reg:g}, ' if args.ada_reg != 0.01 else ''}{n_ada} samples{f', QDrop {args.ada_qdrop:g}' if args.ada_qdrop else ''}), "
+                    f"lambda {args.ada_reg:g}, {n_ada} samples{f', QDrop {args.ada_qdrop:g}' if args.ada_qdrop else ''}), "
                     f"{what}", with_fidelity(lambda r=r, cfg=cfg: q(r, ada_calib, adaround=cfg)))
                 if notes:
                     rows[-1] = (*rows[-1][:1], f"{rows[-1][1]}; {notes.pop()}", *rows[-1][2:])
