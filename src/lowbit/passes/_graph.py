@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +66,29 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(get_module(model, parent_name), child, new)
+
+
+def call_order(model: nn.Module, names: Sequence[str], args: tuple, kwargs: dict | None = None) -> list[str]:
+    """The submodules ``names`` in the order of their first call in one no-grad forward
+    ``model(*args, **kwargs)``; those not called are left out."""
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def hook_for(n: str):
+        def hook(mod, inputs):
+            if n not in seen:
+                seen.add(n)
+                order.append(n)
+        return hook
+
+    handles = [get_module(model, n).register_forward_pre_hook(hook_for(n)) for n in names]
+    try:
+        with torch.no_grad():
+            model(*args, **(kwargs or {}))
+    finally:
+        for h in handles:
+            h.remove()
+    return order
 
 
 def module_kind(m: nn.Module) -> str:

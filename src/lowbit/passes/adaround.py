@@ -48,7 +48,7 @@ from ..errors import ConfigError, EmptyCalibrationError, UnsupportedLayerError
 from ..granularity import PerTensor, broadcast_param, to_blocks
 from ..ops import fake_quantize
 from ..spec import QuantSpec, compute_qparams
-from ._graph import CONV_TYPES, get_module, trace
+from ._graph import CONV_TYPES, call_order, get_module, trace
 from ._layer import batches, channel_dim, forward_with, spec_of, weight_qparams
 from .log import PassLog
 
@@ -346,17 +346,40 @@ class _Stepper:
         return torch.cat([env[arg] for env in self.envs]).detach()
 
 
-def _execution_order(model: nn.Module, x: torch.Tensor) -> list[str]:
-    order: list[str] = []
-    handles = [m.register_forward_pre_hook(lambda mod, inp, n=n: order.append(n) if n not in order else None)
-               for n, m in model.named_modules() if isinstance(m, _TYPES)]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return order
+class _UnitInputs:
+    """The inputs of each unit (a layer, or a block of block reconstruction) over all calibration batches,
+    in the float model and in the partly rounded one, asked for in execution order. ``capture="auto"``:
+    both models are stepped once through their torch.fx graphs (:class:`_Stepper`; ``leaves`` are traced as
+    single calls); when either does not trace, or for ``"rerun"``, each model is re-run up to the unit."""
+
+    def __init__(self, fp_model: nn.Module, model: nn.Module, xs: Sequence[torch.Tensor], capture: str,
+                 leaves: Iterable[str] = ()) -> None:
+        self.fp_model, self.model, self.xs = fp_model, model, xs
+        self.steppers = None
+        if capture == "auto":
+            fp_step, q_step = _Stepper.create(fp_model, xs, leaves), _Stepper.create(model, xs, leaves)
+            if fp_step is not None and q_step is not None:
+                self.steppers = (fp_step, q_step)
+            else:
+                log.info("adaround: the model does not trace; re-running it up to each layer or block (O(L^2) forwards)")
+
+    def of(self, name: str, first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float-model inputs, rounded-model inputs) of unit ``name``; ``first``: nothing is rounded yet,
+        so the rounded model's inputs are the float ones."""
+        x_fp = x_q = None
+        if self.steppers is not None:
+            x_fp, x_q = self.steppers[0].inputs_of(name), self.steppers[1].inputs_of(name)
+        if x_fp is None or x_q is None:
+            x_fp = _capture(self.fp_model, name, self.xs)
+            x_q = x_fp if first else _capture(self.model, name, self.xs)
+        return x_fp, x_q
+
+
+def _set_rounded(layer: nn.Module, res: AdaRoundResult) -> None:
+    """Write the rounded weight into ``layer`` and keep the grid it lies on (:func:`_QPARAMS_ATTR`)."""
+    with torch.no_grad():
+        layer.weight.copy_(res.weight)
+    layer.__dict__[_QPARAMS_ATTR] = (res.scale, res.zero_point)
 
 
 def adaround(model: nn.Module, data: Iterable, spec: QuantSpec | Mapping[str, QuantSpec],
@@ -398,7 +421,7 @@ def adaround(model: nn.Module, data: Iterable, spec: QuantSpec | Mapping[str, Qu
     xs = [x.to(dev) for x in batches(data)]
     if not xs:
         raise EmptyCalibrationError("adaround needs calibration data; got no batches.")
-    order = _execution_order(model, xs[0])
+    order = call_order(model, [n for n, m in model.named_modules() if isinstance(m, _TYPES)], (xs[0],))
     names = order if layers is None else [n for n in order if n in set(layers)]
     plog = PassLog()
     for n in [n for n in names if spec_of(spec, n) is None]:
@@ -412,25 +435,12 @@ def adaround(model: nn.Module, data: Iterable, spec: QuantSpec | Mapping[str, Qu
 
         return adaround_blocks(model, fp_model, xs, names, spec, config, plog, progress=progress, capture=capture)
     results: dict[str, AdaRoundResult] = {}
-    steppers = None
-    if capture == "auto":
-        fp_step, q_step = _Stepper.create(fp_model, xs), _Stepper.create(model, xs)
-        if fp_step is not None and q_step is not None:
-            steppers = (fp_step, q_step)
-        else:
-            log.info("adaround: the model does not trace; re-running it up to each layer (O(L^2) forwards)")
+    inputs = _UnitInputs(fp_model, model, xs, capture)
     for name in tqdm(names, desc="AdaRound", disable=not progress, unit="layer"):
-        x_fp = x_q = None
-        if steppers is not None:
-            x_fp, x_q = steppers[0].inputs_of(name), steppers[1].inputs_of(name)
-        if x_fp is None or x_q is None:
-            x_fp = _capture(fp_model, name, xs)
-            x_q = _capture(model, name, xs) if results else x_fp
+        x_fp, x_q = inputs.of(name, first=not results)
         layer = get_module(model, name)
         res = adaround_layer(layer, x_q, spec_of(spec, name), config, float_inputs=x_fp)
-        with torch.no_grad():
-            layer.weight.copy_(res.weight)
-        layer.__dict__[_QPARAMS_ATTR] = (res.scale, res.zero_point)
+        _set_rounded(layer, res)
         results[name] = res
         plog.add("adaround", (name,), True, f"{res.used}: error {res.error:.4g} vs nearest {res.error_nearest:.4g}")
         log.info("adaround %s: %s, error %.4g (nearest %.4g)", name, res.used, res.error, res.error_nearest)

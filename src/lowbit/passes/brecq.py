@@ -62,17 +62,16 @@ from ..spec import QuantSpec, compute_qparams
 from ._graph import BN_TYPES, LAYER_TYPES, get_module
 from ._layer import spec_of, weight_qparams
 from .adaround import (
-    _QPARAMS_ATTR,
     _TYPES,
     GAMMA,
     ZETA,
     AdaRoundConfig,
     AdaRoundResult,
     _act_quant,
-    _capture,
     _full,
     _rectified_sigmoid,
-    _Stepper,
+    _set_rounded,
+    _UnitInputs,
     adaround_layer,
 )
 from .log import PassLog
@@ -461,23 +460,12 @@ def adaround_blocks(model: nn.Module, fp_model: nn.Module, xs: list[torch.Tensor
         if u not in units:
             units.append(u)
     fisher = block_fisher(fp_model, list(extras), xs) if config.fisher and extras else {}
-    steppers = None
-    if capture == "auto":
-        fp_step, q_step = _Stepper.create(fp_model, xs, extras), _Stepper.create(model, xs, extras)
-        if fp_step is not None and q_step is not None:
-            steppers = (fp_step, q_step)
-        else:
-            log.info("brecq: the model does not trace; re-running it up to each unit (O(L^2) forwards)")
+    inputs = _UnitInputs(fp_model, model, xs, capture, extras)
     results: dict[str, AdaRoundResult] = {}
     bar = tqdm(units, desc="BRECQ", disable=not progress, unit="block")
     for unit in bar:
         bar.set_postfix_str(unit)
-        x_fp = x_q = None
-        if steppers is not None:
-            x_fp, x_q = steppers[0].inputs_of(unit), steppers[1].inputs_of(unit)
-        if x_fp is None or x_q is None:
-            x_fp = _capture(fp_model, unit, xs)
-            x_q = _capture(model, unit, xs) if results else x_fp
+        x_fp, x_q = inputs.of(unit, first=not results)
         if unit not in extras:
             layer = get_module(model, unit)
             res = adaround_layer(layer, x_q, spec_of(spec, unit), config, float_inputs=x_fp)
@@ -491,10 +479,7 @@ def adaround_blocks(model: nn.Module, fp_model: nn.Module, xs: list[torch.Tensor
             unit_results = {(f"{unit}.{r}" if r else unit): AdaRoundResult(**{**vars(res), "block": unit})
                             for r, res in got.items()}
         for name, res in unit_results.items():
-            layer = get_module(model, name)
-            with torch.no_grad():
-                layer.weight.copy_(res.weight)
-            layer.__dict__[_QPARAMS_ATTR] = (res.scale, res.zero_point)
+            _set_rounded(get_module(model, name), res)
             results[name] = res
         res = next(iter(unit_results.values()))
         what = f"block {unit} ({len(unit_results)} layers)" if unit in extras else "layer"

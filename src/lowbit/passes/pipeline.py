@@ -36,7 +36,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..spec import QuantSpec
-from ._graph import CONV_TYPES, get_module
+from ._graph import CONV_TYPES, call_order, get_module
 from .adaround import AdaRoundConfig, adaround
 from .bias_correction import correct_bias
 from .cle import ReLU6Mode, equalize
@@ -160,15 +160,7 @@ def _execution_order(model: nn.Module, example: tuple[tuple, dict] | None) -> li
     names = [n for n, m in model.named_modules() if isinstance(m, _TYPES)]
     if example is None:
         return names
-    order: list[str] = []
-    hooks = [get_module(model, n).register_forward_pre_hook(lambda m, i, n=n: order.append(n) if n not in order else None)
-             for n in names]
-    try:
-        with torch.no_grad():
-            model(*example[0], **example[1])
-    finally:
-        for h in hooks:
-            h.remove()
+    order = call_order(model, names, *example)
     return order + [n for n in names if n not in order]
 
 
