@@ -42,3 +42,14 @@ def calib():
 @pytest.fixture(scope="module")
 def qnet(small_net, calib):
     return lowbit.quantize(small_net, lowbit.recipes.W8A8(), calib, progress=False)
+
+
+@pytest.fixture(scope="session")
+def minilm_stsb():
+    """(all-MiniLM-L6-v2 encoder, STS-B test pairs) from ``lowbit.zoo``; skips when either is not installed."""
+    from lowbit import zoo
+
+    try:
+        return zoo.minilm(), zoo.stsb("test")
+    except lowbit.errors.QuantizationError as e:
+        pytest.skip(f"MiniLM / STS-B unavailable: {e}")

@@ -137,14 +137,8 @@ def test_make_session_takes_serialized_bytes(tiny):
 
 
 @pytest.mark.slow
-def test_minilm_w8a8dynamic_passes_default_tolerance_stage_by_stage(tmp_path):
-    from lowbit import zoo
-
-    try:
-        model = zoo.minilm()
-        pairs = zoo.stsb("test")
-    except lowbit.errors.QuantizationError as e:
-        pytest.skip(f"MiniLM / STS-B unavailable: {e}")
+def test_minilm_w8a8dynamic_passes_default_tolerance_stage_by_stage(tmp_path, minilm_stsb):
+    model, pairs = minilm_stsb
     torch.set_num_threads(1)
     sents = list(pairs.sentences1[:48]) + list(pairs.sentences2[:48])
 
@@ -163,10 +157,6 @@ def test_minilm_w8a8dynamic_passes_default_tolerance_stage_by_stage(tmp_path):
 
 
 def test_export_onnx_checks_dynamic_models_stage_by_stage(tmp_path):
-    import inspect
-
-    if "verify_export" not in inspect.getsource(export_onnx):
-        pytest.skip("export_onnx does not call verify_export yet (the one-line change in export/onnx_qdq.py)")
     enc = _tiny_encoder()
     example = _batch(16, 24, seed=1)
     q = lowbit.quantize(enc, lowbit.recipes.W8A8Dynamic(), example_inputs=example, progress=False)

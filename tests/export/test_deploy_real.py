@@ -79,12 +79,8 @@ def test_effnet_integer_runtime_bit_exact_with_ort(effnet):
     assert cmp.worst == 1 and 0 < cmp.n_differing < 0.01 * cmp.n_total
 
 
-def test_minilm_dynamic_int8_cosine(tmp_path):
-    try:
-        model = zoo.minilm()
-        pairs = zoo.stsb("test")
-    except lowbit.errors.QuantizationError as e:
-        pytest.skip(f"MiniLM / STS-B unavailable: {e}")
+def test_minilm_dynamic_int8_cosine(tmp_path, minilm_stsb):
+    model, pairs = minilm_stsb
     sents = list(pairs.sentences1[:32]) + list(pairs.sentences2[:32])
     t = model.tokenizer(sents, padding="max_length", truncation=True, max_length=128, return_tensors="pt")
     ids, mask = t["input_ids"], t["attention_mask"]
