@@ -1,6 +1,10 @@
 """The exact graph simplifications real models need (EfficientNet-Lite0's static padding, ReLU6, view(bs, -1),
 dead-channel biases, attention): each checked bit-exact against ONNX Runtime before/after, and end to end."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -287,3 +291,20 @@ def test_traced_head_reshapes_become_constant(tmp_path, kind):
         ref = (m if kind == "float" else q)(x3).numpy()
     tol = 1e-5 if kind == "float" else 0.05 * np.abs(ref).max()
     np.testing.assert_allclose(run_ort(path, [x3])[0], ref, rtol=0, atol=tol)
+
+
+def test_failed_opset_attempt_prints_no_torchscript_graph(tmp_path):
+    """The opset-13 attempt of an attention model fails and is retried; torch's exporter would print its
+    whole IR graph for it (to stdout when that is not a terminal; C++ output, so run a plain process)."""
+    script = (
+        "import sys, torch, lowbit\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_simplify import Attention\n"
+        "torch.manual_seed(0)\n"
+        "q = lowbit.quantize(Attention().eval(), lowbit.recipes.W8A8Dynamic(), None, progress=False)\n"
+        f"r = lowbit.export_onnx(q, torch.randn(2, 5, 16), {str(tmp_path / 'a.onnx')!r})\n"
+        "print('opset', r.opset)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "opset 17" in out.stdout and "Torch IR graph" not in out.stdout + out.stderr

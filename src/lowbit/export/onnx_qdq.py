@@ -161,6 +161,30 @@ def _clear_weight_caches(model: nn.Module) -> None:
         m.__dict__.pop("_lowbit_wcache", None)
 
 
+@contextlib.contextmanager
+def _no_ir_dump():
+    """Keep the TorchScript exporter from printing its whole IR graph (C++ output) when an export attempt fails.
+
+    Its ``setup_onnx_logging`` tests the *function* ``_jit_is_onnx_log_enabled`` for truth (torch 2.14),
+    so the ONNX log is switched on for every export, and a failed attempt then logs the full graph
+    ("Torch IR graph at exception", thousands of lines for a transformer) - also for the lower opsets that
+    :func:`export_onnx` tries first and retries past. The error itself still reaches the caller."""
+    log_fn = getattr(torch._C, "_jit_onnx_log", None)
+    if log_fn is None:
+        yield
+        return
+
+    def quiet(*args):
+        if not (args and str(args[0]).startswith("Torch IR graph at exception")):
+            log_fn(*args)
+
+    torch._C._jit_onnx_log = quiet
+    try:
+        yield
+    finally:
+        torch._C._jit_onnx_log = log_fn
+
+
 def _torch_export(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: str, opset: int,
                   dynamic_batch: bool, custom: bool) -> None:
     n_out = len(_flat_outputs(model(*inputs)))
@@ -168,7 +192,7 @@ def _torch_export(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: str,
     out_names = [f"output_{i}" for i in range(n_out)]
     axes = {n: {0: "batch"} for n in in_names + out_names} if dynamic_batch else None
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _no_ir_dump():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is the one with symbolic()
             torch.onnx.export(
