@@ -228,7 +228,8 @@ def distilled_rows(run, float_model: nn.Module, example: torch.Tensor, args) -> 
     (its time includes the distillation); the distilled batches it made are recorded (by wrapping
     ``lowbit.api.distilled_calibration``) and the other estimators calibrate on them through
     ``calib_data=``, which gives the same ranges as distilling again (deterministic seed; checked in
-    tests/passes/test_distill.py) without paying for it again."""
+    tests/passes/test_distill.py) without paying for it again. ``--distill-weights channel`` adds the same
+    rows with per-channel int8 weights (same DFQ steps, same distilled inputs)."""
     import lowbit.api
     from lowbit.passes.distill import DistillConfig
 
@@ -247,17 +248,20 @@ def distilled_rows(run, float_model: nn.Module, example: torch.Tensor, args) -> 
 
     what = (f"{cfg.num_samples} distilled inputs ({cfg.iters} steps, lr {cfg.lr:g}, batch {cfg.batch_size}, "
             f"label weight {cfg.label_weight:g}, seed {cfg.seed})")
-    for i, est in enumerate(a for a in args.distill_act.split(",") if a):
-        r = per_tensor_recipe(8, U8.replace(calibrator=est))
+    combos = [(w, est) for w in args.distill_weights.split(",") if w for est in args.distill_act.split(",") if est]
+    for i, (weights, est) in enumerate(combos):
+        act = U8.replace(calibrator=est)
+        r = per_tensor_recipe(8, act) if weights == "tensor" else Custom(weight=W8PC, activation=act)
+        wname = "" if weights == "tensor" else "W8 per-channel, "
         if i == 0:
             lowbit.api.distilled_calibration = recording
             try:
-                run("W8A8", f"data-free: CLE + HBA + bias corr., act. {est} on {what}",
+                run("W8A8", f"data-free: {wname}CLE + HBA + bias corr., act. {est} on {what}",
                     lambda r=r: lowbit.quantize(float_model, r, None, example, dfq=dfq, progress=False))
             finally:
                 lowbit.api.distilled_calibration = inner
         else:
-            run("W8A8", f"same distilled inputs, {est} act. (distillation not re-timed)",
+            run("W8A8", f"same distilled inputs, {wname}{est} act. (distillation not re-timed)",
                 lambda r=r: lowbit.quantize(float_model, r, made[0][0], dfq=DFQ(), progress=False))
 
 
@@ -298,6 +302,8 @@ def main() -> None:
     ap.add_argument("--distill-seed", type=int, default=0, help="seed of the distillation's initial inputs")
     ap.add_argument("--distill-act", default="minmax,percentile,mse",
                     help="activation range estimators calibrated on the distilled inputs")
+    ap.add_argument("--distill-weights", default="tensor", help="weight granularities of the distilled rows: "
+                    "tensor (int8 per-tensor, DFQ's setting) and/or channel (int8 per-channel)")
     ap.add_argument("--empirical", action="store_true", help="also the empirical bias-correction row")
     ap.add_argument("--w6", action="store_true", help="also the W6A8 per-tensor rows")
     ap.add_argument("--quick", action="store_true", help="smoke test: 50 eval, 16 calib images, 20 AdaRound "
@@ -316,6 +322,8 @@ def main() -> None:
     rows_wanted = [r for r in args.rows.split(",") if r]
     if set(rows_wanted) - set(ALL_ROWS):
         sys.exit(f"unknown rows {sorted(set(rows_wanted) - set(ALL_ROWS))}; choose from {ALL_ROWS}")
+    if set(args.distill_weights.split(",")) - {"tensor", "channel"}:
+        sys.exit(f"--distill-weights takes tensor and/or channel, got {args.distill_weights!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda but torch.cuda.is_available() is False")
     torch.set_num_threads(args.threads)
