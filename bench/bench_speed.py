@@ -198,9 +198,10 @@ SEQ = 128
 def minilm_bench(batches, repeats, tmp: Path) -> list[str]:
     """MiniLM encoder (input_ids + attention_mask, seq 128): lowbit W8A8Dynamic export (DynamicQuantizeLinear
     -> int8 MatMul, fused by ORT) vs ORT fp32, ORT's own quantize_dynamic, torch.ao dynamic int8 Linear.
-    "ORT fp32", lowbit int8 and quantize_dynamic have each attention block fused into ORT's
-    MultiHeadAttention (``target="ort-cpu"``, lowbit.export._attention); "ORT fp32 (unfused attention)" and
-    "lowbit int8 QDQ" are the plain exports (``target="qdq"``), to show what the fusion buys each."""
+    "ORT fp32", lowbit int8 and quantize_dynamic have each attention block fused into one ORT node with its
+    q/k/v projections packed into one GEMM (``target="ort-cpu"``: lowbit.export._attention and ._qkv; fp32
+    ``Attention``, int8 ``QAttention``); "ORT fp32 (unfused attention)" and "lowbit int8 QDQ" are the plain
+    exports (``target="qdq"``), to show what the fusion buys each."""
     from lowbit.export import export_onnx_dynamic
 
     try:
@@ -225,8 +226,10 @@ def minilm_bench(batches, repeats, tmp: Path) -> list[str]:
     plain = export_onnx(q, ex, tmp / "minilm.int8.qdq.onnx", min_fraction=0.0, min_cosine=0.0, target="qdq")
     d_path = export_onnx_dynamic(model, ex, tmp / "minilm.ort_dynamic.onnx")
     ao = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    n_mha = sum(n.op_type == "MultiHeadAttention" for n in onnx.load(str(res.path)).graph.node)
-    print(f"{name}: {n_mha} attention blocks fused (MultiHeadAttention); "
+    fused = {k: sum(n.op_type == k for n in onnx.load(str(p)).graph.node) for k, p in
+             (("Attention", f_path), ("QAttention", res.path), ("MultiHeadAttention", res.path))}
+    print(f"{name}: attention blocks fused: fp32 {fused['Attention']} Attention, lowbit int8 {fused['QAttention']} "
+          f"QAttention + {fused['MultiHeadAttention']} MultiHeadAttention; "
           f"lowbit int8 {res.kernels}; parity: {res.parity.fraction_within:.2%} within 1 step, lowest row "
           f"cosine {res.parity.min_cosine:.4f}; ORT quantize_dynamic {count_kernels(d_path)}; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)

@@ -1,7 +1,8 @@
-"""Attention fusion (lowbit.export._attention) under target="ort-cpu": the traced SDPA block becomes one
-com.microsoft.MultiHeadAttention in the file and in ONNX Runtime's optimized graph, and the outputs are the
-unfused graph's (bit-identical on the Zen 4 machine of docs/benchmarks.md; asserted to float32 rounding),
-fully padded sequences included. Op counts, never timings."""
+"""Attention fusion (lowbit.export._attention) and q/k/v packing (lowbit.export._qkv) under
+target="ort-cpu": the traced SDPA block becomes one com.microsoft.MultiHeadAttention, whose three
+projections are then packed with it into one Attention (float) or QAttention (dynamic int8), in the file
+and in ONNX Runtime's optimized graph; the outputs are the unfused graph's to float32 rounding, fully
+padded sequences included. Op counts, never timings."""
 
 from __future__ import annotations
 
@@ -103,18 +104,20 @@ def test_float_export_fuses_sdpa_into_one_node_with_the_same_outputs(scale, tmp_
     fused = export_onnx_float(m, _inputs(2), tmp_path / "f.onnx")
     plain = export_onnx_float(m, _inputs(2), tmp_path / "p.onnx", target="qdq")
     ops, ops_plain = _ops(fused), _ops(plain)
-    assert ops["MultiHeadAttention"] == 1 and ops_plain["MultiHeadAttention"] == 0
+    assert ops["Attention"] == 1 and ops["MultiHeadAttention"] == 0 and ops_plain["Attention"] == 0
     for gone in ("Softmax", "IsNaN", "Transpose"):
         assert ops[gone] == 0 and ops_plain[gone] >= 1, gone
-    assert ops["MatMul"] == 4 and ops_plain["MatMul"] == 6  # the q/k/v/o projections stay
-    mha = next(n for n in onnx.load(str(fused)).graph.node if n.op_type == "MultiHeadAttention")
-    attrs = {a.name: helper.get_attribute_value(a) for a in mha.attribute}
+    assert ops["MatMul"] == 1 and ops_plain["MatMul"] == 6  # q/k/v packed into the Attention node, o stays
+    att = next(n for n in onnx.load(str(fused)).graph.node if n.op_type == "Attention")
+    attrs = {a.name: helper.get_attribute_value(a) for a in att.attribute}
     assert attrs["num_heads"] == HEADS
     expected = np.float32(np.sqrt(np.float32(scale))) ** 2 if scale else np.float32(1 / math.sqrt(D // HEADS))
     assert attrs["scale"] == pytest.approx(float(expected), rel=1e-6)
-    # ORT keeps it: one MultiHeadAttention, no softmax or transposes around it
+    w = numpy_helper.to_array(next(t for t in onnx.load(str(fused)).graph.initializer if t.name == att.input[1]))
+    np.testing.assert_array_equal(w, torch.cat([m.q.weight, m.k.weight, m.v.weight]).T.detach().numpy())
+    # ORT keeps it: one Attention, no softmax or transposes around it
     opt = _optimized_ops(fused, tmp_path)
-    assert opt["MultiHeadAttention"] == 1 and opt["Softmax"] == 0 and opt["Transpose"] == 0
+    assert opt["Attention"] == 1 and opt["Softmax"] == 0 and opt["Transpose"] == 0
     for b in (1, 2, 5):  # the dynamic batch, a fully padded sequence from b=2 on
         x, mask = _inputs(b, seed=b)
         _assert_same(_run(fused, x, mask), _run(plain, x, mask))
@@ -124,7 +127,7 @@ def test_float_export_fuses_sdpa_into_one_node_with_the_same_outputs(scale, tmp_
 
 
 def test_fully_padded_sequence_needs_the_row_fix(tmp_path):
-    """Without the Where on the (B, T, D) output, ORT's MultiHeadAttention returns NaN for a sequence whose
+    """Without the Where on the (B, T, D) output, ORT's (Multi-Head) Attention returns NaN for a sequence whose
     keys are all masked (-inf everywhere); SDPA's export returns zeros there. The fix restores them."""
     torch.manual_seed(0)
     m = TinyAttention().eval()
@@ -135,8 +138,8 @@ def test_fully_padded_sequence_needs_the_row_fix(tmp_path):
     _assert_same(good, _run(plain, x, mask))
     g = onnx.load(str(fused))
     fix = next(n for n in g.graph.node if n.op_type == "Where" and n.name.endswith("zero_masked_rows"))
-    mha = next(n for n in g.graph.node if n.op_type == "MultiHeadAttention")
-    mha.output[0] = fix.output[0]
+    att = next(n for n in g.graph.node if n.op_type == "Attention")
+    att.output[0] = fix.output[0]
     g.graph.node.remove(fix)
     onnx.save(g, str(tmp_path / "nofix.onnx"))
     broken = _run(tmp_path / "nofix.onnx", x, mask)
@@ -187,19 +190,78 @@ def encoder_exports(tmp_path_factory):
     return ort_cpu, qdq
 
 
-def test_w8a8dynamic_export_fuses_attention_and_keeps_the_int8_kernels(encoder_exports, tmp_path):
+def test_w8a8dynamic_export_packs_attention_into_qattention(encoder_exports, tmp_path):
     ort_cpu, qdq = encoder_exports
-    assert _ops(ort_cpu.path)["MultiHeadAttention"] == 2 and _ops(qdq.path)["MultiHeadAttention"] == 0
+    ops = _ops(ort_cpu.path)
+    assert ops["QAttention"] == 2 and ops["MultiHeadAttention"] == 0 and _ops(qdq.path)["QAttention"] == 0
+    assert ops["DynamicQuantizeLinear"] == 6  # one per QAttention input, o and the two MLP Linears
     opt = _optimized_ops(ort_cpu.path, tmp_path)
-    assert opt["MultiHeadAttention"] == 2 and opt["Softmax"] == 0 and opt["IsNaN"] == 0
-    # every Linear still an int8 kernel with its bias inside; the attention matmuls are inside the MHA node
-    assert ort_cpu.kernels.n_int8 == 10 and ort_cpu.kernels.n_float == 0
+    assert opt["QAttention"] == 2 and opt["Softmax"] == 0 and opt["IsNaN"] == 0
+    # every Linear still an int8 kernel with its bias inside: q/k/v in one QAttention GEMM per block
+    assert ort_cpu.kernels.int8 == {"QAttention": 2, "DynamicQuantizeMatMul": 4} and ort_cpu.kernels.n_float == 0
     assert qdq.kernels.n_int8 == 10 and qdq.kernels.n_float == 4  # 2 score + 2 context MatMuls
     assert opt["Add"] <= _optimized_ops(qdq.path, tmp_path)["Add"]
-    assert ort_cpu.parity.min_cosine == pytest.approx(qdq.parity.min_cosine, abs=1e-6)
-    for b in (1, 3):
+    assert all(st.fraction_equal == 1.0 for st in ort_cpu.parity.stages), [str(st) for st in ort_cpu.parity.stages]
+    for b in (1, 3):  # b = 3: a fully padded sequence (QAttention's uniform row, zeroed by the row fix)
         x, mask = _inputs(b, seed=10 + b)
         _assert_same(_run(ort_cpu.path, x, mask), _run(qdq.path, x, mask))
+
+
+def test_qattention_weights_are_the_three_projections(encoder_exports):
+    """The packed int8 weight is [W_q | W_k | W_v] in (D_in, 3 D) layout, the scales and zero points per
+    column in the same order, and the raw key mask's filter value stands for SDPA's -inf."""
+    ort_cpu, qdq = encoder_exports
+    g = onnx.load(str(ort_cpu.path)).graph
+    plain = onnx.load(str(qdq.path)).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    plain_inits = {t.name: numpy_helper.to_array(t) for t in plain.initializer}
+    qa = [n for n in g.node if n.op_type == "QAttention"][0]
+    w = inits[qa.input[1]]
+    assert w.shape == (D, 3 * D) and w.dtype == np.int8
+    # the plain QDQ file keeps each projection's weight codes (output channels first) in q, k, v order
+    w_plain = [v for k, v in plain_inits.items() if v.dtype == np.int8 and v.shape == (D, D)][:3]
+    np.testing.assert_array_equal(w, np.concatenate([c.T for c in w_plain], axis=1))
+    assert inits[qa.input[4]].shape == (3 * D,) and not inits[qa.input[7]].any()
+    attrs = {a.name: helper.get_attribute_value(a) for a in qa.attribute}
+    assert attrs["num_heads"] == HEADS and attrs["mask_filter_value"] == np.finfo(np.float32).min
+
+
+class AdditiveMaskAttention(nn.Module):
+    """Attention whose mask is a float input added to the scores: QAttention cannot take it (only a 0/1 key
+    mask), Attention can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.att = TinyAttention()
+
+    def forward(self, x, bias):
+        a = self.att
+        b, t, d = x.shape
+
+        def split(y):
+            return y.view(b, t, HEADS, -1).transpose(1, 2)
+
+        y = F.scaled_dot_product_attention(split(a.q(x)), split(a.k(x)), split(a.v(x)), attn_mask=bias)
+        return a.o(y.transpose(1, 2).reshape(b, t, d))
+
+
+def test_additive_mask_keeps_multiheadattention_for_int8_and_packs_float(tmp_path):
+    torch.manual_seed(0)
+    model = AdditiveMaskAttention().eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, T, D, generator=g)
+    bias = torch.randn(2, 1, T, T, generator=g)
+    q = lowbit.quantize(model, lowbit.recipes.W8A8Dynamic(), example_inputs=(x, bias), progress=False)
+    res = export_onnx(q, (x, bias), tmp_path / "q.onnx", min_fraction=0.0)
+    ops = _ops(res.path)
+    assert ops["MultiHeadAttention"] == 1 and ops["QAttention"] == 0 and ops["MatMulInteger"] == 4
+    assert all(st.fraction_equal == 1.0 for st in res.parity.stages)
+    f = export_onnx_float(model, (x, bias), tmp_path / "f.onnx")
+    plain = export_onnx_float(model, (x, bias), tmp_path / "p.onnx", target="qdq")
+    assert _ops(f)["Attention"] == 1
+    feeds = {"input_0": x.numpy(), "input_1": bias.numpy()}
+    got, ref = (make_session(p, threads=1).run(None, feeds)[0] for p in (f, plain))
+    _assert_same(got, ref)
 
 
 def test_slice_of_a_static_shape_is_folded():
@@ -226,12 +288,13 @@ def test_slice_of_a_static_shape_is_folded():
 
 def test_quantize_dynamic_peer_gets_the_same_fusion(tmp_path):
     """ORT's quantize_dynamic cannot type contrib operators, so export_onnx_dynamic fuses after it: the peer
-    of the speed table has the same fused attention and the same outputs as without the fusion."""
+    of the speed table gets the same fused attention with packed int8 projections (QAttention) and the same
+    outputs as without the fusion."""
     torch.manual_seed(0)
     model = TinyEncoder().eval()
     fused = export_onnx_dynamic(model, _inputs(2), tmp_path / "d.onnx")
     plain = export_onnx_dynamic(model, _inputs(2), tmp_path / "p.onnx", target="qdq")
-    assert _ops(fused)["MultiHeadAttention"] == 2 and _ops(plain)["MultiHeadAttention"] == 0
-    assert _ops(fused)["MatMulInteger"] == _ops(plain)["MatMulInteger"] == 10
+    assert _ops(fused)["QAttention"] == 2 and _ops(plain)["MultiHeadAttention"] == 0
+    assert _ops(fused)["MatMulInteger"] == 4 and _ops(plain)["MatMulInteger"] == 10
     x, mask = _inputs(3, seed=21)
     _assert_same(_run(fused, x, mask), _run(plain, x, mask))

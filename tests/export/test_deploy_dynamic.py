@@ -23,7 +23,7 @@ from lowbit.export.verify import export_quantizers, make_session, verify_export
 transformers = pytest.importorskip("transformers")
 
 LAYERS = 2
-STAGES_PER_LAYER = 6  # q, k, v, attention output, FFN in, FFN out
+STAGES_PER_LAYER = 4  # q/k/v (one DynamicQuantizeLinear feeds the QAttention), attention output, FFN in, FFN out
 
 
 def _tiny_encoder():
@@ -63,8 +63,8 @@ def test_every_dynamic_stage_checked_and_equal(tiny):
     q, example, path = tiny
     rep = verify_export(q, example, path)
     assert [s.name for s in rep.stages][:STAGES_PER_LAYER] == [
-        f"model.encoder.layer.0.{n}.input" for n in ("attention.self.query", "attention.self.key", "attention.self.value",
-                                                      "attention.output.dense", "intermediate.dense", "output.dense")]
+        f"model.encoder.layer.0.{n}.input" for n in ("attention.self.query", "attention.output.dense",
+                                                      "intermediate.dense", "output.dense")]
     assert len(rep.stages) == LAYERS * STAGES_PER_LAYER
     assert all(s.fraction_within == 1.0 and s.fraction_equal >= 0.9999 for s in rep.stages)
     assert rep.fraction_within == 1.0 and rep.min_cosine > 0.999999  # outputs of the fed run
@@ -115,8 +115,8 @@ def test_wrong_layer_in_the_file_fails_at_its_stage(tiny, tmp_path, what):
     with pytest.raises(ParityError, match=r"stage model\.encoder\.layer\.1\.output\.dense\.input"):
         verify_export(q, example, bad)
     rep = verify_export(q, example, bad, raise_on_fail=False)
-    assert [s.fraction_within < 0.99 for s in rep.stages].index(True) == STAGES_PER_LAYER + 5
-    assert all(s.fraction_within == 1.0 for s in rep.stages[:STAGES_PER_LAYER + 5])  # before it: untouched
+    assert [s.fraction_within < 0.99 for s in rep.stages].index(True) == STAGES_PER_LAYER + 3
+    assert all(s.fraction_within == 1.0 for s in rep.stages[:STAGES_PER_LAYER + 3])  # before it: untouched
 
 
 def test_static_models_keep_the_output_comparison(tmp_path):
@@ -151,8 +151,11 @@ def test_minilm_w8a8dynamic_passes_default_tolerance_stage_by_stage(tmp_path, mi
     res = export_onnx(q, example, tmp_path / "m.onnx", verify=False)
     for i in range(0, len(sents), 32):  # the default min_fraction / min_cosine, batches of 32 as the bench
         rep = verify_export(q, tok(sents[i:i + 32]), res.path)
-        assert len(rep.stages) == 36
-        assert min(s.fraction_equal for s in rep.stages) >= 0.9999
+        assert len(rep.stages) == 24  # 4 per layer
+        assert all(s.fraction_within == 1.0 for s in rep.stages)
+        # QAttention's float attention differs from torch's in the last bit: where that moves a stage's max,
+        # its scale moves by an ulp and codes at rounding ties flip (598 of 1.57e6 in the worst stage measured)
+        assert min(s.fraction_equal for s in rep.stages) >= 0.999
         assert rep.min_cosine > 0.99999
 
 

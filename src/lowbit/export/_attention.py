@@ -43,7 +43,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ._simplify import _inferred_dims, _shape_values
+from ._simplify import _inferred_dims, _shape_values, splice_nodes
 from ._simplify import consumers as consumers_of
 
 __all__ = ["MS_DOMAIN", "fuse_attention"]
@@ -315,14 +315,7 @@ def fuse_attention(model: onnx.ModelProto, example_feeds: dict[str, np.ndarray] 
             new.append(helper.make_node("Where", [valid[f["mask"]], attn_out, "lowbit_mha_zero"], [f["out"]],
                                         name=f"{base}_zero_masked_rows"))
         replace[id(f["at"])] = new  # where the block ends: q, k, v and the mask exist
-    nodes = []
-    for n in model.graph.node:
-        if id(n) in replace:
-            nodes += replace[id(n)]
-        if id(n) not in drop:
-            nodes.append(n)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
+    splice_nodes(model, list(model.graph.node), replace, drop)
     model.graph.initializer.extend(extra_inits)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))

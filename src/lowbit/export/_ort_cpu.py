@@ -4,7 +4,9 @@ The two integer rewrites leave every output value unchanged (integer arithmetic 
 and use standard ONNX operators only; they only matter for which kernels ORT picks. The third,
 :func:`lowbit.export._attention.fuse_attention`, writes ORT's contrib ``MultiHeadAttention`` (so a file
 exported for ``"ort-cpu"`` needs ONNX Runtime) and is applied to the float export as well
-(:func:`optimize_float_for_ort_cpu`), so that a float baseline gets the same attention kernel.
+(:func:`optimize_float_for_ort_cpu`), so that a float baseline gets the same attention kernel. The fourth,
+:func:`lowbit.export._qkv.pack_qkv`, then packs each fused block's query/key/value projections into one
+GEMM (ORT's ``Attention`` for float projections, ``QAttention`` for dynamic int8 ones), again for both.
 Measured on the x86 machine of ``docs/benchmarks.md`` (Zen 4, AVX512-VNNI) with ONNX Runtime 1.32:
 
 * :func:`pad_conv_input_channels`: MLAS's fast symmetric-weight convolution (``MlasConvSym``, used by
@@ -27,6 +29,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ._attention import fuse_attention
+from ._qkv import pack_qkv
 from ._simplify import consumers as consumers_of
 
 __all__ = ["TARGETS", "optimize_for_ort_cpu", "optimize_float_for_ort_cpu", "pad_conv_input_channels",
@@ -175,9 +178,10 @@ def optimize_for_ort_cpu(model: onnx.ModelProto, example_feeds: dict[str, np.nda
     mask's shape by one ORT run where shape inference cannot (:func:`fuse_attention`)."""
     return {"conv_input_channels_padded": pad_conv_input_channels(model),
             "dynamic_matmuls_to_integer": dynamic_matmul_to_integer(model),
-            "attention_fused": fuse_attention(model, example_feeds)}
+            "attention_fused": fuse_attention(model, example_feeds), **pack_qkv(model)}
 
 
 def optimize_float_for_ort_cpu(model: onnx.ModelProto, example_feeds: dict[str, np.ndarray] | None = None) -> dict[str, int]:
-    """The rewrites that also apply to a float graph (the attention fusion), for the float baseline."""
-    return {"attention_fused": fuse_attention(model, example_feeds)}
+    """The rewrites that also apply to a float graph (the attention fusion and the q/k/v packing), for the float
+    baseline (and ORT's ``quantize_dynamic`` peer, whose int8 projections get ``QAttention``)."""
+    return {"attention_fused": fuse_attention(model, example_feeds), **pack_qkv(model)}

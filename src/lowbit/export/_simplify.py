@@ -40,6 +40,21 @@ def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return out
 
 
+def splice_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto], insert_before: dict[int, list[onnx.NodeProto]],
+                 drop: set[int]) -> None:
+    """Rewrite the graph's node list from ``nodes`` (the graph's nodes, the same Python objects the ``id()``
+    keys were taken from: keep them referenced): ``insert_before[id(n)]`` goes in just before ``n``, and
+    ``n`` itself is left out when ``id(n)`` is in ``drop``. Order is otherwise kept (topological if the
+    inserted nodes only read tensors that exist at ``n``)."""
+    out: list[onnx.NodeProto] = []
+    for n in nodes:
+        out += insert_before.get(id(n), [])
+        if id(n) not in drop:
+            out.append(n)
+    del model.graph.node[:]
+    model.graph.node.extend(out)
+
+
 def fold_constants(model: onnx.ModelProto, max_elements: int = 1 << 16) -> int:
     """Evaluate every node whose inputs are all constant (initializers or ``Constant`` outputs) and store
     its outputs as initializers; Q/DQ nodes and results above ``max_elements`` values are left as they are.

@@ -273,7 +273,8 @@ def export_quantizers(qmodel: torch.nn.Module) -> list[TensorQuantizer]:
 def _dynamic_stages(model: onnx.ModelProto, quantizers: Sequence[TensorQuantizer]) -> list[tuple[TensorQuantizer, tuple[str, str, str]]]:
     """(quantizer, (codes, scale, zero point) tensor names) for every dynamic quantizer whose export wrote
     exactly one ``DynamicQuantizeLinear``; a quantizer called more than once per forward (several nodes) or
-    whose node was removed as dead (an unused pooler) is left out."""
+    whose node was removed as dead (an unused pooler; the key and value inputs of an attention block packed
+    into ``QAttention``, which reads the query input's codes: the same tensor, the same codes) is left out."""
     found: dict[int, list[tuple[str, str, str]]] = {}
     for node in model.graph.node:
         if node.op_type != "DynamicQuantizeLinear" or not node.output[0].startswith("lowbit_q"):

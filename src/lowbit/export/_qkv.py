@@ -1,0 +1,240 @@
+"""Pack the query/key/value projections of a fused attention block into ONNX Runtime's ``Attention`` or
+``QAttention`` (``com.microsoft``): one GEMM of width ``3 D`` instead of three of width ``D``.
+
+After :func:`lowbit.export._attention.fuse_attention` a self-attention block reads::
+
+    q = x @ W_q + b_q;  k = x @ W_k + b_k;  v = x @ W_v + b_v        # x: (B, T, D_in), W_*: (D_in, D)
+    y = MultiHeadAttention(q, k, v, attention_bias=mask, num_heads=N, scale=c)
+
+:func:`pack_qkv` rewrites it, when every piece is proven, as
+
+* float projections: ``y = Attention(x, [W_q | W_k | W_v], [b_q | b_k | b_v], attention_bias=mask)``, the
+  same mask tensor, so a fully masked row is NaN exactly as before (the row fix of ``fuse_attention``
+  after it is kept);
+* dynamic int8 projections (``DynamicQuantizeLinear(x) -> MatMulInteger -> Cast -> Mul(s_x * s_w) -> Add
+  bias``, lowbit's export and ORT's ``quantize_dynamic`` both write this):
+  ``y = QAttention(x_codes, [Wq_q | Wq_k | Wq_v], [b_q | b_k | b_v], s_x, [s_w...], raw_mask, zp_x, [zp_w...])``:
+  the integer GEMM ``(x_codes - zp_x) (W_codes - zp_w)`` with int32 accumulation, scaled by ``s_x s_w``
+  per column plus the bias, then the same float attention. ``QAttention`` takes no additive bias, only a
+  0/1 key mask, so this needs the mask to be ``Where(keep, 0, m)`` (or ``Where(drop, m, 0)``) with a
+  constant ``m <= -1e4`` (SDPA's boolean mask exports as ``m = -inf``): the raw mask is then ``keep`` as
+  int32, squeezed to ``(B, T, T)``, and ``mask_filter_value`` is ``m`` (the lowest float32 for ``-inf``;
+  ``exp`` of either is exactly 0 for finite scores). A fully masked row is a uniform average there, not
+  NaN; the row fix zeroes it all the same. A block whose mask has another form keeps its
+  MultiHeadAttention (nothing else changes).
+
+Why: at a sequence of 128 the three ``(128 x 384) x (384 x 384)`` GEMMs of all-MiniLM-L6-v2 each run at
+well under the efficiency of one ``384 x 1152`` GEMM, and the int8 ones most of all (docs/benchmarks.md,
+"MiniLM"). The float baseline gets the same packing so that a speed ratio still measures the integer
+kernels. Exactness: float ``Attention`` agreed with the unpacked graph to float32 rounding (relative 1e-7
+in ORT 1.32); ``QAttention``'s GEMM is the same integer product and the same per-column scale and bias, so
+its outputs differ from the unpacked ones by float32 rounding in the attention only - which the next
+dynamic quantizer can turn into a one-step code difference, as any last-bit difference can
+(:func:`lowbit.export.verify_export` checks stage by stage).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ._attention import MS_DOMAIN
+from ._simplify import consumers as consumers_of
+from ._simplify import splice_nodes
+
+__all__ = ["pack_qkv"]
+
+_MASK_MIN = -1e4
+"""The masked value a 0/1 key mask may replace: ``exp(s - 1e4 - max)`` underflows to 0 for real scores."""
+
+
+class _Miss(Exception):
+    """Not the pattern: leave the block unchanged."""
+
+
+class _Graph:
+    def __init__(self, model: onnx.ModelProto, nodes: list[onnx.NodeProto]):
+        g = model.graph
+        self.inits = {t.name: t for t in g.initializer}
+        self.producer = {o: n for n in nodes for o in n.output}
+        self.consumers = consumers_of(g)
+        self.outputs = {o.name for o in g.output}
+
+    def made_by(self, name: str, op: str) -> onnx.NodeProto:
+        n = self.producer.get(name)
+        if n is None or n.op_type != op or n.domain not in ("", "ai.onnx"):
+            raise _Miss(f"{name} is not made by {op}")
+        return n
+
+    def single_use(self, name: str) -> None:
+        if name in self.outputs or len(self.consumers.get(name, [])) != 1:
+            raise _Miss(f"{name} has other consumers")
+
+    def const(self, name: str) -> np.ndarray:
+        if name not in self.inits:
+            raise _Miss(f"{name} is not an initializer")
+        return numpy_helper.to_array(self.inits[name])
+
+    def split_const(self, node: onnx.NodeProto) -> tuple[str, np.ndarray]:
+        """``node`` has two inputs, one an initializer: (the other input, the constant)."""
+        for a, b in (node.input, node.input[::-1]):
+            if b in self.inits and a not in self.inits:
+                return a, self.const(b)
+        raise _Miss(f"{node.name}: no constant operand")
+
+
+def _projection(g: _Graph, name: str) -> dict:
+    """``name = Add(y, b)`` with ``y`` a float ``MatMul(x, W)`` or the dynamic int8 chain of the module
+    docstring; the nodes that only serve it, and its weights."""
+    add = g.made_by(name, "Add")
+    g.single_use(name)
+    y, b = g.split_const(add)
+    if b.ndim != 1 or b.dtype != np.float32:
+        raise _Miss("bias")
+    g.single_use(y)
+    p = g.producer.get(y)
+    if p is not None and p.op_type == "MatMul" and p.domain in ("", "ai.onnx"):
+        w = g.const(p.input[1]) if p.input[1] in g.inits else None
+        if w is None or w.ndim != 2 or w.dtype != np.float32 or w.shape[1] != b.shape[0]:
+            raise _Miss("float weight")
+        return {"kind": "float", "x": p.input[0], "w": w, "b": b, "nodes": [add, p]}
+    rescale = g.made_by(y, "Mul")
+    acc_f, scale = None, None
+    for a, c in (rescale.input, rescale.input[::-1]):
+        pa, pc = g.producer.get(a), g.producer.get(c)
+        if pa is not None and pa.op_type == "Cast" and pc is not None and pc.op_type == "Mul":
+            acc_f, scale = a, c
+    if acc_f is None:
+        raise _Miss("not acc * scale")
+    cast = g.made_by(acc_f, "Cast")
+    g.single_use(acc_f)
+    if next((a.i for a in cast.attribute if a.name == "to"), None) != TensorProto.FLOAT:
+        raise _Miss("cast")
+    mmi = g.made_by(cast.input[0], "MatMulInteger")
+    g.single_use(cast.input[0])
+    scale_mul = g.made_by(scale, "Mul")
+    g.single_use(scale)
+    x_scale, w_scale = g.split_const(scale_mul)
+    codes, w_name = mmi.input[0], mmi.input[1]
+    x_zp = mmi.input[2] if len(mmi.input) > 2 else ""
+    w = g.const(w_name)
+    w_zp = g.const(mmi.input[3]) if len(mmi.input) > 3 and mmi.input[3] else np.zeros((), w.dtype)
+    dql = g.producer.get(codes)
+    if (dql is None or dql.op_type != "DynamicQuantizeLinear" or list(dql.output[:3]) != [codes, x_scale, x_zp]
+            or w.dtype != np.int8 or w.ndim != 2 or w.shape[1] != b.shape[0] or w_zp.dtype != np.int8
+            or w_zp.size not in (1, w.shape[1]) or w_scale.dtype != np.float32 or w_scale.size not in (1, w.shape[1])):
+        raise _Miss("dynamic int8 projection")
+    n = w.shape[1]
+    return {"kind": "int8", "x": dql.input[0], "dql": dql, "w": w, "b": b,
+            "w_scale": np.broadcast_to(w_scale.reshape(-1), (n,)), "w_zp": np.broadcast_to(w_zp.reshape(-1), (n,)),
+            "nodes": [add, rescale, cast, mmi, scale_mul]}
+
+
+def _key_mask(g: _Graph, mask: str) -> tuple[str, bool, float]:
+    """``mask = Where(cond, 0, m)`` or ``Where(cond, m, 0)``, ``m <= -1e4`` a scalar constant: (cond, whether
+    ``cond`` marks the kept keys, the ``mask_filter_value`` for QAttention)."""
+    where = g.made_by(mask, "Where")
+    a, b = (g.const(t) if t in g.inits else None for t in where.input[1:3])
+    if a is None or b is None or a.size != 1 or b.size != 1:
+        raise _Miss("mask is not a Where of two scalar constants")
+    a, b = float(a.reshape(())), float(b.reshape(()))
+    if a == 0 and b <= _MASK_MIN:
+        keep, masked = True, b
+    elif b == 0 and a <= _MASK_MIN:
+        keep, masked = False, a
+    else:
+        raise _Miss("mask values")
+    return where.input[0], keep, max(masked, float(np.finfo(np.float32).min))
+
+
+def pack_qkv(model: onnx.ModelProto) -> dict[str, int]:
+    """Rewrite every proven self-attention block (module docstring), in place. Returns
+    ``{"attention_float": n, "attention_int8": n}``, the blocks packed into ``Attention`` / ``QAttention``.
+    Run :func:`lowbit.export._simplify.remove_dead_nodes` after it (the replaced projections' producers of
+    ``x`` codes may become unused)."""
+    all_nodes = list(model.graph.node)  # one wrapper per node: the id()s below refer to these
+    g = _Graph(model, all_nodes)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    replace: dict[int, list[onnx.NodeProto]] = {}  # by id(): the matched nodes stay referenced until the end
+    drop: set[int] = set()
+    keep_alive: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    raw_masks: dict[str, str] = {}  # additive mask -> int32 (B, T, T) key mask
+    counts = {"attention_float": 0, "attention_int8": 0}
+    for i, mha in enumerate(n for n in all_nodes if n.op_type == "MultiHeadAttention" and n.domain == MS_DOMAIN):
+        ins = list(mha.input) + [""] * (6 - len(mha.input))
+        if len(set(ins[:3])) != 3 or "" in ins[:3] or any(ins[3:5]) or len(mha.input) > 6:
+            continue
+        try:
+            parts = [_projection(g, t) for t in ins[:3]]
+            kinds = {p["kind"] for p in parts}
+            if len(kinds) != 1 or len({p["x"] for p in parts}) != 1:
+                raise _Miss("projections of different inputs")
+            mask_key = _key_mask(g, ins[5]) if kinds == {"int8"} and ins[5] else None
+        except _Miss:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in mha.attribute}
+        base = f"lowbit_qkv{i}"
+        w = np.concatenate([p["w"] for p in parts], axis=1)
+        b = np.concatenate([p["b"] for p in parts])
+        inits += [numpy_helper.from_array(w, f"{base}_w"), numpy_helper.from_array(b, f"{base}_b")]
+        new: list[onnx.NodeProto] = []
+        if kinds == {"float"}:
+            new.append(helper.make_node("Attention", [parts[0]["x"], f"{base}_w", f"{base}_b", "", "", ins[5]],
+                                        list(mha.output), name=base, domain=MS_DOMAIN, **attrs))
+            counts["attention_float"] += 1
+        else:
+            dql = parts[0]["dql"]
+            inits += [numpy_helper.from_array(np.concatenate([p["w_scale"] for p in parts]), f"{base}_w_scale"),
+                      numpy_helper.from_array(np.concatenate([p["w_zp"] for p in parts]), f"{base}_w_zp")]
+            raw, extra = "", {}
+            if mask_key is not None:
+                cond, keep, masked = mask_key
+                extra["mask_filter_value"] = masked
+                if ins[5] not in raw_masks:
+                    raw = f"{base}_key_mask"
+                    new += _raw_mask_nodes(cond, keep, dql.output[0], raw, opset, inits, first=not raw_masks)
+                    raw_masks[ins[5]] = raw
+                raw = raw_masks[ins[5]]
+            new.append(helper.make_node(
+                "QAttention", [dql.output[0], f"{base}_w", f"{base}_b", dql.output[1], f"{base}_w_scale", raw,
+                               dql.output[2], f"{base}_w_zp"],
+                list(mha.output), name=base, domain=MS_DOMAIN, num_heads=attrs["num_heads"],
+                **({"scale": attrs["scale"]} if "scale" in attrs else {}), **extra))
+            counts["attention_int8"] += 1
+        replace[id(mha)] = new
+        keep_alive += [mha, *(n for p in parts for n in p["nodes"])]
+        drop.update(id(n) for n in keep_alive)
+    if not replace:
+        return counts
+    splice_nodes(model, all_nodes, replace, drop)
+    model.graph.initializer.extend(inits)
+    return counts
+
+
+def _raw_mask_nodes(cond: str, keep: bool, codes: str, out: str, opset: int, inits: list, first: bool) -> list:
+    """int32 ``(B, T, T)`` key mask from the boolean ``(B|1, 1, T, T)`` ``cond``: 1 where a key is kept;
+    expanded to the batch of ``codes`` (a ``(B, T, D)`` tensor) when the mask is shared by the batch."""
+    if first:
+        inits += [numpy_helper.from_array(np.array([1], np.int64), "lowbit_qkv_axis1"),
+                  numpy_helper.from_array(np.array([0], np.int64), "lowbit_qkv_zero"),
+                  numpy_helper.from_array(np.array([1, 1], np.int64), "lowbit_qkv_ones")]
+    nodes = []
+    kept = cond
+    if not keep:
+        nodes.append(helper.make_node("Not", [cond], [f"{out}_keep"], name=f"{out}_not"))
+        kept = f"{out}_keep"
+    nodes += [
+        helper.make_node("Cast", [kept], [f"{out}_i32"], name=f"{out}_cast", to=TensorProto.INT32),
+        (helper.make_node("Squeeze", [f"{out}_i32", "lowbit_qkv_axis1"], [f"{out}_3d"], name=f"{out}_squeeze")
+         if opset >= 13 else
+         helper.make_node("Squeeze", [f"{out}_i32"], [f"{out}_3d"], name=f"{out}_squeeze", axes=[1])),
+        helper.make_node("Shape", [codes], [f"{out}_shape"], name=f"{out}_shape"),
+        helper.make_node("Slice", [f"{out}_shape", "lowbit_qkv_zero", "lowbit_qkv_axis1"], [f"{out}_batch"],
+                         name=f"{out}_batch"),
+        helper.make_node("Concat", [f"{out}_batch", "lowbit_qkv_ones"], [f"{out}_target"], name=f"{out}_target",
+                         axis=0),
+        helper.make_node("Expand", [f"{out}_3d", f"{out}_target"], [out], name=f"{out}_expand"),
+    ]
+    return nodes
