@@ -147,3 +147,59 @@ def test_matmul_integer_form_against_numpy(tmp_path):
 def test_unknown_target_refused(qnet, calib, tmp_path):
     with pytest.raises(ConfigError, match="target"):
         export_onnx(qnet, calib[0], tmp_path / "x.onnx", target="tensorrt")
+
+
+class ReLU6Net(nn.Module):
+    """Conv-BN-ReLU6 twice, pooled into a Linear: cross-layer equalization turns both ReLU6 into per-channel
+    clips (ChannelClip), which the plain QDQ export keeps in float between Conv and QuantizeLinear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c3 = nn.Conv2d(8, 8, 1)
+        self.act1, self.act2 = nn.ReLU6(), nn.ReLU6()
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.act1(self.b1(self.c1(x)))
+        x = self.act2(self.b2(self.c2(x)))
+        return self.fc(self.pool(self.c3(x)).flatten(1))
+
+
+def test_equalized_relu6_clips_codes_after_the_quantizer(tmp_path):
+    """After CLE the ReLU6 between conv and quantizer is a per-channel clip: exported as QuantizeLinear then
+    a Min on the codes (exact: Q is monotone), every conv stays an integer kernel, and ORT, the simulation in
+    ORT's arithmetic and the integer runtime agree bit for bit."""
+    from lowbit.passes import DFQ
+    from lowbit.passes.clip import ChannelClip
+
+    torch.manual_seed(0)
+    net = ReLU6Net().eval()
+    for bn in (net.b1, net.b2):  # trained-looking statistics, uneven channel ranges for CLE to equalize
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.1, 4)
+        bn.weight.data.uniform_(0.2, 3)
+    calib = [torch.randn(8, 4, 12, 12) * 20 for _ in range(2)]  # large: the clips bite
+    q = lowbit.quantize(net, lowbit.recipes.W8A8(), calib, dfq=DFQ(high_bias_absorption=False, bias_correction=None),
+                        progress=False)
+    assert sum(isinstance(m, ChannelClip) for m in q.modules()) == 2
+    res = export_onnx(q, calib[0], tmp_path / "cle.onnx")
+    plain = export_onnx(q, calib[0], tmp_path / "cle.qdq.onnx", target="qdq", min_fraction=0.0)
+    g = onnx.load(str(res.path)).graph
+    producer = {o: n for n in g.node for o in n.output}
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    mins = [n for n in g.node if n.op_type == "Min"]
+    assert 1 <= len(mins) <= 2 and not any(n.op_type == "Relu" for n in g.node)  # a Min is dropped if all 255
+    for n in mins:
+        assert producer[n.input[0]].op_type == "QuantizeLinear" and inits[n.input[1]].dtype == np.uint8
+        assert inits[n.input[1]].shape == (8, 1, 1) and inits[n.input[1]].min() < 255  # a real clip
+    assert res.kernels.int8 == {"QLinearConv": 3, "QGemm": 1} and res.kernels.n_float == 0
+    assert plain.kernels.n_float == 2  # the two clipped convs stay float in the plain form
+    assert res.parity.fraction_within == 1.0 and res.parity.max_steps == 0.0  # bit-exact in ORT arithmetic
+    x = torch.randn(5, 4, 12, 12) * 20
+    rt = IntegerRuntime(res.path, requant="float")
+    np.testing.assert_array_equal(rt.run({rt.input_names[0]: x.numpy()})[rt.output_names[0]], run_ort(res.path, [x])[0])
+    with lowbit.nn.ort_arithmetic(q), torch.no_grad():
+        sim = q(x).numpy()
+    np.testing.assert_array_equal(sim, run_ort(res.path, [x])[0])

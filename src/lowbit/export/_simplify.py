@@ -219,9 +219,15 @@ def _q_params(q: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[np
     return np.float32(s.reshape(())), int(numpy_helper.to_array(zp).reshape(())), zp.data_type
 
 
+def quantize_values(v: np.ndarray, s: np.float32, z: int, qmin: int, qmax: int) -> np.ndarray:
+    """ONNX QuantizeLinear of float32 values with a per-tensor scale (float32 division, round half to
+    even, saturate), as int64."""
+    return np.clip(np.rint(np.asarray(v, np.float32) / np.float32(s)) + z, qmin, qmax).astype(np.int64)
+
+
 def _quantize_scalar(v: float, s: np.float32, z: int, qmin: int, qmax: int) -> int:
     """ONNX QuantizeLinear of one float32 value (round half to even, saturate)."""
-    return int(np.clip(np.rint(np.float32(v) / s) + z, qmin, qmax))
+    return int(quantize_values(np.float32(v), s, z, qmin, qmax))
 
 
 def drop_clip_before_quantize(model: onnx.ModelProto) -> int:

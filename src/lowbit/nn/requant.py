@@ -18,7 +18,9 @@ QLinearConv / QGemm computes its output exactly so (the integer accumulator in f
 is, where the export writes ``DQ -> Conv/Gemm -> Q``: an enabled static per-tensor int8/uint8 input
 quantizer and output quantizer, an int8/uint8 per-tensor or per-channel weight, the int32 bias (or no
 bias), and a fused activation that the export removes because the output quantizer already saturates
-there (ReLU with ``z_y = qmin``; ReLU6 / Hardtanh ``[lo, hi]`` with ``Q(lo) = qmin`` and ``Q(hi) = qmax``).
+there (ReLU with ``z_y = qmin``; ReLU6 / Hardtanh ``[lo, hi]`` with ``Q(lo) = qmin`` and ``Q(hi) = qmax``),
+or an equalized ReLU6 (:class:`~lowbit.passes.clip.ChannelClip`, ``z_y = qmin``), which the ``ort-cpu``
+export writes as a ``Min`` of the output codes with ``Q(upper_c)`` after the QuantizeLinear.
 A quantized residual Add whose two inputs and output are static per-tensor int8/uint8 tensors computes as
 QLinearAdd (``onnxruntime/core/mlas/lib/qladd_avx2.cpp``)::
 
@@ -93,6 +95,26 @@ def _quantize_scalar(v: float, s: torch.Tensor, z: int, qmin: int, qmax: int) ->
     return int(torch.clamp(torch.round(v32) + z, qmin, qmax))
 
 
+def _channel_clip_codes(act: nn.Module | None, oq, ndim: int) -> torch.Tensor | None:
+    """For a :class:`~lowbit.passes.clip.ChannelClip` activation under a quantizer whose zero point is its
+    minimum code: the centred codes ``Q(upper) - z`` the export clips the output codes with
+    (``lowbit.export._ort_cpu.quantize_before_channel_min``), shaped to broadcast over a ``ndim`` output;
+    else None."""
+    from ..passes.clip import ChannelClip
+
+    if type(act) is not ChannelClip:
+        return None
+    qmin, qmax = _qmin_qmax(oq)
+    z = int(oq.zero_point)
+    if z != qmin:
+        return None
+    s = oq.scale.detach().to(torch.float32).reshape(())
+    codes = torch.clamp(torch.round(act.upper.detach().float() / s) + z, qmin, qmax) - z
+    shape = [1] * ndim
+    shape[act.dim] = -1
+    return codes.double().reshape(shape)
+
+
 def _activation_is_removed(act: nn.Module | None, oq) -> bool:
     """True when the export drops ``act`` before the output QuantizeLinear (the quantizer saturates there)."""
     if act is None:
@@ -134,7 +156,9 @@ def ort_requantized_output(layer: nn.Module, x: torch.Tensor, w: torch.Tensor, b
         return None
     if iq.scale.numel() != 1 or oq.scale.numel() != 1 or (isinstance(layer, nn.Linear) and x.dim() != 2):
         return None
-    if type(layer).__name__.startswith("QuantConvTranspose") or not _activation_is_removed(layer.activation, oq):
+    clip_codes = _channel_clip_codes(layer.activation, oq, x.dim())
+    if type(layer).__name__.startswith("QuantConvTranspose") or not (
+            clip_codes is not None or _activation_is_removed(layer.activation, oq)):
         return None
     s_x = iq.scale.detach().to(torch.float32).reshape(())
     s_w = (bias_int32.weight_scale if bias_int32 is not None else wq.scale.detach()).to(torch.float32)
@@ -154,8 +178,10 @@ def ort_requantized_output(layer: nn.Module, x: torch.Tensor, w: torch.Tensor, b
     acc32 = torch.clamp(acc, -(2**31), 2**31 - 1).to(torch.int64).to(torch.float32)
     qmin, qmax = _qmin_qmax(oq)
     z_y = int(oq.zero_point)
-    v = torch.clamp(acc32 * m, float(qmin - z_y), float(qmax - z_y))
-    return (torch.round(v) * oq.scale.detach().to(torch.float32)).to(x.dtype)
+    v = torch.round(torch.clamp(acc32 * m, float(qmin - z_y), float(qmax - z_y)))
+    if clip_codes is not None:  # QLinearConv's codes, then the per-channel Min on codes
+        v = torch.minimum(v, clip_codes)
+    return (v * oq.scale.detach().to(torch.float32)).to(x.dtype)
 
 
 _EXACT_F32 = 2**24  # float32 holds every integer up to this: sums of integer products below it are exact

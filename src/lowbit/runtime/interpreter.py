@@ -45,7 +45,7 @@ RequantMode = Literal["float", "fixed_point"]
 _MODES = ("float", "fixed_point")
 _LAYOUT_OPS = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
 _SUPPORTED = {
-    "QuantizeLinear", "DequantizeLinear", "Constant", "Conv", "Gemm", "MatMul", "Add", "Relu", "Clip",
+    "QuantizeLinear", "DequantizeLinear", "Constant", "Conv", "Gemm", "MatMul", "Add", "Relu", "Clip", "Min",
     "MaxPool", "AveragePool", "GlobalAveragePool", "Concat", "Pad",
 } | _LAYOUT_OPS
 
@@ -346,6 +346,17 @@ class IntegerRuntime:
         x = self._q(env, ins[0], node)
         z = x.zero_point if x.per_tensor else _along(x.zero_point, x.axis, x.codes.ndim)
         return x.with_codes(np.maximum(x.codes, z).astype(x.codes.dtype))
+
+    def _op_Min(self, node: _Node, env: dict, ins: list[str]) -> np.ndarray:
+        """Elementwise minimum of integer codes of one type (a QuantizeLinear's output and a constant): the
+        per-channel clip of an equalized ReLU6 as the ``ort-cpu`` export writes it, after the quantizer."""
+        vals = [env[n] for n in ins]
+        if len(vals) != 2 or any(isinstance(v, QTensor | _Pending) for v in vals) \
+                or len({np.asarray(v).dtype for v in vals}) != 1 or np.asarray(vals[0]).dtype.kind not in "iu":
+            raise UnsupportedLayerError(
+                f"Min '{node.proto.name}': only a Min of integer codes with codes of the same type is supported "
+                "(the per-channel clip of target='ort-cpu'); the 'qdq' form keeps it in float between DQ and Q.")
+        return np.minimum(np.asarray(vals[0]), np.asarray(vals[1]))
 
     def _op_MaxPool(self, node: _Node, env: dict, ins: list[str]) -> QTensor:
         a = node.attrs
