@@ -269,6 +269,17 @@ def _save_checkpoint(qmodel: nn.Module, out: Path, meta: dict[str, Any], example
     return ckpt, spec_path
 
 
+def _check_data_free(mode: str, input_range, adaround: bool, mixed: bool) -> None:
+    if mode not in ("bn", "distilled"):
+        raise ConfigError(f"data_free must be 'bn' or 'distilled', got {mode!r}.")
+    if input_range is None:
+        raise ConfigError("--data-free needs --input-range=LO,HI: the range of the model's (preprocessed) input "
+                          "values, which no data is there to measure (e.g. -1,1 for EfficientNet-Lite0's inputs).")
+    if adaround or mixed:
+        raise ConfigError("--data-free cannot be combined with --adaround or mixed precision: both learn or measure "
+                          "on the calibration data.")
+
+
 def run_quantize(
     model: str,
     *,
@@ -290,6 +301,10 @@ def run_quantize(
     mixed: Sequence[str] = (),
     size_budget: str | None = None,
     min_sqnr: float | None = None,
+    data_free: str | None = None,
+    input_range: tuple[float, float] | None = None,
+    distill_iters: int = 50,
+    distill_label_weight: float = 0.0,
 ) -> Summary:
     """Quantize MODEL with a preset and write ``model_int8.onnx`` (QDQ, checked in ONNX Runtime),
     ``model.safetensors`` + ``quant_spec.json`` (the quantized-simulation state and every tensor's spec),
@@ -299,6 +314,11 @@ def run_quantize(
     ``mixed`` by :func:`lowbit.mixed_precision.search_mixed_precision` under ``size_budget`` (bytes or
     ``"3.5MB"``) and/or ``min_sqnr`` (output SQNR in dB on the calibration batches); the per-layer choice
     and sensitivities go to ``mixed_precision.txt``.
+
+    With ``data_free`` (``"bn"`` or ``"distilled"``) no data is used to quantize: DFQ weights, and activation
+    ranges from the BatchNorm statistics or from inputs distilled from them
+    (``DFQ(act_range="std" | "distilled", input_range=input_range, distill=DistillConfig(iters=distill_iters,
+    label_weight=distill_label_weight))``, ``calib_data=None``); the data only feeds the comparison below.
 
     The float and quantized models are compared on the calibration batches (top-1 when the data has
     labels, else top-1 agreement and cosine), so the figures say how far quantization moved the outputs,
@@ -319,6 +339,8 @@ def run_quantize(
     if num_batches < 1 or batch_size < 1:
         raise ConfigError("--num-batches and --batch-size must be at least 1.")
     out = prepare_out_dir(out_dir, overwrite)
+    if data_free is not None:
+        _check_data_free(data_free, input_range, adaround, bool(mixed or size_budget is not None or min_sqnr is not None))
     loaded = load_model(model, weights, input_shape)
     ds = _resolve_data(loaded, calib, "--calib")
     labelled = _batches(ds, batch_size, num_batches, labels=True)
@@ -326,6 +348,9 @@ def run_quantize(
     float_model = loaded.model
     notes: list[str] = [f"calibration: {sum(len(x) for x in calib_x)} samples from {ds.name} "
                         f"({len(calib_x)} batch(es) of {batch_size})"]
+    if data_free is not None:
+        notes[0] = notes[0].replace("calibration: ", "comparison only (quantized data-free): ")
+        dfq = True
     passes = [name for name, on in (("dfq", dfq), ("adaround", adaround)) if on]
     if adaround and not any(s.format.is_integer for s in [rec.weight_spec(nn.Conv2d(1, 1, 1))] if s is not None):
         raise ConfigError("--adaround needs integer weights; the recipe's weights are not integers.")
@@ -334,12 +359,26 @@ def run_quantize(
     if mixed or size_budget is not None or min_sqnr is not None:
         rec = _mixed_recipe(float_model, rec, [make_recipe(m, calibrator) for m in mixed], calib_x, size_budget,
                             min_sqnr, out, notes, progress)
+    dfq_config = DFQ() if dfq else False
+    if data_free is not None:
+        from .passes.distill import DistillConfig
+
+        dfq_config = DFQ(input_range=input_range, act_range="std" if data_free == "bn" else "distilled",
+                         distill=DistillConfig(iters=distill_iters, label_weight=distill_label_weight)
+                         if data_free == "distilled" else None)
     qmodel = api.quantize(
-        float_model, rec, calib_x, progress=progress,
-        dfq=DFQ() if dfq else False,
+        float_model, rec, None if data_free else calib_x, progress=progress,
+        example_inputs=torch.zeros_like(calib_x[0][:1]) if data_free else None,  # shapes only: no data seen
+        dfq=dfq_config,
         adaround=AdaRoundConfig(iters=adaround_iters, batch_size=min(32, len(calib_x[0])),
                                 granularity=adaround_granularity) if adaround else False,
     )
+    if data_free is not None:
+        how = ("the BatchNorm statistics" if data_free == "bn" else
+               f"{dfq_config.distill.num_samples} inputs distilled from the BatchNorm statistics "
+               f"({distill_iters} steps, label weight {distill_label_weight:g})")
+        notes.append(f"data-free: activation ranges from {how}, input range {tuple(input_range)}; no data used "
+                     "to quantize")
     plog = getattr(qmodel, "lowbit_passes", None)
     if plog is not None:
         counts: dict[str, int] = {}
@@ -375,7 +414,7 @@ def run_quantize(
     f_size = float_size_bytes(float_model)
     variant = recipe.upper()
     results = _float_rows(res, f_size, f_lat) + _metric_rows(variant, res, q_size, q_lat)
-    meta = {"model": model, "recipe": recipe, "calibrator": calibrator, "passes": passes,
+    meta = {"model": model, "recipe": recipe, "calibrator": calibrator, "passes": passes, "data_free": data_free,
             "input_shape": list(x1.shape[1:]), "lowbit_recipe": repr(rec)}
     ckpt, spec_path = _save_checkpoint(qmodel, out, meta, x1)
     files["checkpoint"], files["spec"] = str(ckpt), str(spec_path)

@@ -224,3 +224,40 @@ def test_quantize_adaround_block_granularity(capsys, tmp_path, tiny_data):
     rc, _, err = call(capsys, "quantize", TINY, "--calib", str(tiny_data["npy"]), "--out", str(tmp_path / "p"),
                       "--adaround", "--adaround-granularity", "row")
     assert rc != 0 and "granularity" in err
+
+
+@pytest.mark.parametrize("mode,note", [("bn", "from the BatchNorm statistics, input range (-3.0, 3.0)"), ("distilled", "inputs distilled from the BatchNorm statistics (3 steps")])
+def test_quantize_data_free(capsys, tmp_path, tiny_data, mode, note):
+    """--data-free quantizes without touching --calib: the data only feeds the comparison (the same ranges
+    whatever data is passed), and the summary says so."""
+    summaries = []
+    for data in ("npy", "npz"):
+        out = tmp_path / f"{mode}-{data}"
+        rc, _, err = call(capsys, "quantize", TINY, "--calib", str(tiny_data[data]), "--num-batches", "1",
+                          "--batch-size", "4", "--out", str(out), "--data-free", mode, "--input-range=-3,3",
+                          "--distill-iters", "3", "--no-export")
+        assert rc == 0, err
+        summaries.append(json.loads((out / "summary.json").read_text()))
+        spec = json.loads((out / "quant_spec.json").read_text())
+        assert spec["data_free"] == mode
+    s = summaries[0]
+    assert s["passes"] == ["dfq"]
+    assert s["notes"][0].startswith("comparison only (quantized data-free): "), s["notes"]
+    assert any(note in n for n in s["notes"]), s["notes"]
+    from safetensors.numpy import load_file
+
+    a, b = (load_file(str(tmp_path / f"{mode}-{d}" / "model.safetensors")) for d in ("npy", "npz"))
+    act_scales = [k for k in a if k.endswith(".scale") and "weight" not in k]  # x_quant, output_quantizer ...
+    assert len(act_scales) >= 4 and all(np.isfinite(a[k]).all() and (a[k] > 0).all() for k in act_scales)
+    assert all(np.array_equal(a[k], b[k]) for k in a)  # different data, identical model
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--data-free", "bn"], "--input-range"),
+    (["--data-free", "bn", "--input-range", "1,-1"], "LO < HI"),
+    (["--data-free", "bn", "--input-range=-1,1", "--adaround"], "cannot be combined"),
+])
+def test_quantize_data_free_errors(capsys, tmp_path, tiny_data, args, needle):
+    rc, _, err = call(capsys, "quantize", TINY, "--calib", str(tiny_data["npy"]), "--out", str(tmp_path / "o"),
+                      "--no-export", *args)
+    assert rc != 0 and needle in err, err
