@@ -16,9 +16,9 @@ After :func:`lowbit.export._attention.fuse_attention` a self-attention block rea
   ``y = QAttention(x_codes, [Wq_q | Wq_k | Wq_v], [b_q | b_k | b_v], s_x, [s_w...], raw_mask, zp_x, [zp_w...])``:
   the integer GEMM ``(x_codes - zp_x) (W_codes - zp_w)`` with int32 accumulation, scaled by ``s_x s_w``
   per column plus the bias, then the same float attention. ``QAttention`` takes no additive bias, only a
-  0/1 key mask, so this needs the mask to be ``Where(keep, 0, m)`` (or ``Where(drop, m, 0)``) with a
-  constant ``m <= -1e4`` (SDPA's boolean mask exports as ``m = -inf``): the raw mask is then ``keep`` as
-  int32, squeezed to ``(B, T, T)``, and ``mask_filter_value`` is ``m`` (the lowest float32 for ``-inf``;
+  0/1 key mask, so this needs the mask to be ``Where(keep, 0, m)`` with a constant ``m <= -1e4`` (SDPA's
+  boolean mask exports as ``m = -inf``): the raw mask is then ``keep`` as int32, squeezed to
+  ``(B, T, T)``, and ``mask_filter_value`` is ``m`` (the lowest float32 for ``-inf``;
   ``exp`` of either is exactly 0 for finite scores). A fully masked row is a uniform average there, not
   NaN; the row fix zeroes it all the same. A block whose mask has another form keeps its
   MultiHeadAttention (nothing else changes).
@@ -131,21 +131,16 @@ def _projection(g: _Graph, name: str) -> dict:
             "nodes": [add, rescale, cast, mmi, scale_mul]}
 
 
-def _key_mask(g: _Graph, mask: str) -> tuple[str, bool, float]:
-    """``mask = Where(cond, 0, m)`` or ``Where(cond, m, 0)``, ``m <= -1e4`` a scalar constant: (cond, whether
-    ``cond`` marks the kept keys, the ``mask_filter_value`` for QAttention)."""
+def _key_mask(g: _Graph, mask: str) -> tuple[str, float]:
+    """``mask = Where(keep, 0, m)`` with ``m <= -1e4`` a scalar constant (SDPA's boolean mask exports so,
+    ``m = -inf``): (``keep``, the ``mask_filter_value`` for QAttention)."""
     where = g.made_by(mask, "Where")
     a, b = (g.const(t) if t in g.inits else None for t in where.input[1:3])
     if a is None or b is None or a.size != 1 or b.size != 1:
         raise _Miss("mask is not a Where of two scalar constants")
-    a, b = float(a.reshape(())), float(b.reshape(()))
-    if a == 0 and b <= _MASK_MIN:
-        keep, masked = True, b
-    elif b == 0 and a <= _MASK_MIN:
-        keep, masked = False, a
-    else:
+    if float(a.reshape(())) != 0 or not float(b.reshape(())) <= _MASK_MIN:
         raise _Miss("mask values")
-    return where.input[0], keep, max(masked, float(np.finfo(np.float32).min))
+    return where.input[0], max(float(b.reshape(())), float(np.finfo(np.float32).min))
 
 
 def pack_qkv(model: onnx.ModelProto) -> dict[str, int]:
@@ -190,11 +185,11 @@ def pack_qkv(model: onnx.ModelProto) -> dict[str, int]:
                       numpy_helper.from_array(np.concatenate([p["w_zp"] for p in parts]), f"{base}_w_zp")]
             raw, extra = "", {}
             if mask_key is not None:
-                cond, keep, masked = mask_key
+                keep, masked = mask_key
                 extra["mask_filter_value"] = masked
                 if ins[5] not in raw_masks:
                     raw = f"{base}_key_mask"
-                    new += _raw_mask_nodes(cond, keep, dql.output[0], raw, opset, inits, first=not raw_masks)
+                    new += _raw_mask_nodes(keep, dql.output[0], raw, opset, inits, first=not raw_masks)
                     raw_masks[ins[5]] = raw
                 raw = raw_masks[ins[5]]
             new.append(helper.make_node(
@@ -213,20 +208,15 @@ def pack_qkv(model: onnx.ModelProto) -> dict[str, int]:
     return counts
 
 
-def _raw_mask_nodes(cond: str, keep: bool, codes: str, out: str, opset: int, inits: list, first: bool) -> list:
-    """int32 ``(B, T, T)`` key mask from the boolean ``(B|1, 1, T, T)`` ``cond``: 1 where a key is kept;
+def _raw_mask_nodes(keep: str, codes: str, out: str, opset: int, inits: list, first: bool) -> list:
+    """int32 ``(B, T, T)`` key mask from the boolean ``(B|1, 1, T, T)`` ``keep``: 1 where a key is kept;
     expanded to the batch of ``codes`` (a ``(B, T, D)`` tensor) when the mask is shared by the batch."""
     if first:
         inits += [numpy_helper.from_array(np.array([1], np.int64), "lowbit_qkv_axis1"),
                   numpy_helper.from_array(np.array([0], np.int64), "lowbit_qkv_zero"),
                   numpy_helper.from_array(np.array([1, 1], np.int64), "lowbit_qkv_ones")]
-    nodes = []
-    kept = cond
-    if not keep:
-        nodes.append(helper.make_node("Not", [cond], [f"{out}_keep"], name=f"{out}_not"))
-        kept = f"{out}_keep"
-    nodes += [
-        helper.make_node("Cast", [kept], [f"{out}_i32"], name=f"{out}_cast", to=TensorProto.INT32),
+    return [
+        helper.make_node("Cast", [keep], [f"{out}_i32"], name=f"{out}_cast", to=TensorProto.INT32),
         (helper.make_node("Squeeze", [f"{out}_i32", "lowbit_qkv_axis1"], [f"{out}_3d"], name=f"{out}_squeeze")
          if opset >= 13 else
          helper.make_node("Squeeze", [f"{out}_i32"], [f"{out}_3d"], name=f"{out}_squeeze", axes=[1])),
@@ -237,4 +227,3 @@ def _raw_mask_nodes(cond: str, keep: bool, codes: str, out: str, opset: int, ini
                          axis=0),
         helper.make_node("Expand", [f"{out}_3d", f"{out}_target"], [out], name=f"{out}_expand"),
     ]
-    return nodes
