@@ -1,11 +1,11 @@
 """Exact rewrites of a QDQ graph into the forms ONNX Runtime's CPU provider runs fastest (``target="ort-cpu"``).
 
-The two integer rewrites leave every output value unchanged (integer arithmetic is exact; see each function)
-and use standard ONNX operators only; they only matter for which kernels ORT picks. The third,
-:func:`lowbit.export._attention.fuse_attention`, writes ORT's contrib ``MultiHeadAttention`` (so a file
+The integer rewrites leave every output value unchanged (integer arithmetic is exact; see each function)
+and use standard ONNX operators only; they only matter for which kernels ORT picks (the three below).
+:func:`lowbit.export._attention.fuse_attention` writes ORT's contrib ``MultiHeadAttention`` (so a file
 exported for ``"ort-cpu"`` needs ONNX Runtime) and is applied to the float export as well
-(:func:`optimize_float_for_ort_cpu`), so that a float baseline gets the same attention kernel. The fourth,
-:func:`lowbit.export._qkv.pack_qkv`, then packs each fused block's query/key/value projections into one
+(:func:`optimize_float_for_ort_cpu`), so that a float baseline gets the same attention kernel;
+:func:`lowbit.export._qkv.pack_qkv` then packs each fused block's query/key/value projections into one
 GEMM (ORT's ``Attention`` for float projections, ``QAttention`` for dynamic int8 ones), again for both.
 Measured on the x86 machine of ``docs/benchmarks.md`` (Zen 4, AVX512-VNNI) with ONNX Runtime 1.32:
 
@@ -14,6 +14,9 @@ Measured on the x86 machine of ``docs/benchmarks.md`` (Zen 4, AVX512-VNNI) with 
   a 3-channel RGB stem falls back to im2col + QGEMM, which is slower than ORT's fp32 stem convolution. The
   input codes are padded with their zero point and the weights with zero codes, so the extra channel adds
   ``(z - z) * 0 = 0`` to every accumulator.
+* :func:`quantize_before_channel_min`: the per-channel clip that cross-layer equalization makes of a ReLU6
+  (``Relu -> Min(U)`` in float before the output QuantizeLinear, which keeps ORT from fusing the Conv) is
+  applied to the codes after the quantizer, ``Min(Q(y), Q(U))``: exact, since QuantizeLinear is monotone.
 * :func:`dynamic_matmul_to_integer`: ``DynamicQuantizeLinear -> DequantizeLinear -> MatMul <- DQ(weight)``
   becomes ``MatMulInteger -> Cast -> Mul(s_x * s_w)``, the form ORT's own ``quantize_dynamic`` writes. ORT
   fuses it *with the following bias Add* into DynamicQuantizeMatMul / MatMulIntegerToFloat; the QDQ form
@@ -204,7 +207,7 @@ def quantize_before_channel_min(model: onnx.ModelProto) -> int:
         s, z, t = params
         qmin, qmax = _NP_QRANGE[t]
         u = numpy_helper.to_array(inits[u_name])
-        if u.dtype != np.float32:
+        if u.dtype != np.float32 or max(u.shape, default=1) != u.size:  # one bound per channel, one axis
             continue
         relu = producer.get(a)
         if relu is not None and relu.op_type == "Relu" and z == qmin and len(cons.get(a, [])) == 1 and a not in outputs:
