@@ -203,3 +203,6 @@ def test_equalized_relu6_clips_codes_after_the_quantizer(tmp_path):
     with lowbit.nn.ort_arithmetic(q), torch.no_grad():
         sim = q(x).numpy()
     np.testing.assert_array_equal(sim, run_ort(res.path, [x])[0])
+    rt_plain = IntegerRuntime(plain.path, requant="float")  # the float clip of the plain form: refused, said why
+    with pytest.raises(lowbit.errors.UnsupportedLayerError, match="does not come from DequantizeLinear"):
+        rt_plain.run({rt_plain.input_names[0]: x.numpy()})
