@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data-free", choices=("bn", "distilled"), default=None,
                    help="quantize without calibration data (implies --dfq): activation ranges from the BatchNorm "
                         "statistics (bn), or calibrated on inputs distilled from them (distilled: ZeroQ; EfficientNet-"
-                        "Lite0 at 50 steps: ~4 min on 2 CPU cores). Needs --input-range; --calib data then only feeds "
+                        "Lite0 at 50 steps: ~2 min on 2 CPU cores). Needs --input-range; --calib data then only feeds "
                         "the float-vs-quantized comparison of the report")
     q.add_argument("--input-range", type=_range, metavar="LO,HI",
                    help="--data-free: the range of the model's input values after preprocessing, e.g. --input-range=-1,1 "

@@ -226,7 +226,8 @@ def test_quantize_adaround_block_granularity(capsys, tmp_path, tiny_data):
     assert rc != 0 and "granularity" in err
 
 
-@pytest.mark.parametrize("mode,note", [("bn", "from the BatchNorm statistics, input range (-3.0, 3.0)"), ("distilled", "inputs distilled from the BatchNorm statistics (3 steps")])
+@pytest.mark.parametrize("mode,note", [("bn", "from the BatchNorm statistics, input range (-3.0, 3.0)"),
+                                       ("distilled", "inputs distilled from the BatchNorm statistics (3 steps")])
 def test_quantize_data_free(capsys, tmp_path, tiny_data, mode, note):
     """--data-free quantizes without touching --calib: the data only feeds the comparison (the same ranges
     whatever data is passed), and the summary says so."""
