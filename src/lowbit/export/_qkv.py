@@ -39,8 +39,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ._attention import MS_DOMAIN
-from ._simplify import consumers as consumers_of
+from ._attention import MS_DOMAIN, _Matcher, _Miss
 from ._simplify import splice_nodes
 
 __all__ = ["pack_qkv"]
@@ -49,57 +48,30 @@ _MASK_MIN = -1e4
 """The masked value a 0/1 key mask may replace: ``exp(s - 1e4 - max)`` underflows to 0 for real scores."""
 
 
-class _Miss(Exception):
-    """Not the pattern: leave the block unchanged."""
+def _split_const(g: _Matcher, node: onnx.NodeProto) -> tuple[str, np.ndarray]:
+    """``node`` has two inputs, one an initializer: (the other input, the constant)."""
+    for a, b in (node.input, node.input[::-1]):
+        if b in g.inits and a not in g.inits:
+            return a, g.const(b)
+    raise _Miss(f"{node.name}: no constant operand")
 
 
-class _Graph:
-    def __init__(self, model: onnx.ModelProto, nodes: list[onnx.NodeProto]):
-        g = model.graph
-        self.inits = {t.name: t for t in g.initializer}
-        self.producer = {o: n for n in nodes for o in n.output}
-        self.consumers = consumers_of(g)
-        self.outputs = {o.name for o in g.output}
-
-    def made_by(self, name: str, op: str) -> onnx.NodeProto:
-        n = self.producer.get(name)
-        if n is None or n.op_type != op or n.domain not in ("", "ai.onnx"):
-            raise _Miss(f"{name} is not made by {op}")
-        return n
-
-    def single_use(self, name: str) -> None:
-        if name in self.outputs or len(self.consumers.get(name, [])) != 1:
-            raise _Miss(f"{name} has other consumers")
-
-    def const(self, name: str) -> np.ndarray:
-        if name not in self.inits:
-            raise _Miss(f"{name} is not an initializer")
-        return numpy_helper.to_array(self.inits[name])
-
-    def split_const(self, node: onnx.NodeProto) -> tuple[str, np.ndarray]:
-        """``node`` has two inputs, one an initializer: (the other input, the constant)."""
-        for a, b in (node.input, node.input[::-1]):
-            if b in self.inits and a not in self.inits:
-                return a, self.const(b)
-        raise _Miss(f"{node.name}: no constant operand")
-
-
-def _projection(g: _Graph, name: str) -> dict:
+def _projection(g: _Matcher, name: str) -> dict:
     """``name = Add(y, b)`` with ``y`` a float ``MatMul(x, W)`` or the dynamic int8 chain of the module
     docstring; the nodes that only serve it, and its weights."""
-    add = g.made_by(name, "Add")
-    g.single_use(name)
-    y, b = g.split_const(add)
+    add = g.node(name, "Add")
+    g.only_use(name)
+    y, b = _split_const(g, add)
     if b.ndim != 1 or b.dtype != np.float32:
         raise _Miss("bias")
-    g.single_use(y)
+    g.only_use(y)
     p = g.producer.get(y)
     if p is not None and p.op_type == "MatMul" and p.domain in ("", "ai.onnx"):
         w = g.const(p.input[1]) if p.input[1] in g.inits else None
         if w is None or w.ndim != 2 or w.dtype != np.float32 or w.shape[1] != b.shape[0]:
             raise _Miss("float weight")
         return {"kind": "float", "x": p.input[0], "w": w, "b": b, "nodes": [add, p]}
-    rescale = g.made_by(y, "Mul")
+    rescale = g.node(y, "Mul")
     acc_f, scale = None, None
     for a, c in (rescale.input, rescale.input[::-1]):
         pa, pc = g.producer.get(a), g.producer.get(c)
@@ -107,15 +79,15 @@ def _projection(g: _Graph, name: str) -> dict:
             acc_f, scale = a, c
     if acc_f is None:
         raise _Miss("not acc * scale")
-    cast = g.made_by(acc_f, "Cast")
-    g.single_use(acc_f)
+    cast = g.node(acc_f, "Cast")
+    g.only_use(acc_f)
     if next((a.i for a in cast.attribute if a.name == "to"), None) != TensorProto.FLOAT:
         raise _Miss("cast")
-    mmi = g.made_by(cast.input[0], "MatMulInteger")
-    g.single_use(cast.input[0])
-    scale_mul = g.made_by(scale, "Mul")
-    g.single_use(scale)
-    x_scale, w_scale = g.split_const(scale_mul)
+    mmi = g.node(cast.input[0], "MatMulInteger")
+    g.only_use(cast.input[0])
+    scale_mul = g.node(scale, "Mul")
+    g.only_use(scale)
+    x_scale, w_scale = _split_const(g, scale_mul)
     codes, w_name = mmi.input[0], mmi.input[1]
     x_zp = mmi.input[2] if len(mmi.input) > 2 else ""
     w = g.const(w_name)
@@ -131,10 +103,10 @@ def _projection(g: _Graph, name: str) -> dict:
             "nodes": [add, rescale, cast, mmi, scale_mul]}
 
 
-def _key_mask(g: _Graph, mask: str) -> tuple[str, float]:
+def _key_mask(g: _Matcher, mask: str) -> tuple[str, float]:
     """``mask = Where(keep, 0, m)`` with ``m <= -1e4`` a scalar constant (SDPA's boolean mask exports so,
     ``m = -inf``): (``keep``, the ``mask_filter_value`` for QAttention)."""
-    where = g.made_by(mask, "Where")
+    where = g.node(mask, "Where")
     a, b = (g.const(t) if t in g.inits else None for t in where.input[1:3])
     if a is None or b is None or a.size != 1 or b.size != 1:
         raise _Miss("mask is not a Where of two scalar constants")
@@ -148,8 +120,8 @@ def pack_qkv(model: onnx.ModelProto) -> dict[str, int]:
     ``{"attention_float": n, "attention_int8": n}``, the blocks packed into ``Attention`` / ``QAttention``.
     Run :func:`lowbit.export._simplify.remove_dead_nodes` after it (the replaced projections' producers of
     ``x`` codes may become unused)."""
-    all_nodes = list(model.graph.node)  # one wrapper per node: the id()s below refer to these
-    g = _Graph(model, all_nodes)
+    g = _Matcher(model)  # holds every node: the wrappers (and their id()s) below stay the same objects
+    all_nodes = list(model.graph.node)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     replace: dict[int, list[onnx.NodeProto]] = {}  # by id(): the matched nodes stay referenced until the end
     drop: set[int] = set()
