@@ -152,6 +152,44 @@ def _rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
 
+def _reconstruction_inputs(inputs: torch.Tensor, float_inputs: torch.Tensor | None, config: AdaRoundConfig
+                           ) -> tuple[torch.Generator, torch.Generator, torch.Tensor, torch.Tensor]:
+    """``(gen, mask_gen, x_q, x_fp)`` of one reconstruction unit: the seeded batch-index stream (CPU on every
+    device), the QDrop mask stream (where the inputs live; on CPU the same stream as the indices), the
+    unit's inputs (fake-quantized with ``config.act_spec`` when set) and its float-model inputs."""
+    gen = torch.Generator().manual_seed(config.seed)
+    dev = inputs.device
+    mask_gen = gen if dev.type == "cpu" else torch.Generator(device=dev).manual_seed(config.seed)
+    x_fp = inputs if float_inputs is None else float_inputs
+    x_q = inputs if config.act_spec is None else _act_quant(inputs, config.act_spec)
+    return gen, mask_gen, x_q, x_fp
+
+
+def _sample(x_q: torch.Tensor, x_fp: torch.Tensor, config: AdaRoundConfig, gen: torch.Generator,
+            mask_gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One reconstruction step's batch: ``config.batch_size`` random rows ``idx`` of the stored inputs and
+    those rows of ``x_q``, each element replaced by ``x_fp``'s with probability ``config.qdrop_prob`` (QDrop).
+    ``gen`` draws the rows, ``mask_gen`` the QDrop mask."""
+    n = x_q.shape[0]
+    idx = torch.randint(0, n, (min(config.batch_size, n),), generator=gen).to(x_q.device)
+    xb = x_q[idx]
+    if config.qdrop_prob > 0:
+        keep_fp = torch.rand(xb.shape, generator=mask_gen, device=x_q.device) < config.qdrop_prob
+        xb = torch.where(keep_fp, x_fp[idx], xb)
+    return idx, xb
+
+
+def _rounding_reg(hs: Sequence[torch.Tensor], it: int, warm: int, config: AdaRoundConfig) -> torch.Tensor | float:
+    """AdaRound's regularizer at step ``it``: 0 during the warm start, then
+    ``lambda * sum(1 - |2 h - 1|^beta)`` over every ``h`` with ``beta`` annealed linearly from ``beta_start``
+    to ``beta_end``."""
+    if it < warm:
+        return 0.0
+    rel = (it - warm) / max(1, config.iters - warm)
+    beta = config.beta_end + (config.beta_start - config.beta_end) * (1 - rel)
+    return config.reg_weight * sum((1 - (2 * h - 1).abs().pow(beta)).sum() for h in hs)
+
+
 def _full(p: torch.Tensor, w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """A per-block parameter expanded to the weight's shape."""
     shape = tuple(w.shape)
@@ -197,12 +235,7 @@ def adaround_layer(layer: nn.Module, inputs: torch.Tensor, spec: QuantSpec, conf
         raise ConfigError(f"AdaRound rounds to an integer grid; {spec.format.name} is not an integer format.")
     if inputs.shape[0] == 0:
         raise EmptyCalibrationError("AdaRound got no calibration inputs for the layer.")
-    gen = torch.Generator().manual_seed(config.seed)  # batch indices: CPU stream on every device
-    dev = inputs.device
-    # QDrop masks are drawn where the inputs live; on CPU from the same stream as the indices
-    mask_gen = gen if dev.type == "cpu" else torch.Generator(device=dev).manual_seed(config.seed)
-    x_fp = inputs if float_inputs is None else float_inputs
-    x_q = inputs if config.act_spec is None else _act_quant(inputs, config.act_spec)
+    gen, mask_gen, x_q, x_fp = _reconstruction_inputs(inputs, float_inputs, config)
     w = layer.weight.detach().float()
     scale, zp = weight_qparams(w, spec)
     s, z = _full(scale, w, spec), _full(zp.float(), w, spec)
@@ -218,19 +251,11 @@ def adaround_layer(layer: nn.Module, inputs: torch.Tensor, spec: QuantSpec, conf
     with torch.no_grad():
         target = forward_with(layer, x_fp, w, layer.bias)
     opt = torch.optim.Adam([v], lr=config.lr)
-    n, warm = x_q.shape[0], int(config.warm_start * config.iters)
+    warm = int(config.warm_start * config.iters)
     for it in range(config.iters):
-        idx = torch.randint(0, n, (min(config.batch_size, n),), generator=gen).to(dev)
-        xb = x_q[idx]
-        if config.qdrop_prob > 0:
-            keep_fp = torch.rand(xb.shape, generator=mask_gen, device=dev) < config.qdrop_prob
-            xb = torch.where(keep_fp, x_fp[idx], xb)
+        idx, xb = _sample(x_q, x_fp, config, gen, mask_gen)
         h = _rectified_sigmoid(v)
-        loss = _recon_error(layer, xb, weight_of(h), target[idx].detach())
-        if it >= warm:
-            rel = (it - warm) / max(1, config.iters - warm)
-            beta = config.beta_end + (config.beta_start - config.beta_end) * (1 - rel)
-            loss = loss + config.reg_weight * (1 - (2 * h - 1).abs().pow(beta)).sum()
+        loss = _recon_error(layer, xb, weight_of(h), target[idx].detach()) + _rounding_reg([h], it, warm, config)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -67,9 +67,11 @@ from .adaround import (
     ZETA,
     AdaRoundConfig,
     AdaRoundResult,
-    _act_quant,
     _full,
+    _reconstruction_inputs,
     _rectified_sigmoid,
+    _rounding_reg,
+    _sample,
     _set_rounded,
     _UnitInputs,
     adaround_layer,
@@ -313,11 +315,7 @@ def reconstruct_block(block: nn.Module, layers: Mapping[str, QuantSpec], inputs:
             raise ConfigError(f"AdaRound rounds to an integer grid; {spec.format.name} is not an integer format.")
         mods[rel] = m
     kwargs = dict(kwargs or {})
-    gen = torch.Generator().manual_seed(config.seed)
-    dev = inputs.device
-    mask_gen = gen if dev.type == "cpu" else torch.Generator(device=dev).manual_seed(config.seed)
-    x_fp = inputs if float_inputs is None else float_inputs
-    x_q = inputs if config.act_spec is None else _act_quant(inputs, config.act_spec)
+    gen, mask_gen, x_q, x_fp = _reconstruction_inputs(inputs, float_inputs, config)
     rounds = [_Rounding.of(f"{rel}.weight" if rel else "weight", mods[rel], spec) for rel, spec in layers.items()]
     n, bs = x_q.shape[0], 256
 
@@ -343,18 +341,10 @@ def reconstruct_block(block: nn.Module, layers: Mapping[str, QuantSpec], inputs:
         opt = torch.optim.Adam([r.v for r in rounds], lr=config.lr)
         warm = int(config.warm_start * config.iters)
         for it in range(config.iters):
-            idx = torch.randint(0, n, (min(config.batch_size, n),), generator=gen).to(dev)
-            xb = x_q[idx]
-            if config.qdrop_prob > 0:
-                keep_fp = torch.rand(xb.shape, generator=mask_gen, device=dev) < config.qdrop_prob
-                xb = torch.where(keep_fp, x_fp[idx], xb)
+            idx, xb = _sample(x_q, x_fp, config, gen, mask_gen)
             hs = [_rectified_sigmoid(r.v) for r in rounds]
             loss = _out_error(run(xb, {r.key: r.weight_of(h) for r, h in zip(rounds, hs)}), target[idx],
-                              None if out_weight is None else out_weight[idx])
-            if it >= warm:
-                rel_it = (it - warm) / max(1, config.iters - warm)
-                beta = config.beta_end + (config.beta_start - config.beta_end) * (1 - rel_it)
-                loss = loss + config.reg_weight * sum((1 - (2 * h - 1).abs().pow(beta)).sum() for h in hs)
+                              None if out_weight is None else out_weight[idx]) + _rounding_reg(hs, it, warm, config)
             opt.zero_grad()
             loss.backward()
             opt.step()
