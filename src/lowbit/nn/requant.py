@@ -89,10 +89,14 @@ def _qmin_qmax(q) -> tuple[int, int]:
     return int(fmt.min_value), int(fmt.max_value)
 
 
+def _quantize_codes(v: torch.Tensor, s: torch.Tensor, z: int, qmin: int, qmax: int) -> torch.Tensor:
+    """ONNX QuantizeLinear of float32 values with a per-tensor scale: ``clamp(rint(v / s) + z)`` in float32."""
+    return torch.clamp(torch.round(v.to(torch.float32) / s.to(torch.float32).reshape(())) + z, qmin, qmax)
+
+
 def _quantize_scalar(v: float, s: torch.Tensor, z: int, qmin: int, qmax: int) -> int:
     """ONNX QuantizeLinear of one float32 value (the test the exporter's Clip/Relu removal makes)."""
-    v32 = torch.tensor(v, dtype=torch.float32) / s.to(torch.float32).reshape(())
-    return int(torch.clamp(torch.round(v32) + z, qmin, qmax))
+    return int(_quantize_codes(torch.tensor(v, dtype=torch.float32), s, z, qmin, qmax))
 
 
 def _channel_clip_codes(act: nn.Module | None, oq, ndim: int) -> torch.Tensor | None:
@@ -108,8 +112,7 @@ def _channel_clip_codes(act: nn.Module | None, oq, ndim: int) -> torch.Tensor | 
     z = int(oq.zero_point)
     if z != qmin:
         return None
-    s = oq.scale.detach().to(torch.float32).reshape(())
-    codes = torch.clamp(torch.round(act.upper.detach().float() / s) + z, qmin, qmax) - z
+    codes = _quantize_codes(act.upper.detach(), oq.scale.detach(), z, qmin, qmax) - z
     shape = [1] * ndim
     shape[act.dim] = -1
     return codes.double().reshape(shape)
