@@ -346,11 +346,10 @@ def run_quantize(
     labelled = _batches(ds, batch_size, num_batches, labels=True)
     calib_x = [b[0] if isinstance(b, tuple) else b for b in labelled]
     float_model = loaded.model
-    notes: list[str] = [f"calibration: {sum(len(x) for x in calib_x)} samples from {ds.name} "
+    use = "calibration" if data_free is None else "comparison only (quantized data-free)"
+    notes: list[str] = [f"{use}: {sum(len(x) for x in calib_x)} samples from {ds.name} "
                         f"({len(calib_x)} batch(es) of {batch_size})"]
-    if data_free is not None:
-        notes[0] = notes[0].replace("calibration: ", "comparison only (quantized data-free): ")
-        dfq = True
+    dfq = dfq or data_free is not None
     passes = [name for name, on in (("dfq", dfq), ("adaround", adaround)) if on]
     if adaround and not any(s.format.is_integer for s in [rec.weight_spec(nn.Conv2d(1, 1, 1))] if s is not None):
         raise ConfigError("--adaround needs integer weights; the recipe's weights are not integers.")
