@@ -106,8 +106,12 @@ def module_kind(m: nn.Module) -> str:
     return "other"
 
 
+ROOT_TYPE = "lowbit_root_type"  # key of GraphModule.meta: the type of the module it was traced from
+
+
 def trace(model: nn.Module) -> torch.fx.GraphModule | None:
-    """``torch.fx.symbolic_trace(model)``, or None (logged) when the model does not trace."""
+    """``torch.fx.symbolic_trace(model)``, or None (logged) when the model does not trace. The traced
+    module's type is kept in ``gm.meta[ROOT_TYPE]``."""
     if isinstance(model, torch.fx.GraphModule):
         return model
     from .clip import ChannelClip
@@ -118,11 +122,13 @@ def trace(model: nn.Module) -> torch.fx.GraphModule | None:
             return isinstance(m, (ChannelClip, *LAYER_TYPES, *BN_TYPES)) or super().is_leaf_module(m, qualname)
 
     try:
-        return torch.fx.GraphModule(model, _Tracer().trace(model))
+        gm = torch.fx.GraphModule(model, _Tracer().trace(model))
     except Exception as e:  # tracing fails in many ways (control flow, proxies in asserts ...)
         log.info("torch.fx could not trace %s (%s: %s); using nn.Sequential order", type(model).__name__,
                  type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return None
+    gm.meta[ROOT_TYPE] = type(model)  # the trace's module stack records every module's type but the root's
+    return gm
 
 
 def _fx_links(gm: torch.fx.GraphModule, is_consumer) -> tuple[list[Link], list[DeadEnd]]:

@@ -85,7 +85,8 @@ class AdaRoundConfig:
             :mod:`~lowbit.passes.brecq`). ``iters`` and ``batch_size`` then count per block; layers outside
             every block are reconstructed alone.
         blocks: with ``granularity="block"``, the module names of the blocks (e.g.
-            ``("features.1", "features.2")``); None finds them with :func:`~lowbit.passes.brecq.find_blocks`.
+            ``("features.1", "features.2")``); None finds them with :func:`~lowbit.passes.brecq.find_blocks`
+            (in a torch.fx GraphModule, e.g. after CLE, from the module stack its trace recorded).
         fisher: with ``granularity="block"``, weight each block's output error by BRECQ's diagonal Fisher,
             the squared gradient of the float model's cross-entropy (against its own prediction) with
             respect to the block output, normalized to mean 1 (:mod:`~lowbit.passes.brecq`).

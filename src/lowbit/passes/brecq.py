@@ -37,13 +37,18 @@ InvertedResidual blocks (``features.0`` and ``features.18``, Conv2dNormActivatio
 conv is a layer of its own).
 
 A block must be called exactly once per forward with one tensor input (other arguments constant, e.g.
-EfficientNet's ``drop_connect_rate``) and return one tensor; a block that is not (never called, e.g. in
-a torch.fx GraphModule that calls its layers directly, or called twice) is logged and its layers are
-reconstructed one by one. Block inputs are captured like layer inputs: stepping through the torch.fx
-graph traced with the blocks as single calls (O(L)), or by re-running the model up to each block.
+EfficientNet's ``drop_connect_rate``) and return one tensor; a block that is not (never called, or
+called twice) is logged and its layers are reconstructed one by one. Block inputs are captured like
+layer inputs: stepping through the torch.fx graph traced with the blocks as single calls (O(L)), or by
+re-running the model up to each block.
+
 A torch.fx GraphModule (what CLE returns when it splits a shared ReLU6, e.g. with ``dfq=DFQ()`` on
-EfficientNet-Lite0) keeps the module names but not the containers or the block calls: no block is
-found there, which is logged (warning), and every layer is reconstructed alone.
+EfficientNet-Lite0) calls its layers directly and keeps no containers, so its blocks are found from the
+module stack its trace recorded (:func:`~lowbit.passes._fx_blocks.graph_blocks`, the same rule) and each
+block's nodes are folded into one call of a GraphModule of its own
+(:func:`~lowbit.passes._fx_blocks.fold_blocks`: same layers, same function) for the reconstruction; a
+block whose nodes cannot be folded (not contiguous, more than one input or output) is logged and its
+layers are reconstructed alone.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from torch import nn
 from ..errors import ConfigError, EmptyCalibrationError, UnsupportedLayerError
 from ..ops import fake_quantize
 from ..spec import QuantSpec, compute_qparams
+from ._fx_blocks import fold_blocks, graph_blocks
 from ._graph import BN_TYPES, LAYER_TYPES, get_module
 from ._layer import spec_of, weight_qparams
 from .adaround import (
@@ -417,16 +423,27 @@ def adaround_blocks(model: nn.Module, fp_model: nn.Module, xs: list[torch.Tensor
     execution order)."""
     from tqdm.auto import tqdm
 
-    blocks = list(config.blocks) if config.blocks is not None else find_blocks(model, names)
-    _check_blocks(model, blocks)
+    rounded = model
+    if isinstance(model, torch.fx.GraphModule):  # e.g. after CLE: fold each block's nodes into one call
+        blocks = list(config.blocks) if config.blocks is not None else graph_blocks(model, names, _TYPES)
+        _check_blocks(model, blocks)
+        model, unfolded = fold_blocks(model, blocks)
+        if isinstance(fp_model, torch.fx.GraphModule):
+            fp_model, _ = fold_blocks(fp_model, blocks)
+        for b, why in unfolded.items():
+            plog.add("adaround", (b,), False, f"block {b} of the torch.fx graph: {why}; its layers are "
+                     "reconstructed alone")
+            log.info("brecq: block %s of the torch.fx graph: %s; layers reconstructed alone", b, why)
+    else:
+        blocks = list(config.blocks) if config.blocks is not None else find_blocks(model, names)
+        _check_blocks(model, blocks)
     members = {b: [n for n in names if n == b or n.startswith(b + ".")] for b in blocks}
     for b in [b for b in blocks if not members[b]]:
         plog.add("adaround", (b,), False, "block holds no layer to round")
     blocks = [b for b in blocks if members[b]]
     if not blocks:
         why = ("no block holds a layer to round" if config.blocks is not None else "find_blocks found no block "
-               "(no module below an nn.Sequential / nn.ModuleList holds a layer to round; a torch.fx GraphModule "
-               "has plain containers: name the blocks, or run on the original module)")
+               "(no module below an nn.Sequential / nn.ModuleList holds a layer to round)")
         plog.add("adaround", (), False, f"granularity='block': {why}; every layer is reconstructed alone")
         log.warning("brecq: %s; every layer is reconstructed alone", why)
     calls = _block_calls(model, blocks, xs[0]) if blocks else {}
@@ -476,4 +493,4 @@ def adaround_blocks(model: nn.Module, fp_model: nn.Module, xs: list[torch.Tensor
         plog.add("adaround", tuple(unit_results), True,
                  f"{what}: {res.used}: error {res.error:.4g} vs nearest {res.error_nearest:.4g}")
         log.info("brecq %s: %s, error %.4g (nearest %.4g)", unit, res.used, res.error, res.error_nearest)
-    return model, {n: results[n] for n in names if n in results}, plog
+    return rounded, {n: results[n] for n in names if n in results}, plog
