@@ -278,6 +278,9 @@ def main() -> None:
     ap.add_argument("--ada-lr", type=float, default=3e-2, help="AdaRound Adam step size (AdaRoundConfig default)")
     ap.add_argument("--ada-qdrop", type=float, default=0.0,
                     help="QDrop: probability of feeding the float input instead of the quantized one")
+    ap.add_argument("--ada-act", action="store_true", help="W4A8/W4A4 AdaRound rows: fake-quantize each "
+                    "reconstructed unit's input with the row's activation format (per-tensor min/max of the batch, "
+                    "AdaRoundConfig(act_spec=...)) while learning the rounding")
     ap.add_argument("--ada-calib", type=int, default=0, help="AdaRound samples (0: the --calib images; more: "
                     "augmented crops added)")
     ap.add_argument("--ada-reg", type=float, default=1.0, help="AdaRound regularizer weight lambda (short "
@@ -417,10 +420,12 @@ def main() -> None:
             for gran in grans:
                 cfg = AdaRoundConfig(iters=args.ada_iters, lr=args.ada_lr, batch_size=args.ada_batch,
                                      qdrop_prob=args.ada_qdrop, granularity=gran, reg_weight=args.ada_reg,
-                                     fisher=args.ada_fisher and gran == "block")
+                                     fisher=args.ada_fisher and gran == "block",
+                                     act_spec=QuantSpec(f"uint{act_bits}", symmetric=False) if args.ada_act else None)
                 label = "AdaRound" if gran == "layer" else f"BRECQ blocks{', Fisher' if cfg.fisher else ''}"
                 run(g, f"{label} ({args.ada_iters} it/{gran}, batch {args.ada_batch}, lr {args.ada_lr:g}, "
-                    f"lambda {args.ada_reg:g}, {n_ada} samples{f', QDrop {args.ada_qdrop:g}' if args.ada_qdrop else ''}), "
+                    f"lambda {args.ada_reg:g}, {n_ada} samples{f', QDrop {args.ada_qdrop:g}' if args.ada_qdrop else ''}"
+                    f"{f', input act. uint{act_bits} in the loop' if args.ada_act else ''}), "
                     f"{what}", with_fidelity(lambda r=r, cfg=cfg: q(r, ada_calib, adaround=cfg)))
                 if notes:
                     rows[-1] = (*rows[-1][:1], f"{rows[-1][1]}; {notes.pop()}", *rows[-1][2:])
