@@ -45,14 +45,21 @@ class TinyAttention(nn.Module):
         def split(y):
             return y.view(b, t, HEADS, -1).transpose(1, 2)
 
-        m = mask[:, None, None, :].bool().expand(b, HEADS if self.per_head_mask else 1, t, t)
+        m = mask if mask.dtype == torch.bool else _keep(mask, HEADS if self.per_head_mask else 1)
         y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), attn_mask=m,
                                            scale=self.scale)
         return self.o(y.transpose(1, 2).reshape(b, t, d))
 
 
+def _keep(mask: torch.Tensor, heads: int = 1) -> torch.Tensor:
+    """(B, T) 0/1 key mask -> boolean (B, heads, T, T), True where a key is attended."""
+    b, t = mask.shape
+    return mask[:, None, None, :].bool().expand(b, heads, t, t)
+
+
 class TinyEncoder(nn.Module):
-    """Two attention blocks with residual adds and a GELU MLP: what W8A8Dynamic quantizes in a BERT."""
+    """Two attention blocks with residual adds and a GELU MLP: what W8A8Dynamic quantizes in a BERT (which
+    also builds the boolean mask once for all its layers)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -60,8 +67,9 @@ class TinyEncoder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
 
     def forward(self, x, mask):
+        keep = _keep(mask)
         for a in self.att:
-            x = x + a(x, mask)
+            x = x + a(x, keep)
         return x + self.mlp(x)
 
 
@@ -195,6 +203,9 @@ def test_w8a8dynamic_export_packs_attention_into_qattention(encoder_exports, tmp
     ops = _ops(ort_cpu.path)
     assert ops["QAttention"] == 2 and ops["MultiHeadAttention"] == 0 and _ops(qdq.path)["QAttention"] == 0
     assert ops["DynamicQuantizeLinear"] == 6  # one per QAttention input, o and the two MLP Linears
+    qa = [n for n in onnx.load(str(ort_cpu.path)).graph.node if n.op_type == "QAttention"]
+    assert qa[0].input[5] and len({n.input[5] for n in qa}) == 1, "one raw key mask for every block"
+    assert ops["Expand"] == _ops(qdq.path)["Expand"] + 1  # made once: one Cast/Squeeze/Expand in all
     opt = _optimized_ops(ort_cpu.path, tmp_path)
     assert opt["QAttention"] == 2 and opt["Softmax"] == 0 and opt["IsNaN"] == 0
     # every Linear still an int8 kernel with its bias inside: q/k/v in one QAttention GEMM per block

@@ -127,7 +127,7 @@ def pack_qkv(model: onnx.ModelProto) -> dict[str, int]:
     drop: set[int] = set()
     keep_alive: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
-    raw_masks: dict[str, str] = {}  # additive mask -> int32 (B, T, T) key mask
+    raw_masks: dict[str, str] = {}  # boolean keep mask -> int32 (B, T, T) key mask, made once for all layers
     counts = {"attention_float": 0, "attention_int8": 0}
     for i, mha in enumerate(n for n in all_nodes if n.op_type == "MultiHeadAttention" and n.domain == MS_DOMAIN):
         ins = list(mha.input) + [""] * (6 - len(mha.input))
@@ -159,11 +159,11 @@ def pack_qkv(model: onnx.ModelProto) -> dict[str, int]:
             if mask_key is not None:
                 keep, masked = mask_key
                 extra["mask_filter_value"] = masked
-                if ins[5] not in raw_masks:
+                if keep not in raw_masks:  # each layer has its own Where(keep, 0, -inf), on the same keep
                     raw = f"{base}_key_mask"
                     new += _raw_mask_nodes(keep, dql.output[0], raw, opset, inits, first=not raw_masks)
-                    raw_masks[ins[5]] = raw
-                raw = raw_masks[ins[5]]
+                    raw_masks[keep] = raw
+                raw = raw_masks[keep]
             new.append(helper.make_node(
                 "QAttention", [dql.output[0], f"{base}_w", f"{base}_b", dql.output[1], f"{base}_w_scale", raw,
                                dql.output[2], f"{base}_w_zp"],
@@ -182,7 +182,9 @@ def pack_qkv(model: onnx.ModelProto) -> dict[str, int]:
 
 def _raw_mask_nodes(keep: str, codes: str, out: str, opset: int, inits: list, first: bool) -> list:
     """int32 ``(B, T, T)`` key mask from the boolean ``(B|1, 1, T, T)`` ``keep``: 1 where a key is kept;
-    expanded to the batch of ``codes`` (a ``(B, T, D)`` tensor) when the mask is shared by the batch."""
+    expanded to the batch of ``codes`` (a ``(B, T, D)`` tensor) when the mask is shared by the batch.
+    Made once per ``keep`` and used by every layer whose mask derives from it (the batch of the first
+    such layer's input: an encoder's layers share it; QAttention rejects a mask of another batch)."""
     if first:
         inits += [numpy_helper.from_array(np.array([1], np.int64), "lowbit_qkv_axis1"),
                   numpy_helper.from_array(np.array([0], np.int64), "lowbit_qkv_zero"),
