@@ -278,6 +278,8 @@ def main() -> None:
     ap.add_argument("--ada-lr", type=float, default=3e-2, help="AdaRound Adam step size (AdaRoundConfig default)")
     ap.add_argument("--ada-qdrop", type=float, default=0.0,
                     help="QDrop: probability of feeding the float input instead of the quantized one")
+    ap.add_argument("--ada-post-act", action="store_true", help="AdaRound rows: reconstruct each layer's output "
+                    "after the ReLU6 / clip that follows it (AdaRoundConfig(post_activation=True))")
     ap.add_argument("--ada-act", action="store_true", help="W4A8/W4A4 AdaRound rows: fake-quantize each "
                     "reconstructed unit's input with the row's activation format (per-tensor min/max of the batch, "
                     "AdaRoundConfig(act_spec=...)) while learning the rounding")
@@ -421,11 +423,13 @@ def main() -> None:
                 cfg = AdaRoundConfig(iters=args.ada_iters, lr=args.ada_lr, batch_size=args.ada_batch,
                                      qdrop_prob=args.ada_qdrop, granularity=gran, reg_weight=args.ada_reg,
                                      fisher=args.ada_fisher and gran == "block",
-                                     act_spec=QuantSpec(f"uint{act_bits}", symmetric=False) if args.ada_act else None)
+                                     act_spec=QuantSpec(f"uint{act_bits}", symmetric=False) if args.ada_act else None,
+                                     post_activation=args.ada_post_act)
                 label = "AdaRound" if gran == "layer" else f"BRECQ blocks{', Fisher' if cfg.fisher else ''}"
                 run(g, f"{label} ({args.ada_iters} it/{gran}, batch {args.ada_batch}, lr {args.ada_lr:g}, "
                     f"lambda {args.ada_reg:g}, {n_ada} samples{f', QDrop {args.ada_qdrop:g}' if args.ada_qdrop else ''}"
-                    f"{f', input act. uint{act_bits} in the loop' if args.ada_act else ''}), "
+                    f"{f', input act. uint{act_bits} in the loop' if args.ada_act else ''}"
+                    f"{', post-activation' if args.ada_post_act else ''}), "
                     f"{what}", with_fidelity(lambda r=r, cfg=cfg: q(r, ada_calib, adaround=cfg)))
                 if notes:
                     rows[-1] = (*rows[-1][:1], f"{rows[-1][1]}; {notes.pop()}", *rows[-1][2:])

@@ -179,3 +179,56 @@ def test_grid_follows_the_weight_calibrator():
     assert torch.equal(res.scale, wq.scale)
     # AdaRound's weight re-quantized by the layer's quantizer is unchanged
     assert torch.allclose(wq(res.weight), res.weight, atol=1e-6)
+
+
+def test_post_activation_reconstruction_ignores_what_the_clip_removes():
+    """With ``activation=relu6`` the objective is ``|| relu6(W x + b) - relu6(W~ x~ + b) ||^2``: the errors are
+    the post-activation ones (checked independently), an output channel that the clip always zeroes
+    costs nothing, and the result is never worse than nearest rounding on that objective."""
+    torch.manual_seed(2)
+    layer = nn.Linear(16, 8)
+    with torch.no_grad():
+        layer.bias[0] = -1e3  # channel 0 is below the clip for every input
+    x = torch.randn(256, 16) @ torch.randn(16, 16)
+    act = nn.ReLU6()
+    res = adaround_layer(layer, x, INT3, FAST, activation=act)
+    ref = act(layer(x)).detach()
+
+    def post_err(w: torch.Tensor) -> float:
+        return float(((act(x @ w.T + layer.bias.detach()) - ref) ** 2).sum(-1).mean())
+
+    s, z = weight_qparams(layer.weight, INT3)
+    assert res.error_nearest == pytest.approx(post_err(fake_quantize(layer.weight.detach(), s, z, INT3)), rel=1e-4)
+    assert res.error == pytest.approx(post_err(res.weight), rel=1e-4) and res.error <= res.error_nearest
+    pre = adaround_layer(layer, x, INT3, FAST)
+    assert res.error_nearest < pre.error_nearest, "the clip removes part of the pre-activation error"
+    assert not torch.equal(res.weight, pre.weight), "a different objective rounds differently"
+
+
+def test_post_activation_finds_the_clip_after_each_layer():
+    from lowbit.passes import fold_bn
+    from lowbit.passes._graph import activation_after, trace
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.bn, self.act = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU6()
+            self.b, self.c, self.fc = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1), nn.Linear(4, 2)
+
+        def forward(self, x):
+            y = self.act(self.bn(self.a(x)))  # a -> (folded BN) -> ReLU6
+            z = self.b(y)
+            y = torch.relu(z) + z  # b's output is used twice: no post-activation
+            return self.fc(torch.relu(self.c(y)).mean((2, 3)))  # c -> relu function; fc: nothing after
+
+    net, _ = fold_bn(Net().eval())
+    gm = trace(net)
+    assert isinstance(activation_after(gm, "a"), nn.ReLU6)
+    assert activation_after(gm, "b") is None and activation_after(gm, "fc") is None
+    assert activation_after(gm, "c") is torch.relu
+    data = [torch.randn(8, 3, 5, 5)]
+    cfg = AdaRoundConfig(iters=20, post_activation=True)
+    _, res, plog = adaround(net, data, INT3, cfg, progress=False)
+    assert any("2 of 4 layer(s)" in r.detail for r in plog.applied)
+    _, res_pre, _ = adaround(net, data, INT3, AdaRoundConfig(iters=20), progress=False)
+    assert res["a"].error_nearest < res_pre["a"].error_nearest  # the first layer sees the same input

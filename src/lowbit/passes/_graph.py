@@ -283,6 +283,41 @@ def in_channels(layer: nn.Module) -> int:
     return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
 
 
+# Elementwise clips after a layer that AdaRound may reconstruct through (errors they clip away do not count).
+_CLIP_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+_CLIP_FUNCTIONS = (F.relu, torch.relu, F.relu6)
+_PASS_MODULES = (nn.Identity, nn.Dropout)  # eval mode: the identity (a folded BatchNorm is an nn.Identity)
+
+
+def activation_after(gm: torch.fx.GraphModule, name: str):
+    """The clipping activation that alone consumes layer ``name``'s output in ``gm``, or None.
+
+    Follows the layer's output through identities (a folded BatchNorm, eval-mode Dropout) while each value
+    has exactly one user; returns the module (ReLU, ReLU6, Hardtanh, :class:`ChannelClip`) or function
+    (``relu``, ``relu6``) found there. None when the layer is called more than once, its output (or an
+    identity of it) is used anywhere else, or what follows is not such a clip: the layer's own output
+    then matters as it is."""
+    from .clip import ChannelClip
+
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
+    if len(calls) != 1:
+        return None
+    node = calls[0]
+    while len(node.users) == 1:
+        node = next(iter(node.users))
+        if len(node.all_input_nodes) != 1:
+            return None
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            if isinstance(m, _PASS_MODULES):
+                continue
+            return m if isinstance(m, (*_CLIP_MODULES, ChannelClip)) else None
+        if node.op == "call_function" and node.target in _CLIP_FUNCTIONS and len(node.args) == 1:
+            return node.target
+        return None
+    return None
+
+
 def unshare_call_sites(model: nn.Module, types: tuple[type, ...]) -> tuple[nn.Module, int]:
     """Give every call site of a module of ``types`` that is called more than once its own copy.
 

@@ -81,6 +81,7 @@ from .adaround import (
     _set_rounded,
     _UnitInputs,
     adaround_layer,
+    layer_activations,
 )
 from .log import PassLog
 
@@ -434,6 +435,7 @@ def adaround_blocks(model: nn.Module, fp_model: nn.Module, xs: list[torch.Tensor
             plog.add("adaround", (b,), False, f"block {b} of the torch.fx graph: {why}; its layers are "
                      "reconstructed alone")
             log.info("brecq: block %s of the torch.fx graph: %s; layers reconstructed alone", b, why)
+        blocks = [b for b in blocks if b not in unfolded]
     else:
         blocks = list(config.blocks) if config.blocks is not None else find_blocks(model, names)
         _check_blocks(model, blocks)
@@ -467,6 +469,7 @@ def adaround_blocks(model: nn.Module, fp_model: nn.Module, xs: list[torch.Tensor
         if u not in units:
             units.append(u)
     fisher = block_fisher(fp_model, list(extras), xs) if config.fisher and extras else {}
+    acts = layer_activations(model, [u for u in units if u not in extras], config, plog)
     inputs = _UnitInputs(fp_model, model, xs, capture, extras)
     results: dict[str, AdaRoundResult] = {}
     bar = tqdm(units, desc="BRECQ", disable=not progress, unit="block")
@@ -475,7 +478,8 @@ def adaround_blocks(model: nn.Module, fp_model: nn.Module, xs: list[torch.Tensor
         x_fp, x_q = inputs.of(unit, first=not results)
         if unit not in extras:
             layer = get_module(model, unit)
-            res = adaround_layer(layer, x_q, spec_of(spec, unit), config, float_inputs=x_fp)
+            res = adaround_layer(layer, x_q, spec_of(spec, unit), config, float_inputs=x_fp,
+                                 activation=acts.get(unit))
             unit_results = {unit: res}
         else:
             block = get_module(model, unit)
