@@ -4,7 +4,10 @@ ORT's own quantize_static (QDQ, per-channel) and torch.ao FX x86 int8, for ResNe
 input_ids + attention_mask, dynamic int8: lowbit W8A8Dynamic export vs ORT quantize_dynamic vs torch.ao
 dynamic Linear), at batch 1 and 32, 2 threads, median of repeats (a third as many at batch 32); the ORT
 peers of one model are interleaved in rounds so that they share the same machine load (PyTorch eager and
-torch.ao run before them, alone: interleaved with the ORT sessions, eager times exploded in a trial run).
+torch.ao run before them, alone: interleaved with the ORT sessions, eager times exploded in a trial run),
+with ORT's thread spinning off (a peer's spinning threads would steal the next peer's cores). Then each
+ORT peer is timed again alone, with ORT's default session options (spinning on, as a deployed model
+runs), in alternating rounds of fresh sessions: the last two columns.
 Also the int8/fp32 GEMM throughput ratio of ORT's kernels on this CPU, and per model how many
 convs/matmuls ran as int8 kernels in ORT's optimized graph. "lowbit int8 (ORT)" is the default export
 (``target="ort-cpu"``: the exact ORT CPU rewrites of ``lowbit.export._ort_cpu``); "lowbit int8 QDQ (ORT)"
@@ -18,6 +21,7 @@ average is printed with every model: figures from a shared machine are inflated 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import statistics
@@ -72,6 +76,34 @@ def side_by_side(runners: dict, repeats: int, rounds: int = 5, warmup: int = 3) 
                 fn()
                 times[k].append(1000 * (time.perf_counter() - t))
     return times
+
+
+def alone_with_defaults(peers: dict[str, tuple], repeats: int, rounds: int = 3, warmup: int = 5) -> dict[str, list[float]]:
+    """Timings (ms) of each ORT peer (``name -> (path, *inputs)``) with ORT's default session options
+    (intra-op threads spin after each run), each timed alone: ``rounds`` rounds, in each one fresh session
+    per peer runs ``warmup`` untimed and ``repeats // rounds`` timed calls and is then closed, so that no
+    other session's threads spin on the cores meanwhile. This is how a deployed model runs; the
+    interleaved :func:`side_by_side` needs spinning off and charges every run a thread wake-up."""
+    per_block = max(1, repeats // rounds)
+    times: dict[str, list[float]] = {k: [] for k in peers}
+    for _ in range(rounds):
+        for k, (path, *xs) in peers.items():
+            sess = make_session(path, threads=THREADS)
+            feeds = {meta.name: x for meta, x in zip(sess.get_inputs(), xs)}
+            times[k] += timings_ms(lambda sess=sess, feeds=feeds: sess.run(None, feeds), per_block, warmup)
+            del sess
+            gc.collect()
+            time.sleep(0.2)  # let the closed session's threads wind down
+    return times
+
+
+def ort_times(peers: dict[str, tuple], repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Both timings of the ORT peers: interleaved with spinning off, then alone with ORT's defaults."""
+    runners = {k: ort_runner(path, *xs) for k, (path, *xs) in peers.items()}
+    inter = side_by_side(runners, repeats)
+    del runners
+    gc.collect()
+    return inter, alone_with_defaults(peers, repeats)
 
 
 def no_grad(fn):
@@ -182,12 +214,12 @@ def bench_model(name, model, shape, batches, repeats, tmp: Path) -> list[str]:
         t = {"torch fp32": timings_ms(no_grad(lambda x=x: model(x)), n)}
         if ao is not None:
             t["torch.ao x86 int8"] = timings_ms(no_grad(lambda x=x: ao(x)), n)
-        runners = {"ORT fp32": ort_runner(f_path, xn)}
-        runners["lowbit int8 (ORT)"] = ort_runner(res.path, xn)
-        runners["lowbit int8 QDQ (ORT)"] = ort_runner(plain.path, xn)
+        peers = {"ORT fp32": (f_path, xn), "lowbit int8 (ORT)": (res.path, xn),
+                 "lowbit int8 QDQ (ORT)": (plain.path, xn)}
         if s_path:
-            runners["ORT quantize_static int8"] = ort_runner(s_path, xn)
-        rows += _rows(name, b, {**t, **side_by_side(runners, n)})
+            peers["ORT quantize_static int8"] = (s_path, xn)
+        inter, alone = ort_times(peers, n)
+        rows += _rows(name, b, {**t, **inter}, alone)
     print("\n".join(rows), flush=True)
     return rows
 
@@ -239,24 +271,28 @@ def minilm_bench(batches, repeats, tmp: Path) -> list[str]:
         n = repeats if b == 1 else max(5, repeats // 3)
         t = {"torch fp32": timings_ms(no_grad(lambda ids=ids, mask=mask: model(ids, mask)), n),
              "torch.ao x86 int8 (dynamic)": timings_ms(no_grad(lambda ids=ids, mask=mask: ao(ids, mask)), n)}
-        runners = {
-            "ORT fp32": ort_runner(f_path, ids.numpy(), mask.numpy()),
-            "ORT fp32 (unfused attention)": ort_runner(f_plain, ids.numpy(), mask.numpy()),
-            "lowbit int8 (ORT)": ort_runner(res.path, ids.numpy(), mask.numpy()),
-            "lowbit int8 QDQ (ORT)": ort_runner(plain.path, ids.numpy(), mask.numpy()),
-            "ORT quantize_dynamic int8": ort_runner(d_path, ids.numpy(), mask.numpy()),
-        }
-        rows += _rows(name, b, {**t, **side_by_side(runners, n)})
+        xs = (ids.numpy(), mask.numpy())
+        peers = {"ORT fp32": (f_path, *xs), "ORT fp32 (unfused attention)": (f_plain, *xs),
+                 "lowbit int8 (ORT)": (res.path, *xs), "lowbit int8 QDQ (ORT)": (plain.path, *xs),
+                 "ORT quantize_dynamic int8": (d_path, *xs)}
+        inter, alone = ort_times(peers, n)
+        rows += _rows(name, b, {**t, **inter}, alone)
     print("\n".join(rows), flush=True)
     return rows
 
 
-def _rows(name: str, b: int, t: dict[str, list[float]]) -> list[str]:
-    """Median per runtime. (A low percentile is no fairer under intermittent load: short runs fit in the
-    quiet moments more often than long ones, which favours the int8 models.)"""
+def _rows(name: str, b: int, t: dict[str, list[float]], alone: dict[str, list[float]]) -> list[str]:
+    """Median per runtime; ``alone``: the ORT peers timed alone with ORT's default options (two more
+    columns). (A low percentile is no fairer under intermittent load: short runs fit in the quiet moments
+    more often than long ones, which favours the int8 models.)"""
     med = {k: statistics.median(v) for k, v in t.items()}
-    return [f"| {name} | {b} | {k} | {med[k]:.1f} | {med['ORT fp32'] / med[k]:.2f}x | {med['torch fp32'] / med[k]:.2f}x |"
-            for k in t]
+    dmed = {k: statistics.median(v) for k, v in alone.items()}
+    rows = []
+    for k in t:
+        d = f"{dmed[k]:.1f} | {dmed['ORT fp32'] / dmed[k]:.2f}x" if k in dmed else "- | -"
+        rows.append(f"| {name} | {b} | {k} | {med[k]:.1f} | {med['ORT fp32'] / med[k]:.2f}x | "
+                    f"{med['torch fp32'] / med[k]:.2f}x | {d} |")
+    return rows
 
 
 def main() -> None:
@@ -273,7 +309,8 @@ def main() -> None:
     f_ms, i_ms = gemm_ratio()
     print(f"ORT GEMM 256x1024x1024, {THREADS} threads: fp32 {f_ms:.2f} ms, u8s8 MatMulInteger {i_ms:.2f} ms, "
           f"int8/fp32 throughput {f_ms / i_ms:.2f}x")
-    rows = ["| model | batch | runtime | ms (median) | vs ORT fp32 | vs torch fp32 |", "|---|---|---|---|---|---|"]
+    rows = ["| model | batch | runtime | ms (median) | vs ORT fp32 | vs torch fp32 | ms, ORT defaults, alone | "
+            "vs ORT fp32 (defaults) |", "|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         for name, model, shape in image_models(args.quick):
             if args.models is None or name in args.models:
