@@ -30,9 +30,14 @@ from ._graph import ROOT_TYPE, set_module
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
+def _stack(node: torch.fx.Node) -> list[tuple[str, type]]:
+    """``(path, type)`` of the modules the node was traced inside, outermost first (torch >= 2.1 stores
+    that pair per entry; a bare type is read with the entry's key as its path)."""
+    return [v if isinstance(v, tuple) else (k, v) for k, v in node.meta.get("nn_module_stack", {}).items()]
+
+
 def _paths(node: torch.fx.Node) -> list[str]:
-    """The module paths the node was traced inside, outermost first."""
-    return [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
+    return [path for path, _ in _stack(node)]
 
 
 def graph_blocks(gm: torch.fx.GraphModule, layers: Iterable[str], layer_types: tuple[type, ...]) -> list[str]:
@@ -41,7 +46,7 @@ def graph_blocks(gm: torch.fx.GraphModule, layers: Iterable[str], layer_types: t
     root = gm.meta.get(ROOT_TYPE, torch.fx.GraphModule)
     kinds: dict[str, type] = {}
     for node in gm.graph.nodes:
-        for path, kind in node.meta.get("nn_module_stack", {}).values():
+        for path, kind in _stack(node):
             kinds.setdefault(path, kind)
     out: list[str] = []
     for path, kind in kinds.items():
