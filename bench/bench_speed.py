@@ -88,10 +88,9 @@ def alone_with_defaults(peers: dict[str, tuple], repeats: int, rounds: int = 3, 
     times: dict[str, list[float]] = {k: [] for k in peers}
     for _ in range(rounds):
         for k, (path, *xs) in peers.items():
-            sess = make_session(path, threads=THREADS)
-            feeds = {meta.name: x for meta, x in zip(sess.get_inputs(), xs)}
-            times[k] += timings_ms(lambda sess=sess, feeds=feeds: sess.run(None, feeds), per_block, warmup)
-            del sess
+            run = ort_runner(path, *xs, spinning=True)
+            times[k] += timings_ms(run, per_block, warmup)
+            del run  # closes the session
             gc.collect()
             time.sleep(0.2)  # let the closed session's threads wind down
     return times
@@ -113,8 +112,8 @@ def no_grad(fn):
     return run
 
 
-def ort_runner(path, *xs: np.ndarray):
-    sess = make_session(path, threads=THREADS, spinning=False)
+def ort_runner(path, *xs: np.ndarray, spinning: bool = False):
+    sess = make_session(path, threads=THREADS, spinning=spinning)
     feeds = {meta.name: x for meta, x in zip(sess.get_inputs(), xs)}
     return lambda: sess.run(None, feeds)
 

@@ -425,9 +425,13 @@ def adaround_blocks(model: nn.Module, fp_model: nn.Module, xs: list[torch.Tensor
     from tqdm.auto import tqdm
 
     rounded = model
-    if isinstance(model, torch.fx.GraphModule):  # e.g. after CLE: fold each block's nodes into one call
-        blocks = list(config.blocks) if config.blocks is not None else graph_blocks(model, names, _TYPES)
-        _check_blocks(model, blocks)
+    traced = isinstance(model, torch.fx.GraphModule)  # e.g. after CLE: its layers are called directly
+    if config.blocks is not None:
+        blocks = list(config.blocks)
+    else:
+        blocks = graph_blocks(model, names, _TYPES) if traced else find_blocks(model, names)
+    _check_blocks(model, blocks)
+    if traced:  # fold each block's nodes into one call
         model, unfolded = fold_blocks(model, blocks)
         if isinstance(fp_model, torch.fx.GraphModule):
             fp_model, _ = fold_blocks(fp_model, blocks)
@@ -436,9 +440,6 @@ def adaround_blocks(model: nn.Module, fp_model: nn.Module, xs: list[torch.Tensor
                      "reconstructed alone")
             log.info("brecq: block %s of the torch.fx graph: %s; layers reconstructed alone", b, why)
         blocks = [b for b in blocks if b not in unfolded]
-    else:
-        blocks = list(config.blocks) if config.blocks is not None else find_blocks(model, names)
-        _check_blocks(model, blocks)
     members = {b: [n for n in names if n == b or n.startswith(b + ".")] for b in blocks}
     for b in [b for b in blocks if not members[b]]:
         plog.add("adaround", (b,), False, "block holds no layer to round")
