@@ -150,11 +150,7 @@ def _passes(work: nn.Module, recipe: Recipe, plan: PassPlan, calib_data, example
         xs = [a[0] for a, _ in calls]
         calib_data = xs
     work, weight_qparams, plog = run_passes(work, recipe, plan, xs, example=example, progress=progress)
-    applied: dict[str, int] = {}
-    for r in plog.applied:
-        applied[r.pass_name] = applied.get(r.pass_name, 0) + 1
-    dlog.note("passes before capture: " + (", ".join(f"{k} x{v}" for k, v in applied.items()) or "none applied")
-              + f"; {len(plog.skipped)} skipped (qmodel.lowbit_passes has every record)")
+    dlog.note(f"passes before capture: {plog.summary()} (qmodel.lowbit_passes has every record)")
     return work, weight_qparams, plog, calib_data, example
 
 

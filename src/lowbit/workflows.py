@@ -380,11 +380,7 @@ def run_quantize(
                      "to quantize")
     plog = getattr(qmodel, "lowbit_passes", None)
     if plog is not None:
-        counts: dict[str, int] = {}
-        for r in plog.applied:
-            counts[r.pass_name] = counts.get(r.pass_name, 0) + 1
-        notes.append("passes: " + (", ".join(f"{k} on {v} layer(s)" for k, v in counts.items()) or "none applied")
-                     + f"; {len(plog.skipped)} skipped")
+        notes.append(f"passes: {plog.summary()}")
     dlog = api.decision_log(qmodel)
     warnings: list[str] = []
 

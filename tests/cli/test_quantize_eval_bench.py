@@ -170,7 +170,8 @@ def test_quantize_with_passes(capsys, tmp_path, tiny_data, flag):
     assert rc == 0, err
     s = json.loads((out / "summary.json").read_text())
     assert s["passes"] == [flag[2:]]
-    note = "cle on 1 layer(s)" if flag == "--dfq" else "adaround on 3 layer(s)"
+    # a CLE record is one pair of layers; a per-layer AdaRound record is one layer
+    note = "cle x1 (2 layers)" if flag == "--dfq" else "adaround x3 (3 layers)"
     assert any(n.startswith("passes: ") and note in n for n in s["notes"]), s["notes"]
     cos = next(r["value"] for r in s["results"] if r["variant"] == "W8A8" and r["metric"] == "cosine")
     assert cos > 0.9
@@ -219,7 +220,7 @@ def test_quantize_adaround_block_granularity(capsys, tmp_path, tiny_data):
     assert rc == 0, err
     s = json.loads((out / "summary.json").read_text())
     # tiny_net has no Sequential blocks: block mode says so (a skipped record) and rounds the 3 layers alone
-    assert any(n.startswith("passes: ") and "adaround on 3 layer(s)" in n and "1 skipped" in n
+    assert any(n.startswith("passes: ") and "adaround x3 (3 layers)" in n and "1 skipped" in n
                for n in s["notes"]), s["notes"]
     rc, _, err = call(capsys, "quantize", TINY, "--calib", str(tiny_data["npy"]), "--out", str(tmp_path / "p"),
                       "--adaround", "--adaround-granularity", "row")

@@ -223,3 +223,15 @@ def test_empirical_bias_correction_through_a_padding_subclass():
     dw = quantize_weight(conv.weight, W8PT) - conv.weight
     y = torch.cat([F.conv2d(F.pad(x, (0, 1, 0, 1)), dw, None, 2) for x in data])
     torch.testing.assert_close(model[0].bias, b0 - y.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+
+
+def test_pass_log_summary_counts_records_and_distinct_layers():
+    from lowbit.passes.log import PassLog
+
+    log = PassLog()
+    log.add("cle", ("a", "b"), True, "pair")
+    log.add("cle", ("b", "c"), True, "pair")
+    log.add("adaround", ("blk.0", "blk.1", "blk.2"), True, "block")
+    log.add("hba", ("c",), False, "no ReLU after it")
+    assert log.summary() == "cle x2 (3 layers), adaround x1 (3 layers); 1 skipped"
+    assert PassLog().summary() == "none applied; 0 skipped"

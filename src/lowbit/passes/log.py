@@ -33,5 +33,19 @@ class PassLog(list):
     def skipped(self) -> list[PassRecord]:
         return [r for r in self if not r.applied]
 
+    def summary(self) -> str:
+        """One line: per pass, the applied records and the distinct layers they touched, then the skipped count.
+
+        E.g. ``cle x1 (2 layers), adaround x19 (50 layers); 3 skipped``: a record is one decision (a CLE
+        pair, a BRECQ block), so the two counts differ."""
+        recs: dict[str, int] = {}
+        layers: dict[str, set[str]] = {}
+        for r in self.applied:
+            recs[r.pass_name] = recs.get(r.pass_name, 0) + 1
+            layers.setdefault(r.pass_name, set()).update(r.layers)
+        done = ", ".join(f"{k} x{n} ({len(layers[k])} layer{'s' if len(layers[k]) != 1 else ''})"
+                         for k, n in recs.items())
+        return f"{done or 'none applied'}; {len(self.skipped)} skipped"
+
     def __str__(self) -> str:
         return "\n".join(str(r) for r in self)
