@@ -134,9 +134,21 @@ def test_float_export_fuses_sdpa_into_one_node_with_the_same_outputs(scale, tmp_
         np.testing.assert_allclose(_run(fused, x, mask), ref, rtol=1e-4, atol=1e-5)
 
 
+def _without_row_fix(model: onnx.ModelProto, path) -> str:
+    """``model`` with its attention node writing the row fix's output directly, saved at ``path``."""
+    fix = next(n for n in model.graph.node if n.name.endswith("zero_masked_rows"))
+    att = next(n for n in model.graph.node if n.output[0] == fix.input[1 if fix.op_type == "Where" else 0])
+    att.output[0] = fix.output[0]
+    model.graph.node.remove(fix)
+    onnx.save(model, str(path))
+    return str(path)
+
+
 def test_fully_padded_sequence_needs_the_row_fix(tmp_path):
-    """Without the Where on the (B, T, D) output, ORT's (Multi-Head) Attention returns NaN for a sequence whose
-    keys are all masked (-inf everywhere); SDPA's export returns zeros there. The fix restores them."""
+    """SDPA's export returns zeros for a sequence whose keys are all masked. ORT's MultiHeadAttention with the
+    additive -inf mask returns NaN there, so the fusion zeroes those rows with ``Where(row_valid, y, 0)``;
+    the packed ``Attention`` takes the 0/1 key mask (finite: a uniform average), so the fix becomes a
+    multiply by the row flag. Either way the fix is what restores the zeros."""
     torch.manual_seed(0)
     m = TinyAttention().eval()
     fused = export_onnx_float(m, _inputs(2), tmp_path / "f.onnx")
@@ -144,14 +156,21 @@ def test_fully_padded_sequence_needs_the_row_fix(tmp_path):
     x, mask = _inputs(3, seed=7)
     good = _run(fused, x, mask)
     _assert_same(good, _run(plain, x, mask))
+    # the all-padding sequence: zero attention, so the output projection's bias alone
+    np.testing.assert_allclose(good[1], np.broadcast_to(m.o.bias.detach().numpy(), good[1].shape), atol=1e-7)
     g = onnx.load(str(fused))
-    fix = next(n for n in g.graph.node if n.op_type == "Where" and n.name.endswith("zero_masked_rows"))
-    att = next(n for n in g.graph.node if n.op_type == "Attention")
-    att.output[0] = fix.output[0]
-    g.graph.node.remove(fix)
-    onnx.save(g, str(tmp_path / "nofix.onnx"))
-    broken = _run(tmp_path / "nofix.onnx", x, mask)
-    assert np.isnan(broken[1]).all()  # the all-padding sequence
+    assert collections.Counter(n.op_type for n in g.graph.node if n.name.endswith("zero_masked_rows")) == {"Mul": 1}
+    broken = _run(_without_row_fix(g, tmp_path / "nofix.onnx"), x, mask)
+    assert np.isfinite(broken).all() and np.abs(broken[1] - good[1]).max() > 1e-2
+    np.testing.assert_array_equal(broken[[0, 2]], good[[0, 2]])
+    # the MultiHeadAttention form (before the packing): NaN without its Where
+    mha = onnx.load(str(plain))
+    assert fuse_attention(mha, {"input_0": x.numpy(), "input_1": mask.numpy()}) == 1
+    assert any(n.op_type == "Where" and n.name.endswith("zero_masked_rows") for n in mha.graph.node)
+    onnx.save(mha, str(tmp_path / "mha.onnx"))
+    _assert_same(_run(tmp_path / "mha.onnx", x, mask), good)
+    broken = _run(_without_row_fix(mha, tmp_path / "mha_nofix.onnx"), x, mask)
+    assert np.isnan(broken[1]).all()
     np.testing.assert_array_equal(broken[[0, 2]], good[[0, 2]])
 
 
@@ -206,6 +225,9 @@ def test_w8a8dynamic_export_packs_attention_into_qattention(encoder_exports, tmp
     qa = [n for n in onnx.load(str(ort_cpu.path)).graph.node if n.op_type == "QAttention"]
     assert qa[0].input[5] and len({n.input[5] for n in qa}) == 1, "one raw key mask for every block"
     assert ops["Expand"] == _ops(qdq.path)["Expand"] + 1  # made once: one Cast/Squeeze/Expand in all
+    fixes = collections.Counter(n.op_type for n in onnx.load(str(ort_cpu.path)).graph.node
+                                if n.name.endswith("zero_masked_rows"))
+    assert fixes == {"Mul": 2}  # QAttention's fully masked rows are finite: the row fix is a multiply
     opt = _optimized_ops(ort_cpu.path, tmp_path)
     assert opt["QAttention"] == 2 and opt["Softmax"] == 0 and opt["IsNaN"] == 0
     # every Linear still an int8 kernel with its bias inside: q/k/v in one QAttention GEMM per block

@@ -8,20 +8,23 @@ After :func:`lowbit.export._attention.fuse_attention` a self-attention block rea
 
 :func:`pack_qkv` rewrites it, when every piece is proven, as
 
-* float projections: ``y = Attention(x, [W_q | W_k | W_v], [b_q | b_k | b_v], attention_bias=mask)``, the
-  same mask tensor, so a fully masked row is NaN exactly as before (the row fix of ``fuse_attention``
-  after it is kept);
+* float projections: ``y = Attention(x, [W_q | W_k | W_v], [b_q | b_k | b_v], ...)``;
 * dynamic int8 projections (``DynamicQuantizeLinear(x) -> MatMulInteger -> Cast -> Mul(s_x * s_w) -> Add
   bias``, lowbit's export and ORT's ``quantize_dynamic`` both write this):
   ``y = QAttention(x_codes, [Wq_q | Wq_k | Wq_v], [b_q | b_k | b_v], s_x, [s_w...], raw_mask, zp_x, [zp_w...])``:
   the integer GEMM ``(x_codes - zp_x) (W_codes - zp_w)`` with int32 accumulation, scaled by ``s_x s_w``
-  per column plus the bias, then the same float attention. ``QAttention`` takes no additive bias, only a
-  0/1 key mask, so this needs the mask to be ``Where(keep, 0, m)`` with a constant ``m <= -1e4`` (SDPA's
-  boolean mask exports as ``m = -inf``): the raw mask is then ``keep`` as int32, squeezed to
-  ``(B, T, T)``, and ``mask_filter_value`` is ``m`` (the lowest float32 for ``-inf``;
-  ``exp`` of either is exactly 0 for finite scores). A fully masked row is a uniform average there, not
-  NaN; the row fix zeroes it all the same. A block whose mask has another form keeps its
-  MultiHeadAttention (nothing else changes).
+  per column plus the bias, then the same float attention.
+
+The mask: when it is ``Where(keep, 0, m)`` with a constant ``m <= -1e4`` (SDPA's boolean mask exports as
+``m = -inf``), both take it as a 0/1 key mask: ``keep`` as int32, squeezed to ``(B, T, T)``, made once for
+all layers, with ``mask_filter_value = m`` (the lowest float32 for ``-inf``; ``exp`` of either is exactly 0
+for finite scores). A fully masked row is then a uniform average, finite, not NaN, so the row fix of
+``fuse_attention`` after the block, ``Where(row_valid, y, 0)``, becomes ``y * float(row_valid)``: the same
+values (a zero may come out as ``-0.0``), and ORT's broadcasting ``Where`` cost ~0.8 ms per layer at batch 32
+where the multiply costs ~0.1 ms. (Only for non-finite activations in an all-padding sequence would the
+two differ: NaN there instead of 0.) ``QAttention`` takes no additive mask, so an int8 block whose mask has
+another form keeps its MultiHeadAttention (nothing else changes); a float block passes such a mask as
+``Attention``'s additive ``attention_bias`` and keeps its ``Where`` row fix.
 
 Why: at a sequence of 128 the three ``(128 x 384) x (384 x 384)`` GEMMs of all-MiniLM-L6-v2 each run at
 well under the efficiency of one ``384 x 1152`` GEMM, and the int8 ones most of all (docs/benchmarks.md,
@@ -115,6 +118,29 @@ def _key_mask(g: _Matcher, mask: str) -> tuple[str, float]:
     return where.input[0], max(float(b.reshape(())), float(np.finfo(np.float32).min))
 
 
+def _optional_key_mask(g: _Matcher, mask: str) -> tuple[str, float] | None:
+    """:func:`_key_mask` of ``mask``, or None when there is no mask or it is not of that form."""
+    if not mask:
+        return None
+    try:
+        return _key_mask(g, mask)
+    except _Miss:
+        return None
+
+
+def _row_fix(g: _Matcher, out: str) -> onnx.NodeProto | None:
+    """The row fix of :func:`lowbit.export._attention.fuse_attention` on ``out`` (``Where(row_valid, out, 0)``,
+    the only reader of ``out``), if there is one."""
+    readers = g.consumers.get(out, [])
+    if len(readers) != 1 or out in g.outputs:
+        return None
+    w = readers[0]
+    if w.op_type != "Where" or w.domain not in ("", "ai.onnx") or w.input[1] != out or w.input[2] not in g.inits:
+        return None
+    zero = g.const(w.input[2])
+    return w if zero.size == 1 and zero.reshape(()).tobytes() == np.float32(0).tobytes() else None
+
+
 def pack_qkv(model: onnx.ModelProto) -> dict[str, int]:
     """Rewrite every proven self-attention block (module docstring), in place. Returns
     ``{"attention_float": n, "attention_int8": n}``, the blocks packed into ``Attention`` / ``QAttention``.
@@ -128,6 +154,7 @@ def pack_qkv(model: onnx.ModelProto) -> dict[str, int]:
     keep_alive: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
     raw_masks: dict[str, str] = {}  # boolean keep mask -> int32 (B, T, T) key mask, made once for all layers
+    row_flags: set[str] = set()  # row-fix flags already cast to float
     counts = {"attention_float": 0, "attention_int8": 0}
     for i, mha in enumerate(n for n in all_nodes if n.op_type == "MultiHeadAttention" and n.domain == MS_DOMAIN):
         ins = list(mha.input) + [""] * (6 - len(mha.input))
@@ -138,7 +165,9 @@ def pack_qkv(model: onnx.ModelProto) -> dict[str, int]:
             kinds = {p["kind"] for p in parts}
             if len(kinds) != 1 or len({p["x"] for p in parts}) != 1:
                 raise _Miss("projections of different inputs")
-            mask_key = _key_mask(g, ins[5]) if kinds == {"int8"} and ins[5] else None
+            mask_key = _optional_key_mask(g, ins[5])
+            if kinds == {"int8"} and ins[5] and mask_key is None:
+                raise _Miss("QAttention takes no additive mask")
         except _Miss:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in mha.attribute}
@@ -147,28 +176,35 @@ def pack_qkv(model: onnx.ModelProto) -> dict[str, int]:
         b = np.concatenate([p["b"] for p in parts])
         inits += [numpy_helper.from_array(w, f"{base}_w"), numpy_helper.from_array(b, f"{base}_b")]
         new: list[onnx.NodeProto] = []
+        raw = ""
+        if mask_key is not None:
+            keep, attrs["mask_filter_value"] = mask_key
+            if keep not in raw_masks:  # each layer has its own Where(keep, 0, -inf), on the same keep
+                raw_masks[keep] = f"{base}_key_mask"
+                new += _raw_mask_nodes(keep, parts[0]["x"], raw_masks[keep], opset, inits, first=len(raw_masks) == 1)
+            raw = raw_masks[keep]
+            fix = _row_fix(g, mha.output[0])
+            if fix is not None:  # finite rows now: a multiply by the 0/1 row flag zeroes them (much faster)
+                valid = fix.input[0]
+                cast = [] if valid in row_flags else [helper.make_node(
+                    "Cast", [valid], [f"{valid}_float"], name=f"{valid}_float", to=TensorProto.FLOAT)]
+                row_flags.add(valid)
+                replace[id(fix)] = cast + [helper.make_node("Mul", [fix.input[1], f"{valid}_float"],
+                                                            list(fix.output), name=fix.name)]
+                keep_alive.append(fix)
         if kinds == {"float"}:
-            new.append(helper.make_node("Attention", [parts[0]["x"], f"{base}_w", f"{base}_b", "", "", ins[5]],
+            new.append(helper.make_node("Attention", [parts[0]["x"], f"{base}_w", f"{base}_b", raw, "",
+                                                      "" if raw else ins[5]],
                                         list(mha.output), name=base, domain=MS_DOMAIN, **attrs))
             counts["attention_float"] += 1
         else:
             dql = parts[0]["dql"]
             inits += [numpy_helper.from_array(np.concatenate([p["w_scale"] for p in parts]), f"{base}_w_scale"),
                       numpy_helper.from_array(np.concatenate([p["w_zp"] for p in parts]), f"{base}_w_zp")]
-            raw, extra = "", {}
-            if mask_key is not None:
-                keep, masked = mask_key
-                extra["mask_filter_value"] = masked
-                if keep not in raw_masks:  # each layer has its own Where(keep, 0, -inf), on the same keep
-                    raw = f"{base}_key_mask"
-                    new += _raw_mask_nodes(keep, dql.output[0], raw, opset, inits, first=not raw_masks)
-                    raw_masks[keep] = raw
-                raw = raw_masks[keep]
             new.append(helper.make_node(
                 "QAttention", [dql.output[0], f"{base}_w", f"{base}_b", dql.output[1], f"{base}_w_scale", raw,
                                dql.output[2], f"{base}_w_zp"],
-                list(mha.output), name=base, domain=MS_DOMAIN, num_heads=attrs["num_heads"],
-                **({"scale": attrs["scale"]} if "scale" in attrs else {}), **extra))
+                list(mha.output), name=base, domain=MS_DOMAIN, **attrs))
             counts["attention_int8"] += 1
         replace[id(mha)] = new
         keep_alive += [mha, *(n for p in parts for n in p["nodes"])]
@@ -180,9 +216,9 @@ def pack_qkv(model: onnx.ModelProto) -> dict[str, int]:
     return counts
 
 
-def _raw_mask_nodes(keep: str, codes: str, out: str, opset: int, inits: list, first: bool) -> list:
+def _raw_mask_nodes(keep: str, like: str, out: str, opset: int, inits: list, first: bool) -> list:
     """int32 ``(B, T, T)`` key mask from the boolean ``(B|1, 1, T, T)`` ``keep``: 1 where a key is kept;
-    expanded to the batch of ``codes`` (a ``(B, T, D)`` tensor) when the mask is shared by the batch.
+    expanded to the batch of ``like`` (the block's ``(B, T, D)`` input) when the mask is shared by the batch.
     Made once per ``keep`` and used by every layer whose mask derives from it (the batch of the first
     such layer's input: an encoder's layers share it; QAttention rejects a mask of another batch)."""
     if first:
@@ -194,7 +230,7 @@ def _raw_mask_nodes(keep: str, codes: str, out: str, opset: int, inits: list, fi
         (helper.make_node("Squeeze", [f"{out}_i32", "lowbit_qkv_axis1"], [f"{out}_3d"], name=f"{out}_squeeze")
          if opset >= 13 else
          helper.make_node("Squeeze", [f"{out}_i32"], [f"{out}_3d"], name=f"{out}_squeeze", axes=[1])),
-        helper.make_node("Shape", [codes], [f"{out}_shape"], name=f"{out}_shape"),
+        helper.make_node("Shape", [like], [f"{out}_shape"], name=f"{out}_shape"),
         helper.make_node("Slice", [f"{out}_shape", "lowbit_qkv_zero", "lowbit_qkv_axis1"], [f"{out}_batch"],
                          name=f"{out}_batch"),
         helper.make_node("Concat", [f"{out}_batch", "lowbit_qkv_ones"], [f"{out}_target"], name=f"{out}_target",
