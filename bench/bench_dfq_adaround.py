@@ -143,13 +143,16 @@ def per_tensor_recipe(bits: int, act: QuantSpec = U8) -> Custom:
     return Custom(weight=QuantSpec(f"int{bits}", symmetric=True), activation=act)
 
 
-def w4_recipe(act_bits: int, grid: str = "minmax", act_cal: str = "minmax") -> Custom:
-    """int4 per-channel weights (grid: the weight range estimator), first/last layer int8 weights and
-    uint8 outputs; activations uint``act_bits`` with the ``act_cal`` range estimator."""
+def w4_recipe(act_bits: int, grid: str = "minmax", act_cal: str = "minmax", asym: bool = False) -> Custom:
+    """int4 per-channel weights (grid: the weight range estimator; ``asym``: uint4 with a zero point per
+    channel, 16 levels over [min, max] as BRECQ's weight quantizer, instead of symmetric int4 over
+    [-max|w|, max|w|]), first/last layer int8 weights and uint8 outputs; activations uint``act_bits`` with
+    the ``act_cal`` range estimator."""
     act = QuantSpec(f"uint{act_bits}", symmetric=False, calibrator=act_cal)
     guard = LayerSpec(W8PC.replace(calibrator=grid), U8.replace(calibrator=act_cal))
-    return Custom(weight=QuantSpec("int4", symmetric=True, granularity="channel", calibrator=grid), activation=act,
-                  overrides={name: guard for name in FIRST_LAST})
+    weight = (QuantSpec("uint4", symmetric=False, granularity="channel", calibrator=grid) if asym else
+              QuantSpec("int4", symmetric=True, granularity="channel", calibrator=grid))
+    return Custom(weight=weight, activation=act, overrides={name: guard for name in FIRST_LAST})
 
 
 def resnet18_budget(iters: int, threads: int) -> None:
@@ -294,6 +297,8 @@ def main() -> None:
                     "BRECQ's diagonal Fisher (AdaRoundConfig(fisher=True))")
     ap.add_argument("--w4-fidelity", action="store_true", help="W4 rows: also top-1 agreement with float and "
                     "KL(float || quantized) on the evaluation images (one more evaluation pass per row)")
+    ap.add_argument("--w4-asym", action="store_true", help="W4 rows: uint4 weights with a zero point per channel "
+                    "(asymmetric, as BRECQ) instead of symmetric int4")
     ap.add_argument("--w4-grids", default="minmax,mse", help="weight range estimators for the W4 rows (the "
                     "grid nearest rounding and AdaRound round to)")
     ap.add_argument("--w4-act", default="minmax", help="activation range estimator for the W4 rows")
@@ -414,8 +419,8 @@ def main() -> None:
         if g.lower() not in rows_wanted:
             continue
         for grid in args.w4_grids.split(","):
-            r = w4_recipe(act_bits, grid, args.w4_act)
-            what = f"{grid} weight grid, {args.w4_act} act."
+            r = w4_recipe(act_bits, grid, args.w4_act, asym=args.w4_asym)
+            what = f"{grid} {'asymmetric ' if args.w4_asym else ''}weight grid, {args.w4_act} act."
             run(g, f"int4 per-channel, nearest, {what}", with_fidelity(lambda r=r: q(r)))
             if notes:
                 rows[-1] = (*rows[-1][:1], f"{rows[-1][1]}; {notes.pop()}", *rows[-1][2:])
