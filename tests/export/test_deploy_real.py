@@ -89,7 +89,8 @@ def test_minilm_dynamic_int8_cosine(tmp_path, minilm_stsb):
     q = lowbit.quantize(model, lowbit.recipes.W8A8Dynamic(), example_inputs=(ids[:4], mask[:4]), progress=False)
     res = export_onnx(q, (ids[:4], mask[:4]), tmp_path / "m.int8.onnx", min_fraction=0.0, min_cosine=0.99)
     p_dyn = export_onnx_dynamic(model, (ids[:4], mask[:4]), tmp_path / "m.dyn.onnx")
-    assert res.kernels.n_int8 == 36  # every Linear of the 6 layers (q, k, v, o, ffn in, ffn out)
+    # every Linear of the 6 layers: q, k, v packed into one QAttention GEMM; o, ffn in, ffn out
+    assert res.kernels.int8 == {"QAttention": 6, "DynamicQuantizeMatMul": 18} and res.kernels.n_float == 0
     for path in (res.path, p_dyn):
         out = run_ort(path, [ids, mask])[0]
         cos = (out * ref).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1))
