@@ -297,6 +297,8 @@ def main() -> None:
                     "BRECQ's diagonal Fisher (AdaRoundConfig(fisher=True))")
     ap.add_argument("--w4-fidelity", action="store_true", help="W4 rows: also top-1 agreement with float and "
                     "KL(float || quantized) on the evaluation images (one more evaluation pass per row)")
+    ap.add_argument("--ada-seed", type=int, default=0, help="seed of AdaRound's batch sampling and of the "
+                    "augmented crops")
     ap.add_argument("--w4-asym", action="store_true", help="W4 rows: uint4 weights with a zero point per channel "
                     "(asymmetric, as BRECQ) instead of symmetric int4")
     ap.add_argument("--w4-grids", default="minmax,mse", help="weight range estimators for the W4 rows (the "
@@ -348,7 +350,7 @@ def main() -> None:
     x, y = d["eval"], d["labels"]
     calib = list(normalize(d["calib"]).to(dev).split(8))
     n_ada = max(args.ada_calib, len(d["calib"]))
-    ada_calib = list(augment(d["calib"], n_ada).to(dev).split(8)) if n_ada > len(d["calib"]) else calib
+    ada_calib = list(augment(d["calib"], n_ada, seed=args.ada_seed).to(dev).split(8)) if n_ada > len(d["calib"]) else calib
     float_model = load_model().to(dev)
     example = torch.zeros(1, 3, 224, 224, device=dev)
     dname = torch.cuda.get_device_name() if dev == "cuda" else f"CPU, {args.threads} thread(s)"
@@ -429,7 +431,7 @@ def main() -> None:
                                      qdrop_prob=args.ada_qdrop, granularity=gran, reg_weight=args.ada_reg,
                                      fisher=args.ada_fisher and gran == "block",
                                      act_spec=QuantSpec(f"uint{act_bits}", symmetric=False) if args.ada_act else None,
-                                     post_activation=args.ada_post_act)
+                                     post_activation=args.ada_post_act, seed=args.ada_seed)
                 label = "AdaRound" if gran == "layer" else f"BRECQ blocks{', Fisher' if cfg.fisher else ''}"
                 run(g, f"{label} ({args.ada_iters} it/{gran}, batch {args.ada_batch}, lr {args.ada_lr:g}, "
                     f"lambda {args.ada_reg:g}, {n_ada} samples{f', QDrop {args.ada_qdrop:g}' if args.ada_qdrop else ''}"
