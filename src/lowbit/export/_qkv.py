@@ -106,26 +106,19 @@ def _projection(g: _Matcher, name: str) -> dict:
             "nodes": [add, rescale, cast, mmi, scale_mul]}
 
 
-def _key_mask(g: _Matcher, mask: str) -> tuple[str, float]:
+def _key_mask(g: _Matcher, mask: str) -> tuple[str, float] | None:
     """``mask = Where(keep, 0, m)`` with ``m <= -1e4`` a scalar constant (SDPA's boolean mask exports so,
-    ``m = -inf``): (``keep``, the ``mask_filter_value`` for QAttention)."""
-    where = g.node(mask, "Where")
+    ``m = -inf``): (``keep``, the ``mask_filter_value`` for Attention / QAttention). None when there is no
+    mask or it has another form."""
+    where = g.producer.get(mask) if mask else None
+    if where is None or where.op_type != "Where" or where.domain not in ("", "ai.onnx"):
+        return None
     a, b = (g.const(t) if t in g.inits else None for t in where.input[1:3])
     if a is None or b is None or a.size != 1 or b.size != 1:
-        raise _Miss("mask is not a Where of two scalar constants")
+        return None
     if float(a.reshape(())) != 0 or not float(b.reshape(())) <= _MASK_MIN:
-        raise _Miss("mask values")
+        return None
     return where.input[0], max(float(b.reshape(())), float(np.finfo(np.float32).min))
-
-
-def _optional_key_mask(g: _Matcher, mask: str) -> tuple[str, float] | None:
-    """:func:`_key_mask` of ``mask``, or None when there is no mask or it is not of that form."""
-    if not mask:
-        return None
-    try:
-        return _key_mask(g, mask)
-    except _Miss:
-        return None
 
 
 def _row_fix(g: _Matcher, out: str) -> onnx.NodeProto | None:
@@ -165,7 +158,7 @@ def pack_qkv(model: onnx.ModelProto) -> dict[str, int]:
             kinds = {p["kind"] for p in parts}
             if len(kinds) != 1 or len({p["x"] for p in parts}) != 1:
                 raise _Miss("projections of different inputs")
-            mask_key = _optional_key_mask(g, ins[5])
+            mask_key = _key_mask(g, ins[5])
             if kinds == {"int8"} and ins[5] and mask_key is None:
                 raise _Miss("QAttention takes no additive mask")
         except _Miss:
