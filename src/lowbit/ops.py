@@ -33,14 +33,21 @@ def _blocks(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | Non
     return xb, s, z
 
 
-def _round_codes(v: torch.Tensor, z, fmt: NumberFormat, rounding: Rounding, generator) -> torch.Tensor:
-    """Codes (as floats) of already-scaled values ``v = x / s``."""
+def _codes_and_mask(v: torch.Tensor, z, fmt: NumberFormat, rounding: Rounding, generator):
+    """Codes (as floats) of already-scaled values ``v = x / s`` and, for integer formats, the bool mask of
+    the codes that needed no clamping (``qmin <= round(v) + z <= qmax``); None for other formats."""
     if fmt.is_integer:
         q = round_integer(v, rounding, generator)
         if z is not None:
             q = q + z.to(q.dtype)
-        return torch.clamp(q, fmt.min_value, fmt.max_value)
-    return fmt.round(v, rounding, generator)
+        unclipped = (q >= fmt.min_value) & (q <= fmt.max_value)
+        return torch.clamp(q, fmt.min_value, fmt.max_value), unclipped
+    return fmt.round(v, rounding, generator), None
+
+
+def _round_codes(v: torch.Tensor, z, fmt: NumberFormat, rounding: Rounding, generator) -> torch.Tensor:
+    """Codes (as floats) of already-scaled values ``v = x / s``."""
+    return _codes_and_mask(v, z, fmt, rounding, generator)[0]
 
 
 def quantize(
@@ -84,8 +91,12 @@ def fake_quantize(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Quantize-dequantize in ``x``'s dtype, with the clipped straight-through estimator:
-    ``d x_hat / d x = 1`` where ``x`` lies inside :func:`quantization_bounds`, 0 outside
-    (the gradient of ``torch.fake_quantize_per_tensor_affine``).
+    ``d x_hat / d x = 1`` where ``x`` is not clipped, 0 where it is. For integer formats "not clipped" means
+    the code before clamping, ``round(x / s) + z``, lies in ``[qmin, qmax]`` (the mask of
+    ``torch.fake_quantize_per_tensor_affine``), so a value that rounds onto ``qmax`` keeps its gradient:
+    with min/max scales the largest ``|x|`` is ``qmax * s`` only up to float rounding, and a test in the
+    value domain would drop its gradient or not depending on the last bit (seen between CPU and CUDA).
+    Other formats: ``x`` inside :func:`quantization_bounds`.
 
     >>> spec = QuantSpec("int8", symmetric=True)
     >>> fake_quantize(torch.tensor([0.26, -2.0]), torch.tensor(0.1), torch.tensor(0), spec).tolist()
@@ -96,13 +107,14 @@ def fake_quantize(
     xb, s, z = _blocks(xf, scale, zero_point, spec.granularity)
     fmt = spec.format
     with torch.no_grad():
-        q = _round_codes(xb / s, z, fmt, spec.rounding, generator)
+        q, inside = _codes_and_mask(xb / s, z, fmt, spec.rounding, generator)
         if z is not None and fmt.is_integer:
             q = q - z.to(q.dtype)
         y = q * s
     if x.requires_grad:
-        lo, hi = quantization_bounds(s, z, fmt)
-        inside = (xb >= lo) & (xb <= hi)
+        if inside is None:
+            lo, hi = quantization_bounds(s, z, fmt)
+            inside = (xb >= lo) & (xb <= hi)
         # y == x_clipped in value; gradient flows only where x was inside the range.
         y = torch.where(inside, xb, xb.detach()) + (y - xb).detach()
     return y.reshape(x.shape).to(dtype)

@@ -122,6 +122,34 @@ def test_ste_gradient_equals_torch_fake_quant_gradient():
     assert torch.equal(x1.grad, x2.grad)
 
 
+@pytest.mark.parametrize("fmt", ["int8", "uint8", "int4"])
+def test_ste_mask_at_the_range_ends_equals_torch_fake_quant(fmt):
+    """On, just inside and just beyond both ends of the range: the gradient flows exactly where
+    ``round(x / s) + z`` is in ``[qmin, qmax]``, as torch's fake-quant mask (power-of-two scale, so torch's
+    ``x * (1 / s)`` equals lowbit's ``x / s``); ``x = (qmax - z + 0.25) s`` rounds onto qmax and keeps it."""
+    spec = QuantSpec(fmt, symmetric=False)
+    s, z = 2.0**-4, (spec.qmin + spec.qmax) // 2 + 1
+    steps = torch.tensor([-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.49, 0.5, 0.51, 0.75, 1.0])
+    x1 = torch.cat([(spec.qmin - z + steps) * s, (spec.qmax - z + steps) * s]).requires_grad_()
+    x2 = x1.detach().clone().requires_grad_()
+    fake_quantize(x1, torch.tensor(s), torch.tensor(z), spec).sum().backward()
+    torch.fake_quantize_per_tensor_affine(x2, s, z, spec.qmin, spec.qmax).sum().backward()
+    assert torch.equal(x1.grad, x2.grad)
+    assert x1.grad[len(steps) + 5] == 1 and x1.grad[len(steps) + 9] == 0  # qmax + 0.25 flows, + 0.75 does not
+
+
+def test_ste_keeps_the_gradient_of_every_weight_under_min_max_scales():
+    """Min/max per-channel scales clip nothing, so every weight gets gradient 1, including each channel's
+    largest, which lands on qmax only up to float rounding (``127 * (m / 127)`` is not always ``m``)."""
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(256, 27, generator=g) * torch.rand(256, 1, generator=g)).requires_grad_()
+    spec = QuantSpec("int8", symmetric=True, granularity="channel")
+    s, z = compute_qparams(spec, reduce_blocks(w.detach(), spec.granularity, "amin"),
+                           reduce_blocks(w.detach(), spec.granularity, "amax"))
+    fake_quantize(w, s, z, spec).sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+
+
 def test_lsq_gradients_closed_form():
     # one element inside the range, one clipped above: d/ds of round(x/s)*s is round(x/s) - x/s inside, qmax above
     spec = QuantSpec("int8")
