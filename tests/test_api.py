@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -196,6 +197,21 @@ def test_dynamic_needs_no_data_and_layer_sqnr(small):
     assert set(by) == {"fc", "head", "<model output>"}
     assert all(30 < r.sqnr_db < 80 for r in rows)
     assert "fc" in lowbit.format_sqnr_table(rows)
+
+
+def test_deepcopy_keeps_recipe_decisions_and_passes(small):
+    """``quantize`` returns a torch.fx GraphModule, whose ``__deepcopy__`` keeps only parameters, buffers and
+    submodules unless told otherwise: the recipe, decision log and pass log must survive a copy (convert
+    and the checkpoint writer read them from copies)."""
+    q = lowbit.quantize(small, W8A8(), _data(2), dfq=lowbit.DFQ(), progress=False)
+    assert isinstance(q, torch.fx.GraphModule)
+    twin = copy.deepcopy(q)
+    assert twin.lowbit_recipe == q.lowbit_recipe == W8A8()
+    assert str(twin.lowbit_decisions) == str(q.lowbit_decisions) and twin.lowbit_decisions is not q.lowbit_decisions
+    assert twin.lowbit_passes.summary() == q.lowbit_passes.summary()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(twin(x), q(x))
 
 
 def test_layer_sqnr_is_inf_when_nothing_changes():

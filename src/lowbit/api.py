@@ -27,6 +27,7 @@ from .capture.swap import quantize_modules
 from .capture.swap import weighted_order as module_order
 from .errors import EmptyCalibrationError, QuantizationError, UnsupportedLayerError
 from .nn.quantizer import calibrating, quantizers
+from .nn.root import set_root_attr
 from .passes.adaround import AdaRoundConfig
 from .passes.bn_ranges import bn_activation_ranges
 from .passes.fold_bn import fold_bn
@@ -290,10 +291,10 @@ def quantize(
     elif calib_data is not None:
         dlog.note(f"{type(recipe).__name__} needs no calibration; calib_data was not used")
 
-    setattr(qmodel, _LOG_ATTR, dlog)
-    qmodel.lowbit_recipe = recipe
+    set_root_attr(qmodel, _LOG_ATTR, dlog)
+    set_root_attr(qmodel, "lowbit_recipe", recipe)
     if plog is not None:
-        qmodel.lowbit_passes = plog
+        set_root_attr(qmodel, "lowbit_passes", plog)
     if was_training and inplace:
         log.info("lowbit: the quantized model is in eval mode (BatchNorm folded).")
     return qmodel

@@ -238,6 +238,33 @@ def _train(qat: nn.Module, steps: int = 4) -> None:
 
 
 @pytest.mark.parametrize("learnable", ["ste", "lsq"])
+def test_deepcopy_of_a_qat_model_trains_like_the_original(learnable):
+    """A torch.fx GraphModule drops its root's attributes and forward hooks when deep-copied; the QAT
+    configuration and the root hook (step counter, BatchNorm freeze, observers, LSQ clamp) must come back,
+    so the copy and the original, trained alike, stay bit-identical (a copy without them would not count
+    steps nor freeze its BatchNorms after 2 steps)."""
+    torch.manual_seed(0)
+    qat = prepare_qat(conv_bn_net(), W8A8(), calib_data=batches(2), learnable=learnable, freeze_bn_after=2)
+    assert isinstance(qat, torch.fx.GraphModule)
+    twin = copy.deepcopy(qat)
+    assert is_qat_model(twin) and twin.lowbit_recipe == qat.lowbit_recipe
+    assert len(twin._forward_pre_hooks) == len(qat._forward_pre_hooks) == 1
+    again = copy.deepcopy(twin)  # a copy of a copy, and no hook twice
+    assert len(again._forward_pre_hooks) == 1
+    _train(qat)
+    _train(twin)
+    assert qat_step(twin) == qat_step(qat) == 4
+    assert all(bool(u.bn_frozen) for u in units(twin))
+    st, st_twin = qat.state_dict(), twin.state_dict()
+    assert st.keys() == st_twin.keys()
+    for k in st:
+        assert torch.equal(st[k], st_twin[k]), k
+    x = torch.randn(6, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(twin.eval()(x), qat.eval()(x))
+
+
+@pytest.mark.parametrize("learnable", ["ste", "lsq"])
 def test_convert_equals_qat_model_in_eval_mode(learnable):
     torch.manual_seed(0)
     qat = prepare_qat(conv_bn_net(), W8A8(), calib_data=batches(2), learnable=learnable, freeze_bn_after=2)

@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import ConfigError, ModelFileError, ShapeMismatchError
 from ..granularity import PerChannel, PerGroup, PerTensor, PerToken
 from ..nn.quantizer import TensorQuantizer, place_quantizers, quantizers
+from ..nn.root import set_root_attr
 from ..spec import QuantSpec
 from ._io import check_output_path
 
@@ -195,7 +196,7 @@ def _rebuild(model: nn.Module, meta: dict, example_inputs: Any) -> nn.Module:
     work = copy.deepcopy(model).eval()
     work, _ = fold_bn(work, inplace=True)
     qmodel = _capture(work, recipe, DecisionLog(), example)
-    qmodel.lowbit_recipe = recipe
+    set_root_attr(qmodel, "lowbit_recipe", recipe)
     return qmodel
 
 

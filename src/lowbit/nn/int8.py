@@ -29,6 +29,7 @@ from ..errors import ConfigError
 from ..granularity import PerChannel, PerGroup, PerTensor, broadcast_param, to_blocks
 from ..ops import quantize
 from .layers import OutputSideMixin, QuantLinear
+from .root import set_root_attr
 
 log = logging.getLogger("lowbit")
 
@@ -214,9 +215,9 @@ def convert(
         new = Int8Linear.from_quant(mod) if kind == "int8" else PackedWeightLinear(mod)
         decisions.append((name, kind, reason))
         if not name:  # the model is itself one quantized Linear
-            new.lowbit_convert_log = decisions
+            set_root_attr(new, "lowbit_convert_log", decisions)
             return new
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
-    model.lowbit_convert_log = decisions
+    set_root_attr(model, "lowbit_convert_log", decisions)
     return model

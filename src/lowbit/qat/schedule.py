@@ -16,6 +16,7 @@ from torch import nn
 
 from ..nn.layers import QuantLayerMixin
 from ..nn.quantizer import quantizers
+from ..nn.root import del_root_attr, on_deepcopy, set_root_attr
 from ..spec import SCALE_EPS
 from .config import CONFIG_ATTR, STEP_BUFFER, QATConfig
 from .conv_bn import ConvBnMixin
@@ -56,14 +57,14 @@ def _set_observing(model: nn.Module, on: bool) -> int:
         if OBSERVE_WEIGHT_ATTR in m.__dict__ and m.__dict__[OBSERVE_WEIGHT_ATTR] != on:
             m.__dict__[OBSERVE_WEIGHT_ATTR] = on
             n += 1
-    model.__dict__[_OBSERVING] = on
+    set_root_attr(model, _OBSERVING, on)
     return n
 
 
 def freeze_observers(model: nn.Module) -> int:
     """Stop every observer in ``model`` for good: activation scales/zero points and weight ranges keep
     their current values (quantization stays on). Returns how many quantizers or layers changed."""
-    model.__dict__[_FROZEN] = True
+    set_root_attr(model, _FROZEN, True)
     n = _set_observing(model, False)
     if n:
         log.info("lowbit.qat: observers frozen (%d quantizer(s)/layer(s))", n)
@@ -113,19 +114,27 @@ def _weight_pre_hook(module: nn.Module, args) -> None:  # noqa: ARG001
 
 def install(model: nn.Module, cfg: QATConfig) -> None:
     """Attach ``cfg``, the step buffer and the hooks to a prepared model."""
-    model.__dict__[CONFIG_ATTR] = cfg
+    set_root_attr(model, CONFIG_ATTR, cfg)
     if STEP_BUFFER not in model._buffers:
         # on the model's device: DDP broadcasts buffers, and NCCL only takes CUDA tensors
         device = next((t.device for t in model.parameters()), torch.device("cpu"))
         model.register_buffer(STEP_BUFFER, torch.zeros((), dtype=torch.int64, device=device))
-    # Plain module-level functions (no closures): the hooks survive copy.deepcopy and pickling.
+    # Plain module-level functions (no closures): the hooks survive copy.deepcopy and pickling; a
+    # GraphModule root drops its own forward hooks when deep-copied, so the copy installs it again.
     model.register_forward_pre_hook(_root_pre_hook)
+    on_deepcopy(model, _reinstall_root_hook)
     for m in model.modules():
         wq = getattr(m, "weight_quantizer", None) if isinstance(m, QuantLayerMixin) else None
         if wq is not None and wq.needs_calibration and not wq.learnable:
             m.__dict__[OBSERVE_WEIGHT_ATTR] = True
             m.register_forward_pre_hook(_weight_pre_hook)
-    model.__dict__[_OBSERVING] = True
+    set_root_attr(model, _OBSERVING, True)
+
+
+def _reinstall_root_hook(copied: nn.Module) -> None:
+    """After ``copy.deepcopy`` of a prepared GraphModule (its attributes are back, its root hooks are not)."""
+    if CONFIG_ATTR in copied.__dict__ and _root_pre_hook not in copied._forward_pre_hooks.values():
+        copied.register_forward_pre_hook(_root_pre_hook)
 
 
 def uninstall(model: nn.Module) -> None:
@@ -135,7 +144,6 @@ def uninstall(model: nn.Module) -> None:
         for k in [k for k, h in hooks.items() if h in (_root_pre_hook, _weight_pre_hook)]:
             del hooks[k]
         m.__dict__.pop(OBSERVE_WEIGHT_ATTR, None)
-    model.__dict__.pop(_FROZEN, None)
-    model.__dict__.pop(_OBSERVING, None)
-    model.__dict__.pop(CONFIG_ATTR, None)
+    for name in (_FROZEN, _OBSERVING, CONFIG_ATTR):
+        del_root_attr(model, name)
     model._buffers.pop(STEP_BUFFER, None)
