@@ -10,6 +10,7 @@ model outputs are compared by SQNR and in quantization steps, qparams to float32
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -109,12 +110,14 @@ def test_quantize_cnn_same_scales_and_outputs(calibrator):
             assert abs(sqnr_db(y_float, y_dev) - sqnr_db(y_float, y_cpu)) < 0.5
 
 
-def _qat_run(model: nn.Module, dev, learnable: str, steps: int = 3):
+def _qat_run(model: nn.Module, dev, learnable: str, steps: int = 3, qat: nn.Module | None = None):
+    """``steps`` SGD steps of QAT on ``dev`` (``qat``: an already prepared model to train instead)."""
     calib = _on(_images(2), dev)
     train = _on(_images(steps, seed=3), dev)
     g = torch.Generator().manual_seed(4)
     targets = [torch.randint(0, 10, (8,), generator=g).to(dev) for _ in range(steps)]
-    qat = lowbit.prepare_qat(model.to(dev), recipes.W8A8(), calib_data=calib, learnable=learnable)
+    if qat is None:
+        qat = lowbit.prepare_qat(model.to(dev), recipes.W8A8(), calib_data=calib, learnable=learnable)
     opt = torch.optim.SGD(qat.parameters(), lr=0.05, momentum=0.9)
     losses = []
     for x, t in zip(train, targets):
@@ -126,29 +129,80 @@ def _qat_run(model: nn.Module, dev, learnable: str, steps: int = 3):
     return qat, losses
 
 
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` in float64 on the CPU."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
 @pytest.mark.parametrize("learnable", ["ste", "lsq"])
-def test_qat_steps_match_cpu(learnable):
+def test_qat_step_matches_cpu_from_the_same_state(learnable):
+    """One QAT step (forward, backward, SGD) from bit-identical states on both devices. Only summation
+    order differs (about 1e-6 relative), so the loss, every gradient and the updated parameters and
+    quantizer states agree closely. A few activations on a rounding tie can take the other code, so
+    gradients are compared as whole tensors (relative L2), not element by element.
+
+    Longer runs are chaotic, not comparable: with LSQ a weight exactly on the clip boundary (min/max
+    initialisation puts each channel's largest weight there) switches its scale-gradient term between
+    ~0 and Q_p on a one-ulp difference; on the CPU alone, a 1e-6 relative perturbation of the weights
+    moved conv1's learned scales by 20 % after one step at lr 0.05 (3 steps: up to 2x on conv2)."""
+    torch.manual_seed(0)
+    calib = _images(2)
+    qat_cpu = lowbit.prepare_qat(_cnn(1).train(), recipes.W8A8(), calib_data=calib, learnable=learnable)
+    qat_dev = copy.deepcopy(qat_cpu).to(DEVICE)
+    assert _all_on_device(qat_dev), "QAT buffers (step counter, bn_frozen, quantizers) must follow .to(device)"
+    x = _images(1, seed=3)[0]
+    t = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(4))
+    grads = {}
+    for tag, qat, dev in (("cpu", qat_cpu, "cpu"), ("dev", qat_dev, DEVICE)):
+        opt = torch.optim.SGD(qat.parameters(), lr=0.05)
+        loss = nn.functional.cross_entropy(qat(x.to(dev)), t.to(dev))
+        opt.zero_grad()
+        loss.backward()
+        grads[tag] = ({n: p.grad.detach().clone() for n, p in qat.named_parameters() if p.grad is not None},
+                      float(loss.detach()))
+        opt.step()
+    (g_cpu, loss_cpu), (g_dev, loss_dev) = grads["cpu"], grads["dev"]
+    assert loss_dev == pytest.approx(loss_cpu, rel=1e-5)
+    assert g_cpu.keys() == g_dev.keys() and len(g_cpu) >= 6  # weights, biases, BN affine (+ LSQ scales)
+    if learnable == "lsq":
+        assert any(n.endswith("weight_quantizer.scale") for n in g_cpu), "LSQ must train the weight scales"
+    # a conv bias followed by training-mode BatchNorm has a gradient of exactly 0 in exact arithmetic
+    # (the batch mean absorbs it): both devices give float noise (~1e-9) there, compared absolutely
+    largest = max(float(g.norm()) for g in g_cpu.values())
+    for n in g_cpu:
+        if float(g_cpu[n].norm()) <= 1e-6 * largest:
+            assert float(g_dev[n].norm()) <= 1e-6 * largest, f"gradient of {n} should vanish on the device too"
+            continue
+        assert _rel_err(g_dev[n], g_cpu[n]) <= 1e-3, f"gradient of {n}: {_rel_err(g_dev[n], g_cpu[n]):.2e}"
+    p_cpu = dict(qat_cpu.named_parameters())
+    for n, p in qat_dev.named_parameters():
+        assert _rel_err(p, p_cpu[n]) <= 1e-5, f"{n} after the step: {_rel_err(p, p_cpu[n]):.2e}"
+    st_cpu, st_dev = quantizer_state(qat_cpu), quantizer_state(qat_dev)
+    _assert_states_close(st_cpu, st_dev, rtol=1e-4)
+    steps = (int(qat_dev.lowbit_qat_step), int(qat_cpu.lowbit_qat_step))
+    assert steps == (1, 1), steps
+
+
+@pytest.mark.parametrize("learnable", ["ste", "lsq"])
+def test_qat_runs_on_device_and_converts_exactly(learnable):
+    """Three QAT steps prepared and trained on the device: every buffer stays there, the step counter
+    counts, the losses follow the CPU's run (the trajectories themselves diverge, see above), and the
+    deployable model that ``convert`` builds on the device computes what the device QAT model computes in
+    eval mode (the same float32 operations, int32 bias included)."""
     model = _cnn(1).train()
     qat_cpu, loss_cpu = _qat_run(copy.deepcopy(model), "cpu", learnable)
     qat_dev, loss_dev = _qat_run(copy.deepcopy(model), DEVICE, learnable)
     assert _all_on_device(qat_dev), "QAT buffers (step counter, bn_frozen, quantizers) must be on the device"
     assert int(qat_dev.lowbit_qat_step) == int(qat_cpu.lowbit_qat_step) == 3
     torch.testing.assert_close(torch.tensor(loss_dev), torch.tensor(loss_cpu), rtol=1e-3, atol=1e-4)
-    p_cpu = dict(qat_cpu.named_parameters())
-    for name, p in qat_dev.named_parameters():
-        ref = p_cpu[name].detach()
-        diff = float((p.detach().cpu() - ref).abs().max())
-        scale = float(ref.abs().max()) + 1e-12
-        # a weight a float-rounding apart can land on the other side of a rounding tie and take a
-        # different straight-through gradient; on an H100 3 SGD steps gave up to 2.6e-3 of max|p|
-        assert diff <= 1e-2 * scale + 1e-6, f"{name}: max diff {diff:.3g} vs max |p| {scale:.3g}"
-    st_cpu, st_dev = quantizer_state(qat_cpu), quantizer_state(qat_dev)
-    _assert_states_close(st_cpu, st_dev, rtol=1e-3)
-    # the deployable model converts and runs on the device
     deploy = lowbit.convert(qat_dev)
-    x = _images(1, seed=11)[0]
+    assert _all_on_device(deploy)
+    x = _images(1, seed=11)[0].to(DEVICE)
     with torch.no_grad():
-        assert sqnr_db(lowbit.convert(qat_cpu)(x), deploy(x.to(DEVICE))) > 30.0
+        y_qat = qat_dev.eval()(x)
+        y_deploy = deploy(x)
+    torch.testing.assert_close(y_deploy, y_qat, rtol=1e-5, atol=1e-5)
 
 
 class MLPNet(nn.Module):
@@ -235,9 +289,13 @@ def test_convert_int8_linear_bit_exact_and_int8_storage(rows):
     assert nbytes_int8 <= weights + 4 * (2 * 512 + 2 * 256) + 64  # int8 weights + float32 scales and biases
     assert nbytes_float >= 4 * weights
     if ON_GPU:
+        # a torch.fx GraphModule is a reference cycle (its graph points back to it), so the float copies
+        # made on the way are freed by the cycle collector, not on the last reference: collect first
+        gc.collect()
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         extra = lowbit.convert(copy.deepcopy(q).to(DEVICE), backend="torch")
+        gc.collect()
         torch.cuda.synchronize()
         grown = torch.cuda.memory_allocated() - before
         del extra
