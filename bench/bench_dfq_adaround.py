@@ -324,6 +324,10 @@ def main() -> None:
     ap.add_argument("--budget-iters", type=int, default=20)
     ap.add_argument("--capture-speed", action="store_true", help="only AdaRound's capture: stepwise vs re-run")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-tf32", action="store_true", help="--device cuda: float32 convolutions and matmuls in "
+                    "full float32 (PyTorch lets cuDNN use TF32, a 10-bit mantissa, by default)")
+    ap.add_argument("--progress", action="store_true", help="progress bars of lowbit's passes on stderr (AdaRound: "
+                    "one per layer, with its rate)")
     ap.add_argument("--eval-batch", type=int, default=25)
     args = ap.parse_args()
     if args.resnet18_budget:
@@ -341,6 +345,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = args.device
+    if args.no_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     t0 = time.time()
     d = split_images(args.data, args.images, args.calib)
     if args.save_data:
@@ -370,7 +376,7 @@ def main() -> None:
         return acc
 
     def q(recipe, data=calib, **kw):
-        return lowbit.quantize(float_model, recipe, data, progress=False, **kw)
+        return lowbit.quantize(float_model, recipe, data, progress=args.progress, **kw)
 
     if "float" in rows_wanted:
         f_acc = run("float", "float (same run)", lambda: float_model)
