@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import ConfigError
+from ..formats.binary import BinaryFormat
 
 if TYPE_CHECKING:
     from ..spec import QuantSpec
@@ -102,7 +103,9 @@ def mse_range(h: Histogram, spec: QuantSpec, grid: int = 128) -> tuple[torch.Ten
       ``[qmin s, qmax s]``, noise ``s^2 / 12`` per value inside (uniform rounding error);
     * integer, affine: a ``(grid + 1) x grid`` grid of ``lo = min(x_min, 0) i / grid``,
       ``hi = max(x_max, 0) j / grid``, ``s = (hi - lo) / (qmax - qmin)``;
-    * other formats (fp8, fp4, log2, binary): ``grid`` candidates ``t = max|x| k / grid`` with the
+    * binary ``{-a, +a}``: the closed form ``a = sum n |c| / sum n`` (the mean magnitude, XNOR-Net's
+      scale: ``sum n (a sign(c) - c)^2`` is a parabola in ``a``), exact and O(bins);
+    * other formats (fp8, fp4, log2, ternary): ``grid`` candidates ``t = max|x| k / grid`` with the
       exact error ``sum n (format.round(c / s) s - c)^2``, ``s = t / format.max_value``.
     """
     fmt = spec.format
@@ -111,6 +114,9 @@ def mse_range(h: Histogram, spec: QuantSpec, grid: int = 128) -> tuple[torch.Ten
     counts = signed_counts(h)
     centers = (torch.arange(2 * nb, dtype=torch.float64)[None, :] - nb + 0.5) * w[:, None]
     amax = torch.maximum(h.min_val.abs(), h.max_val.abs()).double()
+    if isinstance(fmt, BinaryFormat):
+        best = (counts * centers.abs()).sum(1) / counts.sum(1).clamp(min=1e-300)
+        return _clamp_to_data(h, -best, best)
     if not fmt.is_integer:
         return _mse_generic(h, fmt, counts, centers, amax, grid)
     qmin, qmax = float(fmt.min_value), float(fmt.max_value)
