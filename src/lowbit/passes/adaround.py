@@ -386,7 +386,15 @@ class _Stepper:
         arg = self.nodes[stop].args[0] if self.nodes[stop].args else None
         if not isinstance(arg, torch.fx.Node):
             return None
-        return torch.cat([env[arg] for env in self.envs]).detach()
+        parts = [env[arg] for env in self.envs]
+        joined = torch.cat(parts).detach()
+        # Keep the inputs once, not twice: each batch's value becomes a view of the concatenation (a view
+        # changes only when later nodes run, after the caller is done with this unit's inputs).
+        start = 0
+        for env, part in zip(self.envs, parts):
+            env[arg] = joined[start:start + part.shape[0]]
+            start += part.shape[0]
+        return joined
 
 
 class _UnitInputs:
