@@ -110,14 +110,13 @@ def test_quantize_cnn_same_scales_and_outputs(calibrator):
             assert abs(sqnr_db(y_float, y_dev) - sqnr_db(y_float, y_cpu)) < 0.5
 
 
-def _qat_run(model: nn.Module, dev, learnable: str, steps: int = 3, qat: nn.Module | None = None):
-    """``steps`` SGD steps of QAT on ``dev`` (``qat``: an already prepared model to train instead)."""
+def _qat_run(model: nn.Module, dev, learnable: str, steps: int = 3):
+    """``model`` prepared for QAT on ``dev`` and trained ``steps`` SGD steps: ``(qat model, losses)``."""
     calib = _on(_images(2), dev)
     train = _on(_images(steps, seed=3), dev)
     g = torch.Generator().manual_seed(4)
     targets = [torch.randint(0, 10, (8,), generator=g).to(dev) for _ in range(steps)]
-    if qat is None:
-        qat = lowbit.prepare_qat(model.to(dev), recipes.W8A8(), calib_data=calib, learnable=learnable)
+    qat = lowbit.prepare_qat(model.to(dev), recipes.W8A8(), calib_data=calib, learnable=learnable)
     opt = torch.optim.SGD(qat.parameters(), lr=0.05, momentum=0.9)
     losses = []
     for x, t in zip(train, targets):
