@@ -137,9 +137,8 @@ def test_make_session_takes_serialized_bytes(tiny):
 
 
 @pytest.mark.slow
-def test_minilm_w8a8dynamic_passes_default_tolerance_stage_by_stage(tmp_path, minilm_stsb):
+def test_minilm_w8a8dynamic_passes_default_tolerance_stage_by_stage(tmp_path, minilm_stsb, one_thread):
     model, pairs = minilm_stsb
-    torch.set_num_threads(1)
     sents = list(pairs.sentences1[:48]) + list(pairs.sentences2[:48])
 
     def tok(s):
