@@ -81,9 +81,15 @@ class _Matcher:
             self._values = _shape_values(self.model, self._dims)
         return self._values
 
-    def node(self, name: str, op: str) -> onnx.NodeProto:
+    def maybe(self, name: str, op: str) -> onnx.NodeProto | None:
+        """The standard-domain ``op`` node that makes ``name``, or None."""
         n = self.producer.get(name)
-        if n is None or n.op_type != op or n.domain not in ("", "ai.onnx"):
+        return n if n is not None and n.op_type == op and n.domain in ("", "ai.onnx") else None
+
+    def node(self, name: str, op: str) -> onnx.NodeProto:
+        """:meth:`maybe`, raising :class:`_Miss` instead of returning None."""
+        n = self.maybe(name, op)
+        if n is None:
             raise _Miss(f"{name} is not made by {op}")
         return n
 
@@ -161,8 +167,8 @@ def _match(m: _Matcher, sm: onnx.NodeProto) -> dict:
         raise _Miss("softmax axis")
     nodes = [sm]
     scores, mask = sm.input[0], None
-    add = m.producer.get(scores)
-    if add is not None and add.op_type == "Add" and add.domain in ("", "ai.onnx"):
+    add = m.maybe(scores, "Add")
+    if add is not None:
         m.only_use(scores)
         for a, b in (add.input, add.input[::-1]):
             mm = m.producer.get(a)

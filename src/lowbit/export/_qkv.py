@@ -68,8 +68,8 @@ def _projection(g: _Matcher, name: str) -> dict:
     if b.ndim != 1 or b.dtype != np.float32:
         raise _Miss("bias")
     g.only_use(y)
-    p = g.producer.get(y)
-    if p is not None and p.op_type == "MatMul" and p.domain in ("", "ai.onnx"):
+    p = g.maybe(y, "MatMul")
+    if p is not None:
         w = g.const(p.input[1]) if p.input[1] in g.inits else None
         if w is None or w.ndim != 2 or w.dtype != np.float32 or w.shape[1] != b.shape[0]:
             raise _Miss("float weight")
@@ -110,8 +110,8 @@ def _key_mask(g: _Matcher, mask: str) -> tuple[str, float] | None:
     """``mask = Where(keep, 0, m)`` with ``m <= -1e4`` a scalar constant (SDPA's boolean mask exports so,
     ``m = -inf``): (``keep``, the ``mask_filter_value`` for Attention / QAttention). None when there is no
     mask or it has another form."""
-    where = g.producer.get(mask) if mask else None
-    if where is None or where.op_type != "Where" or where.domain not in ("", "ai.onnx"):
+    where = g.maybe(mask, "Where") if mask else None
+    if where is None:
         return None
     a, b = (g.const(t) if t in g.inits else None for t in where.input[1:3])
     if a is None or b is None or a.size != 1 or b.size != 1:
