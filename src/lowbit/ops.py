@@ -33,21 +33,21 @@ def _blocks(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | Non
     return xb, s, z
 
 
-def _codes_and_mask(v: torch.Tensor, z, fmt: NumberFormat, rounding: Rounding, generator):
-    """Codes (as floats) of already-scaled values ``v = x / s`` and, for integer formats, the bool mask of
-    the codes that needed no clamping (``qmin <= round(v) + z <= qmax``); None for other formats."""
+def _codes_and_mask(v: torch.Tensor, z, fmt: NumberFormat, rounding: Rounding, generator, want_mask: bool):
+    """Codes (as floats) of already-scaled values ``v = x / s`` and, when ``want_mask`` and the format is
+    integer, the bool mask of the codes that needed no clamping (``qmin <= round(v) + z <= qmax``); else None."""
     if fmt.is_integer:
         q = round_integer(v, rounding, generator)
         if z is not None:
             q = q + z.to(q.dtype)
-        unclipped = (q >= fmt.min_value) & (q <= fmt.max_value)
+        unclipped = (q >= fmt.min_value) & (q <= fmt.max_value) if want_mask else None
         return torch.clamp(q, fmt.min_value, fmt.max_value), unclipped
     return fmt.round(v, rounding, generator), None
 
 
 def _round_codes(v: torch.Tensor, z, fmt: NumberFormat, rounding: Rounding, generator) -> torch.Tensor:
     """Codes (as floats) of already-scaled values ``v = x / s``."""
-    return _codes_and_mask(v, z, fmt, rounding, generator)[0]
+    return _codes_and_mask(v, z, fmt, rounding, generator, want_mask=False)[0]
 
 
 def quantize(
@@ -107,7 +107,7 @@ def fake_quantize(
     xb, s, z = _blocks(xf, scale, zero_point, spec.granularity)
     fmt = spec.format
     with torch.no_grad():
-        q, inside = _codes_and_mask(xb / s, z, fmt, spec.rounding, generator)
+        q, inside = _codes_and_mask(xb / s, z, fmt, spec.rounding, generator, want_mask=x.requires_grad)
         if z is not None and fmt.is_integer:
             q = q - z.to(q.dtype)
         y = q * s
