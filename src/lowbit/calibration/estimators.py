@@ -113,11 +113,11 @@ def mse_range(h: Histogram, spec: QuantSpec, grid: int = 128) -> tuple[torch.Ten
     w = h.width
     counts = signed_counts(h)
     centers = (torch.arange(2 * nb, dtype=torch.float64)[None, :] - nb + 0.5) * w[:, None]
-    amax = torch.maximum(h.min_val.abs(), h.max_val.abs()).double()
     if isinstance(fmt, BinaryFormat):
         best = (counts * centers.abs()).sum(1) / counts.sum(1).clamp(min=1e-300)
         return _clamp_to_data(h, -best, best)
     if not fmt.is_integer:
+        amax = torch.maximum(h.min_val.abs(), h.max_val.abs()).double()
         return _mse_generic(h, fmt, counts, centers, amax, grid)
     qmin, qmax = float(fmt.min_value), float(fmt.max_value)
     pre = _prefix(counts, centers)

@@ -390,10 +390,8 @@ class _Stepper:
         joined = torch.cat(parts).detach()
         # Keep the inputs once, not twice: each batch's value becomes a view of the concatenation (a view
         # changes only when later nodes run, after the caller is done with this unit's inputs).
-        start = 0
-        for env, part in zip(self.envs, parts):
-            env[arg] = joined[start:start + part.shape[0]]
-            start += part.shape[0]
+        for env, view in zip(self.envs, joined.split([p.shape[0] for p in parts])):
+            env[arg] = view
         return joined
 
 
