@@ -13,12 +13,15 @@ Rows (all through the one entry point; activations uint8 affine per tensor):
 * ``ref``: W8A8 with per-channel int8 weights (what the activation quantization alone costs);
 * ``w4a8`` / ``w4a4``: int4 per-channel weights (first and last layer int8 weights, uint8 outputs):
   nearest rounding vs ``adaround=AdaRoundConfig(...)``; ``--ada-granularity layer,block`` adds the BRECQ
-  block-reconstruction row (``AdaRoundConfig(granularity="block")``) next to per-layer AdaRound.
+  block-reconstruction row (``AdaRoundConfig(granularity="block")``) next to per-layer AdaRound;
+  ``--w4-dfq cle`` (or ``cle+hba``) runs cross-layer equalization before both.
 
 Data (``--data``, default ``../shared/data/imagenet-samples``, 1000 images, one per class, sorted file
 order = class index; likely the training split: read the deltas): resize 256, center crop 224, kept as
 uint8 and scaled ``(x / 255 - 0.5) / 0.5``. Calibration images are every 4th file (0, 4, 8 ...: 250);
-evaluation images are ``--images`` evenly spaced among the other 750, so the two never overlap.
+evaluation images are ``--images`` evenly spaced among the other 750, so the two never overlap
+(``--split halves --fold F``: two-fold cross-validation, calibration on the files of index parity ``F``,
+up to 500, evaluation among the other 500; the two folds together evaluate all 1000 images).
 Activation ranges and empirical bias correction use ``--calib`` calibration images. AdaRound uses
 ``--ada-calib`` samples: the ``--calib`` images, then random-resized crops of them (area 35-100 %, aspect
 3/4-4/3, bilinear with antialias back to 224x224, horizontal flip with p = 0.5, seeded) until the count is
@@ -91,8 +94,19 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return (x.float() / 255 - 0.5) / 0.5
 
 
-def split_images(data: Path, n_eval: int, n_calib: int) -> dict[str, torch.Tensor]:
-    """uint8 eval images, their labels and uint8 calibration images: disjoint subsets of the 1000."""
+def halves_split(n: int, fold: int, n_eval: int, n_calib: int) -> tuple[list[int], list[int]]:
+    """``--split halves``: two-fold cross-validation over the ``n`` images. Fold ``f`` calibrates on the
+    images of parity ``f`` (0, 2, 4 ... or 1, 3, 5 ...; the first ``n_calib``) and evaluates ``n_eval``
+    evenly spaced among the other half, so the two folds together evaluate every image once, each with a
+    model calibrated on images it was not among."""
+    calib = list(range(fold, n, 2))[:n_calib]
+    rest = list(range(1 - fold, n, 2))
+    return [rest[i] for i in torch.linspace(0, len(rest) - 1, n_eval).round().long().tolist()], calib
+
+
+def split_images(data: Path, n_eval: int, n_calib: int, split: str = "fourth", fold: int = 0) -> dict[str, torch.Tensor]:
+    """uint8 eval images, their labels and uint8 calibration images: disjoint subsets of the 1000
+    (``split="fourth"``: :func:`~lowbit.zoo.data.every_fourth_split`; ``"halves"``: :func:`halves_split`)."""
     if data.suffix == ".pt":
         d = torch.load(data)
         if len(d["eval"]) < n_eval or len(d["calib"]) < n_calib:
@@ -103,9 +117,14 @@ def split_images(data: Path, n_eval: int, n_calib: int) -> dict[str, torch.Tenso
     files = sorted(data.glob("*.jpg"))
     if len(files) != 1000:
         sys.exit(f"expected 1000 images in {data}; see ../shared/data/README.md (or pass --data)")
-    if n_calib > 250 or n_eval > 750:
-        sys.exit("at most 250 calibration and 750 evaluation images")
-    eval_idx, calib_idx = every_fourth_split(1000, n_eval, n_calib)
+    if split == "halves":
+        if n_calib > 500 or n_eval > 500:
+            sys.exit("--split halves: at most 500 calibration and 500 evaluation images")
+        eval_idx, calib_idx = halves_split(1000, fold, n_eval, n_calib)
+    else:
+        if n_calib > 250 or n_eval > 750:
+            sys.exit("at most 250 calibration and 750 evaluation images (--split halves: 500 and 500)")
+        eval_idx, calib_idx = every_fourth_split(1000, n_eval, n_calib)
     return {"eval": torch.stack([load_crop(files[i]) for i in eval_idx]), "labels": torch.tensor(eval_idx),
             "calib": torch.stack([load_crop(files[i]) for i in calib_idx])}
 
@@ -271,8 +290,12 @@ def distilled_rows(run, float_model: nn.Module, example: torch.Tensor, args) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="float,ref,w8,est,free,w4a8,w4a4", help=f"comma-separated of {ALL_ROWS}")
-    ap.add_argument("--images", type=int, default=750, help="evaluation images (at most 750)")
-    ap.add_argument("--calib", type=int, default=64, help="calibration images (at most 250)")
+    ap.add_argument("--images", type=int, default=750, help="evaluation images (at most 750; --split halves: 500)")
+    ap.add_argument("--calib", type=int, default=64, help="calibration images (at most 250; --split halves: 500)")
+    ap.add_argument("--split", choices=["fourth", "halves"], default="fourth", help="fourth: calibration every "
+                    "4th image, evaluation among the other 750; halves: two-fold cross-validation, calibration "
+                    "on one parity of the file index, evaluation on the other (--fold)")
+    ap.add_argument("--fold", type=int, choices=[0, 1], default=0, help="--split halves: the calibration parity")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="image folder or a .pt from --save-data")
     ap.add_argument("--save-data", type=Path, help="write the selected uint8 crops to this .pt and exit")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -304,6 +327,8 @@ def main() -> None:
     ap.add_argument("--w4-grids", default="minmax,mse", help="weight range estimators for the W4 rows (the "
                     "grid nearest rounding and AdaRound round to)")
     ap.add_argument("--w4-act", default="minmax", help="activation range estimator for the W4 rows")
+    ap.add_argument("--w4-dfq", choices=["none", "cle", "cle+hba"], default="none", help="W4 rows: cross-layer "
+                    "equalization (and high-bias absorption) before rounding, nearest and AdaRound alike")
     ap.add_argument("--act-num-std", type=float, default=6.0, help="n of the data-free std rule")
     ap.add_argument("--distill-samples", type=int, default=32, help="distilled inputs (ZeroQ) for the distilled rows")
     ap.add_argument("--distill-iters", type=int, default=50, help="Adam steps of the distillation")
@@ -348,7 +373,9 @@ def main() -> None:
     if args.no_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     t0 = time.time()
-    d = split_images(args.data, args.images, args.calib)
+    if args.split == "halves" and args.data.suffix == ".pt":
+        sys.exit("--split halves reads the image folder, not a --save-data file")
+    d = split_images(args.data, args.images, args.calib, args.split, args.fold)
     if args.save_data:
         torch.save(d, args.save_data)
         print(f"wrote {args.save_data}: {len(d['eval'])} eval, {len(d['calib'])} calibration images")
@@ -422,14 +449,17 @@ def main() -> None:
         return wrapped
 
     notes: list[str] = []
+    w4_dfq = {"none": False, "cle": DFQ(high_bias_absorption=False, bias_correction=None),
+              "cle+hba": DFQ(bias_correction=None)}[args.w4_dfq]
     for act_bits in (8, 4):
         g = f"W4A{act_bits}"
         if g.lower() not in rows_wanted:
             continue
         for grid in args.w4_grids.split(","):
             r = w4_recipe(act_bits, grid, args.w4_act, asym=args.w4_asym)
-            what = f"{grid} {'asymmetric ' if args.w4_asym else ''}weight grid, {args.w4_act} act."
-            run(g, f"int4 per-channel, nearest, {what}", with_fidelity(lambda r=r: q(r)))
+            what = (f"{grid} {'asymmetric ' if args.w4_asym else ''}weight grid, {args.w4_act} act."
+                    f"{'' if not w4_dfq else ', ' + args.w4_dfq.upper() + ' first'}")
+            run(g, f"int4 per-channel, nearest, {what}", with_fidelity(lambda r=r: q(r, dfq=w4_dfq)))
             if notes:
                 rows[-1] = (*rows[-1][:1], f"{rows[-1][1]}; {notes.pop()}", *rows[-1][2:])
             for gran in grans:
@@ -443,7 +473,7 @@ def main() -> None:
                     f"lambda {args.ada_reg:g}, {n_ada} samples{f', QDrop {args.ada_qdrop:g}' if args.ada_qdrop else ''}"
                     f"{f', input act. uint{act_bits} in the loop' if args.ada_act else ''}"
                     f"{', post-activation' if args.ada_post_act else ''}), "
-                    f"{what}", with_fidelity(lambda r=r, cfg=cfg: q(r, ada_calib, adaround=cfg)))
+                    f"{what}", with_fidelity(lambda r=r, cfg=cfg: q(r, ada_calib, adaround=cfg, dfq=w4_dfq)))
                 if notes:
                     rows[-1] = (*rows[-1][:1], f"{rows[-1][1]}; {notes.pop()}", *rows[-1][2:])
     print("\n| recipe | variant (EfficientNet-Lite0) | top-1 | vs float (pt) | s |")
