@@ -56,7 +56,7 @@ import lowbit  # noqa: E402
 from lowbit import QuantSpec  # noqa: E402
 from lowbit.passes import DFQ, AdaRoundConfig  # noqa: E402
 from lowbit.recipes import Custom, LayerSpec  # noqa: E402
-from lowbit.zoo.data import every_fourth_split  # noqa: E402
+from lowbit.zoo.data import every_fourth_split, halves_split  # noqa: E402
 
 U8 = QuantSpec("uint8", symmetric=False)
 W8PC = QuantSpec("int8", symmetric=True, granularity="channel")
@@ -94,19 +94,9 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return (x.float() / 255 - 0.5) / 0.5
 
 
-def halves_split(n: int, fold: int, n_eval: int, n_calib: int) -> tuple[list[int], list[int]]:
-    """``--split halves``: two-fold cross-validation over the ``n`` images. Fold ``f`` calibrates on the
-    images of parity ``f`` (0, 2, 4 ... or 1, 3, 5 ...; the first ``n_calib``) and evaluates ``n_eval``
-    evenly spaced among the other half, so the two folds together evaluate every image once, each with a
-    model calibrated on images it was not among."""
-    calib = list(range(fold, n, 2))[:n_calib]
-    rest = list(range(1 - fold, n, 2))
-    return [rest[i] for i in torch.linspace(0, len(rest) - 1, n_eval).round().long().tolist()], calib
-
-
 def split_images(data: Path, n_eval: int, n_calib: int, split: str = "fourth", fold: int = 0) -> dict[str, torch.Tensor]:
     """uint8 eval images, their labels and uint8 calibration images: disjoint subsets of the 1000
-    (``split="fourth"``: :func:`~lowbit.zoo.data.every_fourth_split`; ``"halves"``: :func:`halves_split`)."""
+    (``split="fourth"``: :func:`~lowbit.zoo.data.every_fourth_split`; ``"halves"``: :func:`~lowbit.zoo.data.halves_split`)."""
     if data.suffix == ".pt":
         d = torch.load(data)
         if len(d["eval"]) < n_eval or len(d["calib"]) < n_calib:

@@ -165,3 +165,20 @@ def test_calibration_batches():
         data.calibration_batches(ds, 11)
     xs, ys = next(iter(data.loader(ds, batch_size=4)))
     assert xs.view(-1).tolist() == [0, 1, 2, 3]
+
+
+def test_every_fourth_split_is_disjoint_and_evenly_spaced():
+    ev, cal = data.every_fourth_split(1000, 750, 250)
+    assert cal == list(range(0, 1000, 4)) and ev == [i for i in range(1000) if i % 4]
+    ev, cal = data.every_fourth_split(1000, 3, 2)
+    assert cal == [0, 4] and ev == [1, 499, 999]
+
+
+@pytest.mark.parametrize("fold", [0, 1])
+def test_halves_split_folds_evaluate_every_sample_once(fold):
+    ev, cal = data.halves_split(1000, fold, 500, 500)
+    assert cal == list(range(fold, 1000, 2)) and not set(ev) & set(cal)
+    other_ev, other_cal = data.halves_split(1000, 1 - fold, 500, 500)
+    assert sorted(ev + other_ev) == list(range(1000)) and ev == other_cal
+    ev, cal = data.halves_split(10, fold, 3, 2)
+    assert cal == [fold, fold + 2] and ev == [1 - fold, 5 - fold, 9 - fold]
