@@ -53,10 +53,3 @@ def assert_ulp_close(actual: torch.Tensor, expected: torch.Tensor, ulps: int = 4
     a, e = actual.detach().cpu().float(), expected.detach().cpu().float()
     tol = ulps * torch.finfo(torch.float32).eps
     torch.testing.assert_close(a, e, rtol=tol, atol=tol * float(e.abs().max()))
-
-
-def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
-    """``10 log10(|ref|^2 / |ref - x|^2)`` (inf when equal)."""
-    ref, x = ref.detach().double().cpu(), x.detach().double().cpu()
-    noise = float(((ref - x) ** 2).sum())
-    return float("inf") if noise == 0 else 10.0 * float(torch.log10((ref**2).sum() / noise))

@@ -21,8 +21,9 @@ from lowbit import recipes
 from lowbit.distributed.sync import quantizer_state
 from lowbit.nn.int8 import Int8Linear, PackedWeightLinear, module_nbytes
 from lowbit.ops import quantize as quantize_codes
+from lowbit.report import sqnr_db
 
-from ._device import DEVICE, ON_GPU, assert_ulp_close, bits_equal, ieee_fp32, sqnr_db
+from ._device import DEVICE, ON_GPU, assert_ulp_close, bits_equal, ieee_fp32
 
 pytestmark = pytest.mark.gpu
 
