@@ -107,14 +107,13 @@ def split_images(data: Path, n_eval: int, n_calib: int, split: str = "fourth", f
     files = sorted(data.glob("*.jpg"))
     if len(files) != 1000:
         sys.exit(f"expected 1000 images in {data}; see ../shared/data/README.md (or pass --data)")
-    if split == "halves":
-        if n_calib > 500 or n_eval > 500:
-            sys.exit("--split halves: at most 500 calibration and 500 evaluation images")
-        eval_idx, calib_idx = halves_split(1000, fold, n_eval, n_calib)
-    else:
-        if n_calib > 250 or n_eval > 750:
-            sys.exit("at most 250 calibration and 750 evaluation images (--split halves: 500 and 500)")
-        eval_idx, calib_idx = every_fourth_split(1000, n_eval, n_calib)
+    try:  # the split refuses counts its pools cannot supply (fourth: 250 / 750, halves: 500 / 500)
+        if split == "halves":
+            eval_idx, calib_idx = halves_split(1000, fold, n_eval, n_calib)
+        else:
+            eval_idx, calib_idx = every_fourth_split(1000, n_eval, n_calib)
+    except lowbit.QuantizationError as e:
+        sys.exit(f"--split {split}: {e}")
     return {"eval": torch.stack([load_crop(files[i]) for i in eval_idx]), "labels": torch.tensor(eval_idx),
             "calib": torch.stack([load_crop(files[i]) for i in calib_idx])}
 

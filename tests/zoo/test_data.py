@@ -182,3 +182,14 @@ def test_halves_split_folds_evaluate_every_sample_once(fold):
     assert sorted(ev + other_ev) == list(range(1000)) and ev == other_cal
     ev, cal = data.halves_split(10, fold, 3, 2)
     assert cal == [fold, fold + 2] and ev == [1 - fold, 5 - fold, 9 - fold]
+
+
+def test_splits_refuse_counts_their_pools_cannot_supply():
+    with pytest.raises(ConfigError, match="250 calibration and 750 evaluation"):
+        data.every_fourth_split(1000, 751, 250)
+    with pytest.raises(ConfigError, match="asked for 251"):
+        data.every_fourth_split(1000, 750, 251)
+    with pytest.raises(ConfigError, match="500 calibration and 500 evaluation"):
+        data.halves_split(1000, 1, 501, 10)
+    with pytest.raises(ConfigError, match="fold must be 0 or 1"):
+        data.halves_split(1000, 2, 10, 10)

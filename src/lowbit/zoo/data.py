@@ -217,26 +217,36 @@ def loader(dataset: Dataset, batch_size: int = 32, shuffle: bool = False, seed: 
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen)
 
 
-def _evenly_spaced(items: list[int], k: int) -> list[int]:
-    """``k`` of ``items`` at evenly spaced positions, first and last included."""
-    return [items[i] for i in torch.linspace(0, len(items) - 1, k).round().long().tolist()]
+def _disjoint_split(calib: list[int], rest: list[int], n_eval: int, n_calib: int, what: str) -> tuple[list[int], list[int]]:
+    """The first ``n_calib`` of ``calib`` and ``n_eval`` of ``rest`` at evenly spaced positions (first and
+    last included); refuses counts the pools cannot supply (evaluation indices would repeat)."""
+    if not 0 <= n_calib <= len(calib) or not 0 <= n_eval <= len(rest):
+        raise ConfigError(
+            f"{what} has {len(calib)} calibration and {len(rest)} evaluation samples; asked for {n_calib} and "
+            f"{n_eval}: ask for at most that many."
+        )
+    return [rest[i] for i in torch.linspace(0, len(rest) - 1, n_eval).round().long().tolist()], calib[:n_calib]
 
 
 def every_fourth_split(n: int, n_eval: int, n_calib: int) -> tuple[list[int], list[int]]:
     """``(evaluation indices, calibration indices)`` of ``n`` samples, disjoint: calibration takes every 4th
     sample (0, 4, 8 ...; the first ``n_calib``), evaluation ``n_eval`` evenly spaced among the others
-    (the DFQ/AdaRound and mixed-precision benchmarks' split)."""
-    calib = list(range(0, n, 4))[:n_calib]
-    return _evenly_spaced([i for i in range(n) if i % 4], n_eval), calib
+    (the DFQ/AdaRound and mixed-precision benchmarks' split). :class:`ConfigError` when ``n_calib`` exceeds
+    ``ceil(n / 4)`` or ``n_eval`` the rest."""
+    return _disjoint_split(list(range(0, n, 4)), [i for i in range(n) if i % 4], n_eval, n_calib,
+                           f"every_fourth_split of {n} samples")
 
 
 def halves_split(n: int, fold: int, n_eval: int, n_calib: int) -> tuple[list[int], list[int]]:
     """``(evaluation indices, calibration indices)`` of fold ``fold`` (0 or 1) of a two-fold
     cross-validation over ``n`` samples: calibration takes the samples of parity ``fold`` (the first
     ``n_calib``), evaluation ``n_eval`` evenly spaced among the other half, so the two folds together
-    evaluate every sample once, each with a model calibrated on samples it was not among."""
-    calib = list(range(fold, n, 2))[:n_calib]
-    return _evenly_spaced(list(range(1 - fold, n, 2)), n_eval), calib
+    evaluate every sample once, each with a model calibrated on samples it was not among.
+    :class:`ConfigError` for another ``fold`` or counts larger than the halves."""
+    if fold not in (0, 1):
+        raise ConfigError(f"halves_split: fold must be 0 or 1 (the calibration parity), got {fold!r}")
+    return _disjoint_split(list(range(fold, n, 2)), list(range(1 - fold, n, 2)), n_eval, n_calib,
+                           f"fold {fold} of halves_split of {n} samples")
 
 
 def imagenet_eval_and_calibration(samples: Dataset, n_images: int, n_extra: int, eval_batch: int = 25,
