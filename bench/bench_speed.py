@@ -16,18 +16,23 @@ average is printed with every model: figures from a shared machine are inflated 
 
     python bench/bench_speed.py            # everything
     python bench/bench_speed.py --quick    # ResNet-18 + MobileNetV2, batch 1, fewer repeats (no MiniLM)
+    python bench/bench_speed.py --models MiniLM --profile   # + where the time goes: ORT's per-node kernel
+                                           # times by op type, ORT fp32 vs lowbit int8, each session alone
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +123,40 @@ def ort_runner(path, *xs: np.ndarray, spinning: bool = False):
     return lambda: sess.run(None, feeds)
 
 
+def op_profile(path, *xs: np.ndarray, runs: int, warmup: int = 5) -> dict[str, float]:
+    """ORT's own per-node kernel times of ``runs`` runs after ``warmup`` untimed ones (one session alone,
+    ORT's default options, ``THREADS`` threads), summed by op type: ms per run, largest first. The sum is the
+    time inside the kernels, without the session's own work between them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sess = make_session(path, threads=THREADS, profile_prefix=os.path.join(tmp, "profile"))
+        feeds = {meta.name: x for meta, x in zip(sess.get_inputs(), xs)}
+        for _ in range(warmup + runs):
+            sess.run(None, feeds)
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+    starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
+    if len(starts) != warmup + runs:
+        raise RuntimeError(f"ORT's profile holds {len(starts)} runs, expected {warmup + runs}")
+    by_op: dict[str, float] = defaultdict(float)
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= starts[warmup]:
+            by_op[e["args"]["op_name"]] += e["dur"] / 1000 / runs
+    return dict(sorted(by_op.items(), key=lambda kv: -kv[1]))
+
+
+def profile_rows(name: str, b: int, fp32_path, int8_path, *xs: np.ndarray, runs: int, top: int = 10) -> list[str]:
+    """Markdown rows: kernel ms per run by op type, ORT fp32 vs lowbit int8, the ``top`` largest of either
+    and the rest summed."""
+    f, i = op_profile(fp32_path, *xs, runs=runs), op_profile(int8_path, *xs, runs=runs)
+    ops = sorted(set(f) | set(i), key=lambda k: -max(f.get(k, 0.0), i.get(k, 0.0)))
+    rows = [f"| {name} | {b} | {k} | {f.get(k, 0.0):.2f} | {i.get(k, 0.0):.2f} |" for k in ops[:top]]
+    rest = ops[top:]
+    rows.append(f"| {name} | {b} | ({len(rest)} other op types) | {sum(f.get(k, 0.0) for k in rest):.2f} | "
+                f"{sum(i.get(k, 0.0) for k in rest):.2f} |")
+    rows.append(f"| {name} | {b} | **all kernels** | {sum(f.values()):.2f} | {sum(i.values()):.2f} |")
+    return rows
+
+
 def gemm_ratio(m=256, k=1024, n=1024, repeats=20) -> tuple[float, float]:
     """ORT MatMul fp32 vs MatMulInteger u8s8 time on one (m, k) x (k, n) product: (fp32 ms, int8 ms)."""
     rng = np.random.default_rng(0)
@@ -185,7 +224,8 @@ def torch_ao_fx(model, example):
         return convert_fx(prepared)
 
 
-def bench_model(name, model, shape, batches, repeats, tmp: Path) -> list[str]:
+def bench_model(name, model, shape, batches, repeats, tmp: Path, profile: list[str] | None = None) -> list[str]:
+    """Table rows of one image model; with ``profile`` a list, its per-op rows are appended to it."""
     rows = []
     torch.manual_seed(0)
     calib = [torch.randn(4, *shape) for _ in range(4)]
@@ -219,6 +259,8 @@ def bench_model(name, model, shape, batches, repeats, tmp: Path) -> list[str]:
             peers["ORT quantize_static int8"] = (s_path, xn)
         inter, alone = ort_times(peers, n)
         rows += _rows(name, b, {**t, **inter}, alone)
+        if profile is not None:
+            profile += profile_rows(name, b, f_path, res.path, xn, runs=n)
     print("\n".join(rows), flush=True)
     return rows
 
@@ -226,7 +268,7 @@ def bench_model(name, model, shape, batches, repeats, tmp: Path) -> list[str]:
 SEQ = 128
 
 
-def minilm_bench(batches, repeats, tmp: Path) -> list[str]:
+def minilm_bench(batches, repeats, tmp: Path, profile: list[str] | None = None) -> list[str]:
     """MiniLM encoder (input_ids + attention_mask, seq 128): lowbit W8A8Dynamic export (DynamicQuantizeLinear
     -> int8 MatMul, fused by ORT) vs ORT fp32, ORT's own quantize_dynamic, torch.ao dynamic int8 Linear.
     "ORT fp32", lowbit int8 and quantize_dynamic have each attention block fused into one ORT node with its
@@ -276,6 +318,8 @@ def minilm_bench(batches, repeats, tmp: Path) -> list[str]:
                  "ORT quantize_dynamic int8": (d_path, *xs)}
         inter, alone = ort_times(peers, n)
         rows += _rows(name, b, {**t, **inter}, alone)
+        if profile is not None:
+            profile += profile_rows(name, b, f_path, res.path, *xs, runs=n)
     print("\n".join(rows), flush=True)
     return rows
 
@@ -299,6 +343,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="ResNet-18 and MobileNetV2 at batch 1 only")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--models", nargs="*", default=None, help="subset, e.g. MobileNetV2 MiniLM (default: all)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also ORT's per-node kernel times by op type, ORT fp32 vs lowbit int8 (each session alone)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)  # ORT quantization tool logs advice per bias at WARNING
     torch.set_num_threads(THREADS)
@@ -310,14 +356,19 @@ def main() -> None:
           f"int8/fp32 throughput {f_ms / i_ms:.2f}x")
     rows = ["| model | batch | runtime | ms (median) | vs ORT fp32 | vs torch fp32 | ms, ORT defaults, alone | "
             "vs ORT fp32 (defaults) |", "|---|---|---|---|---|---|---|---|"]
+    prof = ["| model | batch | op type | ORT fp32 ms/run | lowbit int8 ms/run |", "|---|---|---|---|---|"]
+    keep = prof if args.profile else None
     with tempfile.TemporaryDirectory() as tmp:
         for name, model, shape in image_models(args.quick):
             if args.models is None or name in args.models:
-                rows += bench_model(name, model, shape, batches, repeats, Path(tmp))
+                rows += bench_model(name, model, shape, batches, repeats, Path(tmp), keep)
         if not args.quick and (args.models is None or "MiniLM" in args.models):
-            rows += minilm_bench(batches, repeats, Path(tmp))
+            rows += minilm_bench(batches, repeats, Path(tmp), keep)
     print("\n".join(rows))
-    print(f"\ncommand: python bench/bench_speed.py{' --quick' if args.quick else ''}  "
+    if args.profile:
+        print("\nKernel time by op type (ORT's profiler, each session alone, default options; each "
+              "op type's kernel time summed over the timed runs, divided by their number):\n" + "\n".join(prof))
+    print(f"\ncommand: python bench/bench_speed.py {' '.join(sys.argv[1:])}  "
           f"(torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}, {THREADS} threads, "
           f"load average before {load0:.1f}, after {os.getloadavg()[0]:.1f})")
 

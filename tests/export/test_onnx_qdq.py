@@ -1,6 +1,8 @@
 """ONNX QDQ export: parity with the simulation in output steps, int8 kernels in ORT's optimized graph,
 stored codes against an independent torch computation, and every bad input."""
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -25,6 +27,7 @@ from lowbit.export import (
     run_ort,
     verify_parity,
 )
+from lowbit.export.verify import make_session
 from lowbit.nn import QuantLinear
 
 
@@ -196,6 +199,23 @@ def test_uncalibrated_quantizer(tmp_path):
     layer = QuantLinear.from_float(nn.Linear(8, 4), spec, output_spec=lowbit.QuantSpec("uint8", symmetric=False))
     with pytest.raises(EmptyCalibrationError, match="output"):
         export_onnx(layer, torch.randn(2, 8), tmp_path / "u.onnx")
+
+
+def test_profiled_session_records_the_int8_kernels(exported, calib, tmp_path):
+    """``make_session(profile_prefix=...)``: ORT's trace lands beside the prefix and names every kernel of the
+    optimized graph once per run (what bench_speed.py --profile sums)."""
+    import json
+
+    sess = make_session(exported.path, threads=1, profile_prefix=str(tmp_path / "trace"))
+    feeds = {sess.get_inputs()[0].name: calib[0].numpy()}
+    for _ in range(3):
+        sess.run(None, feeds)
+    trace = Path(sess.end_profiling())
+    assert trace.parent == tmp_path and trace.name.startswith("trace")
+    kernels = [e["args"]["op_name"] for e in json.loads(trace.read_text())
+               if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    assert kernels.count("QLinearConv") == 3 * 2 and kernels.count("QGemm") == 3
+    assert not any(k in ("Conv", "Gemm", "MatMul") for k in kernels)
 
 
 def test_corrupted_file_to_loader(tmp_path):

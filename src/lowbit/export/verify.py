@@ -141,14 +141,19 @@ class ParityReport:
 
 def make_session(path: str | os.PathLike | bytes, threads: int | None = None, optimized_path: str | None = None,
                  level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                 spinning: bool = True) -> ort.InferenceSession:
+                 spinning: bool = True, profile_prefix: str | None = None) -> ort.InferenceSession:
     """An ORT CPU session for ``path`` (or a serialized model as ``bytes``); a file ORT cannot parse raises
     :class:`ModelFileError`.
 
     ``spinning=False`` stops the intra-op threads from busy-waiting after each run (ORT spins by
     default): needed when several sessions take turns on few cores, where one session's spinning
-    threads would steal the cores of the next."""
+    threads would steal the cores of the next. ``profile_prefix`` turns on ORT's profiler: every node's
+    kernel time goes to a JSON trace named ``<prefix>_<date>.json``, whose path ``session.end_profiling()``
+    returns."""
     so = ort.SessionOptions()
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = level
