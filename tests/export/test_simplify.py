@@ -120,7 +120,31 @@ def test_drop_clip_only_where_exact(tmp_path, scale, zp, dropped):
     model = _clip_q_model(0.0, 6.0, scale, zp)
     x = np.concatenate([np.linspace(-8, 8, 60), [6.0, 0.0, -1e-9, 6.0001]]).astype(np.float32)
     before = run_ort(make_session_from(model, tmp_path / "a.onnx"), [x])[0]
-    assert sp.drop_clip_before_quantize(model) == int(dropped)
+    assert sp.drop_clamp_before_quantize(model) == int(dropped)
+    after = run_ort(make_session_from(model, tmp_path / "b.onnx"), [x])[0]
+    np.testing.assert_array_equal(after, before)
+
+
+def _relu_q_model(zp: int, dtype) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])
+    y = helper.make_tensor_value_info("y", helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), [64])
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(zp, dtype), "z")]
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("QuantizeLinear", ["r", "s", "z"], ["y"])]
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 13)], ir_version=9)
+
+
+@pytest.mark.parametrize("zp,dtype,dropped", [
+    (0, np.uint8, True),       # Q(0) = 0 = qmin: every negative value saturates to code 0 anyway
+    (-128, np.int8, True),     # the same at the int8 minimum
+    (1, np.uint8, False),      # Q(0) = 1: negative values would reach code 0 without the Relu
+    (0, np.int8, False),       # int8 with zero point 0: negatives map to -1..-128, the Relu must stay
+])
+def test_drop_relu_only_where_exact(tmp_path, zp, dtype, dropped):
+    model = _relu_q_model(zp, dtype)
+    x = np.concatenate([np.linspace(-8, 8, 61), [0.0, -1e-9, -0.025]]).astype(np.float32)
+    before = run_ort(make_session_from(model, tmp_path / "a.onnx"), [x])[0]
+    assert sp.drop_clamp_before_quantize(model) == int(dropped)
+    assert [n.op_type for n in model.graph.node] == (["QuantizeLinear"] if dropped else ["Relu", "QuantizeLinear"])
     after = run_ort(make_session_from(model, tmp_path / "b.onnx"), [x])[0]
     np.testing.assert_array_equal(after, before)
 

@@ -30,7 +30,6 @@ from ..granularity import PerChannel, PerGroup, PerTensor, PerToken
 from ..nn.bias import Int32Bias, int32_bias, rerounded_weight_codes
 from ..ops import quantize
 from ..spec import QuantSpec
-from ._simplify import consumers as consumers_of
 from ._simplify import pad_fills_with_zero
 
 DOMAIN = "lowbit"
@@ -380,29 +379,3 @@ def resolve_identity_initializers(model: onnx.ModelProto) -> None:
             graph.node.remove(n)
 
 
-def drop_relu_before_quantize(model: onnx.ModelProto) -> int:
-    """Remove ``Relu`` whose only consumer is a QuantizeLinear with zero point at the code minimum
-    (uint8 0, int8 -128): ``Q(relu(x)) == Q(x)`` then, since every negative value saturates to the zero
-    point's code. Exact; ORT does the same fusion, and the integer runtime needs ``op -> Q`` adjacency."""
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    consumers = consumers_of(graph)
-    outputs = {o.name for o in graph.output}
-    drop = []
-    for n in graph.node:
-        if n.op_type != "Relu" or n.output[0] in outputs:
-            continue
-        users = consumers.get(n.output[0], [])
-        if len(users) != 1 or users[0].op_type != "QuantizeLinear" or len(users[0].input) < 3:
-            continue
-        zp = inits.get(users[0].input[2])
-        if zp is None or zp.data_type not in (TensorProto.UINT8, TensorProto.INT8):
-            continue
-        z = numpy_helper.to_array(zp)
-        qmin = 0 if zp.data_type == TensorProto.UINT8 else -128
-        if z.size == 1 and int(z) == qmin:
-            users[0].input[0] = n.input[0]
-            drop.append(n)
-    for n in drop:
-        graph.node.remove(n)
-    return len(drop)

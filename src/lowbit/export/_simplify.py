@@ -12,8 +12,9 @@ a convolution and its QuantizeLinear. Every pass here leaves the model's outputs
   ``Reshape(t, [0, *rest])`` when shape inference proves ``t`` and ``u`` have the same dimension 0.
 * :func:`quantize_before_pad`: ``Pad(x, value 0) -> QuantizeLinear`` becomes ``QuantizeLinear -> DQ -> Pad``
   (``Q(0) = z`` exactly, so padding the codes with the zero point is the same thing).
-* :func:`drop_clip_before_quantize`: ``Clip(lo, hi) -> QuantizeLinear`` loses the Clip when the quantizer
-  already saturates there (``Q(lo) = qmin`` and ``Q(hi) = qmax``, Q is monotone): the ReLU6 case.
+* :func:`drop_clamp_before_quantize`: ``Clip(lo, hi) -> QuantizeLinear`` (or ``Relu``, ``Clip(0, +inf)``)
+  loses the Clip when the quantizer already saturates there (``Q(lo) = qmin`` and ``Q(hi) = qmax``, Q is
+  monotone): the ReLU6 and ReLU cases.
 * :func:`fold_static_shapes`: the shape arithmetic a traced transformer repeats in every layer
   (``Shape -> Gather -> Unsqueeze -> Concat -> Reshape``) is evaluated from the shapes ONNX shape inference
   proves; only values that do not depend on a symbolic (dynamic) dimension become constants, and a Reshape
@@ -230,18 +231,20 @@ def _quantize_scalar(v: float, s: np.float32, z: int, qmin: int, qmax: int) -> i
     return int(quantize_values(np.float32(v), s, z, qmin, qmax))
 
 
-def drop_clip_before_quantize(model: onnx.ModelProto) -> int:
-    """Remove ``Clip(lo, hi)`` whose only consumer is a per-tensor QuantizeLinear that already maps ``lo``
-    to its minimum code and ``hi`` to its maximum code. Since QuantizeLinear is monotone, every value
-    below ``lo`` (above ``hi``) then gives the same code as ``lo`` (``hi``): ``Q(clip(x)) == Q(x)`` for all
-    x. ReLU6 under a quantizer whose range is [0, <= 6] is the common case. Returns the count."""
+def drop_clamp_before_quantize(model: onnx.ModelProto) -> int:
+    """Remove ``Clip(lo, hi)`` or ``Relu`` (``Clip(0, +inf)``) whose only consumer is a per-tensor
+    QuantizeLinear that already maps ``lo`` to its minimum code and ``hi`` to its maximum code. Since
+    QuantizeLinear is monotone, every value below ``lo`` (above ``hi``) then gives the same code as ``lo``
+    (``hi``): ``Q(clamp(x)) == Q(x)`` for all x. ReLU6 under a quantizer whose range is [0, <= 6], and ReLU
+    under one whose zero point is the minimum code (uint8 0, int8 -128), are the common cases; ORT does the
+    same fusion, and the integer runtime needs ``op -> Q`` adjacency. Returns the count."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     cons = consumers(graph)
     outputs = {o.name for o in graph.output}
     drop = []
     for n in graph.node:
-        if n.op_type != "Clip" or n.output[0] in outputs:
+        if n.op_type not in ("Clip", "Relu") or n.output[0] in outputs:
             continue
         users = cons.get(n.output[0], [])
         if len(users) != 1 or users[0].op_type != "QuantizeLinear":
@@ -251,16 +254,7 @@ def drop_clip_before_quantize(model: onnx.ModelProto) -> int:
             continue
         s, z, t = params
         qmin, qmax = _NP_QRANGE[t]
-        bounds = []
-        for k, attr in ((1, "min"), (2, "max")):
-            if len(n.input) > k and n.input[k]:
-                if n.input[k] not in inits:
-                    bounds = None
-                    break
-                bounds.append(float(numpy_helper.to_array(inits[n.input[k]]).reshape(())))
-            else:
-                a = next((a.f for a in n.attribute if a.name == attr), None)
-                bounds.append(a)
+        bounds = [0.0, None] if n.op_type == "Relu" else _clip_bounds(n, inits)
         if bounds is None:
             continue
         lo, hi = bounds
@@ -273,6 +267,20 @@ def drop_clip_before_quantize(model: onnx.ModelProto) -> int:
     for n in drop:
         graph.node.remove(n)
     return len(drop)
+
+
+def _clip_bounds(n: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> list[float | None] | None:
+    """``[lo, hi]`` of a Clip (None where unbounded), from its inputs (opset >= 11) or attributes (< 11);
+    None when a bound is computed at run time."""
+    bounds: list[float | None] = []
+    for k, attr in ((1, "min"), (2, "max")):
+        if len(n.input) > k and n.input[k]:
+            if n.input[k] not in inits:
+                return None
+            bounds.append(float(numpy_helper.to_array(inits[n.input[k]]).reshape(())))
+        else:
+            bounds.append(next((a.f for a in n.attribute if a.name == attr), None))
+    return bounds
 
 
 def constants_to_initializers(model: onnx.ModelProto) -> int:
@@ -296,7 +304,7 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
 
 __all__ = [
     "fold_constants", "fold_static_shapes", "batch_reshape_to_constant", "remove_dead_nodes", "quantize_before_pad",
-    "drop_clip_before_quantize", "constants_to_initializers", "pad_fills_with_zero", "consumers",
+    "drop_clamp_before_quantize", "constants_to_initializers", "pad_fills_with_zero", "consumers",
 ]
 
 
