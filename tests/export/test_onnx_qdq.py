@@ -1,6 +1,7 @@
 """ONNX QDQ export: parity with the simulation in output steps, int8 kernels in ORT's optimized graph,
 stored codes against an independent torch computation, and every bad input."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -204,8 +205,6 @@ def test_uncalibrated_quantizer(tmp_path):
 def test_profiled_session_records_the_int8_kernels(exported, calib, tmp_path):
     """``make_session(profile_prefix=...)``: ORT's trace lands beside the prefix and names every kernel of the
     optimized graph once per run (what bench_speed.py --profile sums)."""
-    import json
-
     sess = make_session(exported.path, threads=1, profile_prefix=str(tmp_path / "trace"))
     feeds = {sess.get_inputs()[0].name: calib[0].numpy()}
     for _ in range(3):

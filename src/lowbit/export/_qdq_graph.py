@@ -377,5 +377,3 @@ def resolve_identity_initializers(model: onnx.ModelProto) -> None:
             t.name = n.output[0]
             graph.initializer.append(t)
             graph.node.remove(n)
-
-
