@@ -42,7 +42,7 @@ from onnx import TensorProto, helper
 
 import lowbit
 from lowbit import zoo
-from lowbit.export import count_kernels, export_onnx, export_onnx_float
+from lowbit.export import count_kernels, export_onnx, export_onnx_float, run_ort
 from lowbit.export.verify import make_session
 
 THREADS = 2
@@ -129,9 +129,8 @@ def op_profile(path, *xs: np.ndarray, runs: int, warmup: int = 5) -> dict[str, f
     time inside the kernels, without the session's own work between them."""
     with tempfile.TemporaryDirectory() as tmp:
         sess = make_session(path, threads=THREADS, profile_prefix=os.path.join(tmp, "profile"))
-        feeds = {meta.name: x for meta, x in zip(sess.get_inputs(), xs)}
         for _ in range(warmup + runs):
-            sess.run(None, feeds)
+            run_ort(sess, xs)
         with open(sess.end_profiling()) as f:
             events = json.load(f)
     starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run")

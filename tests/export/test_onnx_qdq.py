@@ -206,9 +206,8 @@ def test_profiled_session_records_the_int8_kernels(exported, calib, tmp_path):
     """``make_session(profile_prefix=...)``: ORT's trace lands beside the prefix and names every kernel of the
     optimized graph once per run (what bench_speed.py --profile sums)."""
     sess = make_session(exported.path, threads=1, profile_prefix=str(tmp_path / "trace"))
-    feeds = {sess.get_inputs()[0].name: calib[0].numpy()}
     for _ in range(3):
-        sess.run(None, feeds)
+        run_ort(sess, [calib[0]])
     trace = Path(sess.end_profiling())
     assert trace.parent == tmp_path and trace.name.startswith("trace")
     kernels = [e["args"]["op_name"] for e in json.loads(trace.read_text())
