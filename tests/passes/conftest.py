@@ -42,3 +42,22 @@ def mobile_block() -> nn.Sequential:
         nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5),
     )
+
+
+@pytest.fixture
+def store_every_target(monkeypatch):
+    """Call it to make AdaRound's ``_Targets`` keep every reconstruction target in memory (the
+    memory-hungry way it recomputes large ones instead), for comparing the two."""
+    import importlib
+
+    ada = importlib.import_module("lowbit.passes.adaround")  # the module, not the function it exports
+
+    init = ada._Targets.__init__
+
+    def storing(self, fn, x_fp, bs=ada.CHUNK):
+        init(self, fn, x_fp, bs)
+        if self.stored is None:
+            with torch.no_grad():
+                self.stored = fn(x_fp)
+
+    return lambda: monkeypatch.setattr(ada._Targets, "__init__", storing)

@@ -232,3 +232,59 @@ def test_post_activation_finds_the_clip_after_each_layer():
     assert any("2 of 4 layer(s)" in r.detail for r in plog.applied)
     _, res_pre, _ = adaround(net, data, INT3, AdaRoundConfig(iters=20), progress=False)
     assert res["a"].error_nearest < res_pre["a"].error_nearest  # the first layer sees the same input
+
+
+def test_targets_stored_only_when_no_larger_than_the_inputs_and_equal_either_way():
+    from lowbit.passes.adaround import _Targets
+
+    torch.manual_seed(5)
+    x = torch.randn(70, 4, 5, 5)
+    for conv, stored in ((nn.Conv2d(4, 2, 3), True), (nn.Conv2d(4, 16, 1), False)):
+        t = _Targets(conv, x, bs=16)
+        assert (t.stored is not None) == stored
+        ref = conv(x).detach()
+        idx = torch.tensor([3, 69, 3, 0])
+        torch.testing.assert_close(t[idx], ref[idx])
+        torch.testing.assert_close(t[10:50], ref[10:50])
+        assert not t[idx].requires_grad
+
+
+def test_recomputed_targets_give_the_stored_targets_result(store_every_target):
+    """A conv whose output is 4x its input recomputes its target each step; keeping it instead (the
+    memory-hungry way) gives the same rounding and the same errors."""
+    torch.manual_seed(6)
+    conv = nn.Conv2d(4, 16, 1)
+    x = torch.randn(48, 4, 6, 6) * torch.rand(1, 4, 1, 1) * 3
+    spec = QuantSpec("int4", symmetric=False, granularity="channel")
+    cfg = AdaRoundConfig(iters=60, lr=1e-2, batch_size=8, qdrop_prob=0.3, act_spec=QuantSpec("uint8", symmetric=False))
+    lean = adaround_layer(conv, x, spec, cfg)
+    store_every_target()
+    kept = adaround_layer(conv, x, spec, cfg)
+    assert torch.equal(lean.weight, kept.weight) and lean.used == kept.used
+    assert lean.error == pytest.approx(kept.error, rel=1e-5)
+    assert lean.error_nearest == pytest.approx(kept.error_nearest, rel=1e-5)
+
+
+def test_act_quant_rows_equal_torch_fake_quant_and_a_prequantized_input():
+    """``act_spec`` quantizes the rows each step uses with one range over all stored inputs: the same
+    values as torch's own per-tensor fake-quant of the whole tensor, and the same AdaRound result as
+    handing AdaRound inputs quantized beforehand (with the float ones for the target and QDrop)."""
+    from lowbit.passes.adaround import _ActQuantRows
+
+    torch.manual_seed(8)
+    x = torch.randn(40, 4, 6, 6) * 2 + 0.5
+    u8 = QuantSpec("uint8", symmetric=False)
+    rows = _ActQuantRows(x, u8)
+    s = (x.max() - x.min()) / 255
+    z = int(torch.clamp(torch.round(-x.min() / s), 0, 255))
+    ref = torch.fake_quantize_per_tensor_affine(x, float(s), z, 0, 255)
+    idx = torch.tensor([39, 0, 7, 7])
+    torch.testing.assert_close(rows[idx], ref[idx], atol=1e-6, rtol=0)
+    assert rows.shape == x.shape
+    conv = nn.Conv2d(4, 16, 1)
+    spec = QuantSpec("int4", symmetric=False, granularity="channel")
+    cfg = AdaRoundConfig(iters=60, lr=1e-2, batch_size=8, qdrop_prob=0.3)
+    inside = adaround_layer(conv, x, spec, AdaRoundConfig(**{**cfg.__dict__, "act_spec": u8}))
+    before = adaround_layer(conv, rows[:], spec, cfg, float_inputs=x)
+    assert torch.equal(inside.weight, before.weight)
+    assert inside.error == pytest.approx(before.error, rel=1e-6)

@@ -262,3 +262,21 @@ def test_block_reconstruction_on_cuda():
     cfg = AdaRoundConfig(granularity="block", iters=50, lr=1e-2, act_spec=U8, qdrop_prob=0.5)
     res = reconstruct_block(block, {"conv1": INT3PC, "conv2": INT3PC}, _data(32, 7).cuda(), cfg)
     assert all(r.weight.is_cuda and r.error <= r.error_nearest for r in res.values())
+
+
+def test_recomputed_block_targets_are_float_under_act_quant(store_every_target):
+    """A block whose output is twice its input recomputes its target mid-loop, while the activation
+    quantization hooks are on: the target must still be the float block's output, so the result equals
+    the one with every target kept in memory."""
+    torch.manual_seed(7)
+    block = nn.Sequential(nn.Conv2d(6, 12, 1), nn.ReLU(), nn.Conv2d(12, 12, 3, padding=1)).eval()
+    spec = QuantSpec("int4", symmetric=False, granularity="channel")
+    cfg = AdaRoundConfig(granularity="block", iters=60, lr=1e-2, batch_size=8, act_spec=U8, qdrop_prob=0.3)
+    x = _data(40, 4)
+    lean = reconstruct_block(block, {"0": spec, "2": spec}, x, cfg)
+    store_every_target()
+    kept = reconstruct_block(block, {"0": spec, "2": spec}, x, cfg)
+    for name in ("0", "2"):
+        assert torch.equal(lean[name].weight, kept[name].weight), name
+        assert lean[name].error == pytest.approx(kept[name].error, rel=1e-5)
+        assert lean[name].error_nearest == pytest.approx(kept[name].error_nearest, rel=1e-5)

@@ -33,6 +33,12 @@ all calibration batches and paused before each layer (``capture="auto"``), so ev
 per batch: O(L) work for L layers. The values are the ones a full forward gives (same nodes, same
 order, a layer runs only after it was rounded). Models that do not trace re-run the forward up to each
 layer (``capture="rerun"``, O(L^2)). Everything runs on the device of the model's weights (CPU or CUDA).
+
+Memory: what scales with the number of samples N is the current unit's inputs in both models (N rows
+each), the target when it is no larger than the inputs (else recomputed from the float inputs each
+step, :class:`_Targets`), and while stepping to the next unit both models' live values. ``act_spec``
+quantizes only the rows in use (:class:`_ActQuantRows`), and full-set forwards run in chunks of
+:data:`CHUNK` rows.
 """
 
 from __future__ import annotations
@@ -59,6 +65,9 @@ log = logging.getLogger(__name__)
 __all__ = ["AdaRoundConfig", "AdaRoundResult", "adaround", "adaround_layer"]
 
 ZETA, GAMMA = 1.1, -0.1
+# Rows per no-grad forward over all stored inputs (targets, final errors): a conv's transient memory (oneDNN
+# reorders its input) grows with it, and past a few dozen rows it no longer speeds the forward up.
+CHUNK = 32
 _TYPES = (*CONV_TYPES, nn.Linear)
 _QPARAMS_ATTR = "lowbit_weight_qparams"
 Granularity = Literal["layer", "block"]
@@ -166,12 +175,13 @@ def _reconstruction_inputs(inputs: torch.Tensor, float_inputs: torch.Tensor | No
                            ) -> tuple[torch.Generator, torch.Generator, torch.Tensor, torch.Tensor]:
     """``(gen, mask_gen, x_q, x_fp)`` of one reconstruction unit: the seeded batch-index stream (CPU on every
     device), the QDrop mask stream (where the inputs live; on CPU the same stream as the indices), the
-    unit's inputs (fake-quantized with ``config.act_spec`` when set) and its float-model inputs."""
+    unit's inputs (rows fake-quantized on use with ``config.act_spec`` when set, :class:`_ActQuantRows`)
+    and its float-model inputs."""
     gen = torch.Generator().manual_seed(config.seed)
     dev = inputs.device
     mask_gen = gen if dev.type == "cpu" else torch.Generator(device=dev).manual_seed(config.seed)
     x_fp = inputs if float_inputs is None else float_inputs
-    x_q = inputs if config.act_spec is None else _act_quant(inputs, config.act_spec)
+    x_q = inputs if config.act_spec is None else _ActQuantRows(inputs, config.act_spec)
     return gen, mask_gen, x_q, x_fp
 
 
@@ -217,17 +227,54 @@ def _recon_error(layer: nn.Module, x: torch.Tensor, w: torch.Tensor, target: tor
     return (d**2).sum(dim=channel_dim(layer)).mean()
 
 
-def _batched_error(layer, xs, w, target, act=_identity, bs: int = 256) -> float:
-    tot = 0.0
+def _batched_error(layer, xs: torch.Tensor | _ActQuantRows, w, target: _Targets, act=_identity,
+                   bs: int = CHUNK) -> float:
+    tot, n = 0.0, xs.shape[0]
     with torch.no_grad():
-        for i in range(0, xs.shape[0], bs):
-            tot += float(_recon_error(layer, xs[i:i + bs], w, target[i:i + bs], act)) * xs[i:i + bs].shape[0]
-    return tot / xs.shape[0]
+        for i in range(0, n, bs):
+            tot += float(_recon_error(layer, xs[i:i + bs], w, target[i:i + bs], act)) * min(bs, n - i)
+    return tot / n
 
 
-def _act_quant(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    s, z = compute_qparams(spec, x.min(), x.max())
-    return fake_quantize(x, s, z, spec)
+class _Targets:
+    """The reconstruction target ``fn(x_fp)`` (a float layer's or block's output on its float inputs
+    ``x_fp``, shape ``(N, ...)``), indexed by rows like a tensor: ``targets[idx]``, ``targets[i:j]``.
+
+    Stored (computed in chunks of ``bs`` rows) when one row of it is no larger than one row of ``x_fp``,
+    so it at most doubles what the stored inputs hold; otherwise (a 1x1 expansion conv's output is 6x its
+    input) recomputed from the ``x_fp`` rows on each use, one no-grad forward per step instead of memory
+    that would set the peak of the whole pass."""
+
+    def __init__(self, fn, x_fp: torch.Tensor, bs: int = CHUNK) -> None:
+        self.fn, self.x_fp = fn, x_fp
+        self.stored: torch.Tensor | None = None
+        with torch.no_grad():
+            first = fn(x_fp[:1])
+            if first.numel() <= x_fp[:1].numel():
+                self.stored = first.new_empty((x_fp.shape[0], *first.shape[1:]))
+                for i in range(0, x_fp.shape[0], bs):
+                    self.stored[i:i + bs] = fn(x_fp[i:i + bs])
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        if self.stored is not None:
+            return self.stored[rows]
+        with torch.no_grad():
+            return self.fn(self.x_fp[rows])
+
+
+class _ActQuantRows:
+    """The stored inputs ``x`` (shape ``(N, ...)``) fake-quantized under ``spec`` with one per-tensor range,
+    ``s, z = qparams(min(x), max(x))`` over all rows, indexed by rows like a tensor: ``rows[idx]`` is
+    ``fake_quantize(x[idx], s, z)``. Quantizing the rows a step uses, rather than a quantized copy of all
+    of ``x``, gives the same values without holding the inputs twice."""
+
+    def __init__(self, x: torch.Tensor, spec: QuantSpec) -> None:
+        self.x, self.spec = x, spec
+        self.scale, self.zero_point = compute_qparams(spec, x.min(), x.max())
+        self.shape, self.device = x.shape, x.device
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        return fake_quantize(self.x[rows], self.scale, self.zero_point, self.spec)
 
 
 def adaround_layer(layer: nn.Module, inputs: torch.Tensor, spec: QuantSpec, config: AdaRoundConfig = AdaRoundConfig(),
@@ -266,14 +313,13 @@ def adaround_layer(layer: nn.Module, inputs: torch.Tensor, spec: QuantSpec, conf
         return s * (torch.clamp(w_floor + h + z, qmin, qmax) - z)
 
     act = _identity if activation is None else activation
-    with torch.no_grad():
-        target = act(forward_with(layer, x_fp, w, layer.bias))
+    target = _Targets(lambda x: act(forward_with(layer, x, w, layer.bias)), x_fp)
     opt = torch.optim.Adam([v], lr=config.lr)
     warm = int(config.warm_start * config.iters)
     for it in range(config.iters):
         idx, xb = _sample(x_q, x_fp, config, gen, mask_gen)
         h = _rectified_sigmoid(v)
-        loss = _recon_error(layer, xb, weight_of(h), target[idx].detach(), act) + _rounding_reg([h], it, warm, config)
+        loss = _recon_error(layer, xb, weight_of(h), target[idx], act) + _rounding_reg([h], it, warm, config)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -386,11 +432,14 @@ class _Stepper:
         arg = self.nodes[stop].args[0] if self.nodes[stop].args else None
         if not isinstance(arg, torch.fx.Node):
             return None
-        parts = [env[arg] for env in self.envs]
-        joined = torch.cat(parts).detach()
-        # Keep the inputs once, not twice: each batch's value becomes a view of the concatenation (a view
-        # changes only when later nodes run, after the caller is done with this unit's inputs).
-        for env, view in zip(self.envs, joined.split([p.shape[0] for p in parts])):
+        sizes = [env[arg].shape[0] for env in self.envs]
+        first = self.envs[0][arg]
+        joined = first.new_empty((sum(sizes), *first.shape[1:]))
+        # Keep the inputs once, not twice: each batch's value is copied into the concatenation and replaced
+        # by a view of it at once (so the copy never holds all batches twice; a view changes only when later
+        # nodes run, after the caller is done with this unit's inputs).
+        for env, view in zip(self.envs, joined.split(sizes)):
+            view.copy_(env[arg].detach())
             env[arg] = view
         return joined
 

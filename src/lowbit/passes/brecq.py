@@ -69,6 +69,7 @@ from ._graph import BN_TYPES, LAYER_TYPES, get_module
 from ._layer import spec_of, weight_qparams
 from .adaround import (
     _TYPES,
+    CHUNK,
     GAMMA,
     ZETA,
     AdaRoundConfig,
@@ -79,6 +80,7 @@ from .adaround import (
     _rounding_reg,
     _sample,
     _set_rounded,
+    _Targets,
     _UnitInputs,
     adaround_layer,
     layer_activations,
@@ -324,7 +326,7 @@ def reconstruct_block(block: nn.Module, layers: Mapping[str, QuantSpec], inputs:
     kwargs = dict(kwargs or {})
     gen, mask_gen, x_q, x_fp = _reconstruction_inputs(inputs, float_inputs, config)
     rounds = [_Rounding.of(f"{rel}.weight" if rel else "weight", mods[rel], spec) for rel, spec in layers.items()]
-    n, bs = x_q.shape[0], 256
+    n, bs = x_q.shape[0], CHUNK
 
     def run(x: torch.Tensor, weights: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         out = torch.func.functional_call(block, dict(weights or {}), (x, *args), kwargs)
@@ -334,9 +336,20 @@ def reconstruct_block(block: nn.Module, layers: Mapping[str, QuantSpec], inputs:
         return out
 
     acts = _ActQuant(mods, config.act_spec, mask_gen) if config.act_spec is not None else None
+
+    def run_float(x: torch.Tensor) -> torch.Tensor:
+        """The float block's output: activation quantization off, also when a target is recomputed mid-loop."""
+        if acts is None:
+            return run(x)
+        mode, acts.mode = acts.mode, "off"
+        try:
+            return run(x)
+        finally:
+            acts.mode = mode
+
     try:
+        target = _Targets(run_float, x_fp)
         with torch.no_grad():
-            target = torch.cat([run(x_fp[i:i + bs]) for i in range(0, n, bs)])
             if acts is not None:
                 acts.mode = "calib"
                 for i in range(0, n, bs):
@@ -362,7 +375,7 @@ def reconstruct_block(block: nn.Module, layers: Mapping[str, QuantSpec], inputs:
             def error(weights: Mapping[str, torch.Tensor]) -> float:
                 tot = sum(float(_out_error(run(x_q[i:i + bs], weights), target[i:i + bs],
                                            None if out_weight is None else out_weight[i:i + bs]))
-                          * len(x_q[i:i + bs]) for i in range(0, n, bs))
+                          * min(bs, n - i) for i in range(0, n, bs))
                 return tot / n
 
             w_ada = {r.key: r.hard() for r in rounds}
