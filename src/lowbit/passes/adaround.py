@@ -172,7 +172,7 @@ def _rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
 
 
 def _reconstruction_inputs(inputs: torch.Tensor, float_inputs: torch.Tensor | None, config: AdaRoundConfig
-                           ) -> tuple[torch.Generator, torch.Generator, torch.Tensor, torch.Tensor]:
+                           ) -> tuple[torch.Generator, torch.Generator, torch.Tensor | _ActQuantRows, torch.Tensor]:
     """``(gen, mask_gen, x_q, x_fp)`` of one reconstruction unit: the seeded batch-index stream (CPU on every
     device), the QDrop mask stream (where the inputs live; on CPU the same stream as the indices), the
     unit's inputs (rows fake-quantized on use with ``config.act_spec`` when set, :class:`_ActQuantRows`)
@@ -185,7 +185,7 @@ def _reconstruction_inputs(inputs: torch.Tensor, float_inputs: torch.Tensor | No
     return gen, mask_gen, x_q, x_fp
 
 
-def _sample(x_q: torch.Tensor, x_fp: torch.Tensor, config: AdaRoundConfig, gen: torch.Generator,
+def _sample(x_q: torch.Tensor | _ActQuantRows, x_fp: torch.Tensor, config: AdaRoundConfig, gen: torch.Generator,
             mask_gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """One reconstruction step's batch: ``config.batch_size`` random rows ``idx`` of the stored inputs and
     those rows of ``x_q``, each element replaced by ``x_fp``'s with probability ``config.qdrop_prob`` (QDrop).
