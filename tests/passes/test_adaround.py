@@ -288,3 +288,13 @@ def test_act_quant_rows_equal_torch_fake_quant_and_a_prequantized_input():
     before = adaround_layer(conv, rows[:], spec, cfg, float_inputs=x)
     assert torch.equal(inside.weight, before.weight)
     assert inside.error == pytest.approx(before.error, rel=1e-6)
+
+
+def test_chunked_errors_weight_a_short_last_chunk_by_its_rows():
+    """70 rows in chunks of 32, 32, 6: the per-chunk means, weighted by rows, give the mean over all rows,
+    for every candidate the chunk function returns."""
+    from lowbit.passes.adaround import _chunked_errors
+
+    x = torch.arange(70, dtype=torch.float64) ** 1.5
+    means = _chunked_errors(70, lambda rows: (x[rows].mean(), (x[rows] ** 2).mean()), bs=32)
+    assert means == pytest.approx([float(x.mean()), float((x**2).mean())], rel=1e-12)

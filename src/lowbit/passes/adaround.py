@@ -227,13 +227,17 @@ def _recon_error(layer: nn.Module, x: torch.Tensor, w: torch.Tensor, target: tor
     return (d**2).sum(dim=channel_dim(layer)).mean()
 
 
-def _batched_error(layer, xs: torch.Tensor | _ActQuantRows, w, target: _Targets, act=_identity,
-                   bs: int = CHUNK) -> float:
-    tot, n = 0.0, xs.shape[0]
+def _chunked_errors(n: int, errors_of, bs: int = CHUNK) -> list[float]:
+    """Means over ``n`` rows of losses that are each a mean over the rows they are given, computed ``bs``
+    rows at a time without grad: ``errors_of(rows)`` (``rows`` a slice) returns a tuple of scalar tensors,
+    and result ``k`` is ``sum_chunks errors_of(chunk)[k] * len(chunk) / n``. One call per chunk evaluates
+    every candidate on the same rows, so a recomputed target or quantized input is made once per chunk."""
+    tot: list[float] = []
     with torch.no_grad():
         for i in range(0, n, bs):
-            tot += float(_recon_error(layer, xs[i:i + bs], w, target[i:i + bs], act)) * min(bs, n - i)
-    return tot / n
+            errs = [float(e) * min(bs, n - i) for e in errors_of(slice(i, i + bs))]
+            tot = errs if not tot else [a + b for a, b in zip(tot, errs)]
+    return [t / n for t in tot]
 
 
 class _Targets:
@@ -327,8 +331,12 @@ def adaround_layer(layer: nn.Module, inputs: torch.Tensor, spec: QuantSpec, conf
         h_soft = _rectified_sigmoid(v)
         w_ada = weight_of((v >= 0).float())
         w_near = weight_of(torch.round(w / s) - w_floor)  # nearest rounding as a 0/1 choice
-        err_ada = _batched_error(layer, x_q, w_ada, target, act)
-        err_near = _batched_error(layer, x_q, w_near, target, act)
+
+        def errors_of(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+            x, t = x_q[rows], target[rows]
+            return _recon_error(layer, x, w_ada, t, act), _recon_error(layer, x, w_near, t, act)
+
+        err_ada, err_near = _chunked_errors(x_q.shape[0], errors_of)
     used = "adaround" if err_ada <= err_near else "nearest"
     w_out = (w_ada if used == "adaround" else w_near).to(layer.weight.dtype)
     return AdaRoundResult(w_out, scale, zp, h_soft.detach(), err_near, min(err_ada, err_near), used)

@@ -74,6 +74,7 @@ from .adaround import (
     ZETA,
     AdaRoundConfig,
     AdaRoundResult,
+    _chunked_errors,
     _full,
     _reconstruction_inputs,
     _rectified_sigmoid,
@@ -372,15 +373,15 @@ def reconstruct_block(block: nn.Module, layers: Mapping[str, QuantSpec], inputs:
             if acts is not None:
                 acts.drop = 0.0
 
-            def error(weights: Mapping[str, torch.Tensor]) -> float:
-                tot = sum(float(_out_error(run(x_q[i:i + bs], weights), target[i:i + bs],
-                                           None if out_weight is None else out_weight[i:i + bs]))
-                          * min(bs, n - i) for i in range(0, n, bs))
-                return tot / n
-
             w_ada = {r.key: r.hard() for r in rounds}
             w_near = {r.key: r.nearest() for r in rounds}
-            err_ada, err_near = error(w_ada), error(w_near)
+
+            def errors_of(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+                x, t = x_q[rows], target[rows]
+                ow = None if out_weight is None else out_weight[rows]
+                return _out_error(run(x, w_ada), t, ow), _out_error(run(x, w_near), t, ow)
+
+            err_ada, err_near = _chunked_errors(n, errors_of)
     finally:
         if acts is not None:
             acts.remove()
