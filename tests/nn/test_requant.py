@@ -49,6 +49,37 @@ def test_dynamic_linear_output_falls_back_where_ort_differs():
     assert ort_dynamic_linear_output(fresh, x, fresh.quantized_weight()) is None  # no batch quantized yet
 
 
+def test_dynamic_linear_output_equals_ort_dynamicquantizematmul():
+    """The returned values, not only "not None": ORT's DynamicQuantizeMatMul (com.microsoft, what
+    ``MatMulInteger -> Cast -> Mul -> Add`` fuses into) on the same float input, int8 per-column weight codes
+    and float bias gives every output bit for bit; 256-wide rows make float32 rounding visible."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lowbit.export.verify import make_session
+
+    torch.manual_seed(0)
+    q = lowbit.quantize(nn.Sequential(nn.Linear(256, 48)), lowbit.recipes.W8A8Dynamic(), None, progress=False)
+    lin = next(m for m in q.modules() if isinstance(m, lowbit.nn.QuantLinear))
+    x = (torch.randn(64, 256) * 2 + 0.3).float()
+    with torch.no_grad():
+        w = lin.quantized_weight()
+        s_w = lin.weight_quantizer.scale.detach().float().reshape(-1)
+        w_codes = torch.round(w.double() / s_w.double().reshape(-1, 1)).to(torch.int8)
+        got = ort_dynamic_linear_output(lin, lin.input_quantizer(x), w)
+    assert got is not None and int(lin.weight_quantizer.zero_point.abs().max()) == 0
+    inits = [numpy_helper.from_array(w_codes.numpy().T.copy(), "b"), numpy_helper.from_array(s_w.numpy(), "sb"),
+             numpy_helper.from_array(np.zeros(48, np.int8), "zb"),
+             numpy_helper.from_array(lin.bias.detach().float().numpy(), "bias")]
+    node = helper.make_node("DynamicQuantizeMatMul", ["x", "b", "sb", "zb", "bias"], ["y"], domain="com.microsoft")
+    graph = helper.make_graph([node], "dqmm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 48])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=9)
+    ref = make_session(model.SerializeToString()).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_array_equal(got.numpy(), ref)
+    assert len(np.unique(ref)) > 1000
+
+
 def test_per_token_dynamic_linear_is_not_modelled():
     lin = _dynamic_linear(granularity="token")  # one range per row: not DynamicQuantizeLinear
     with torch.no_grad():

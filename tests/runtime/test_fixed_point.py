@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from lowbit.errors import ConfigError
 from lowbit.runtime.fixed_point import (
     INT32_MAX,
     INT32_MIN,
+    FixedPointMultiplier,
     multiply_by_quantized_multiplier,
     quantize_multiplier,
     requantize_fixed_point,
@@ -57,6 +59,9 @@ def test_quantize_multiplier_carry_and_special_values():
     fp = quantize_multiplier(torch.tensor([1.0 - 2.0**-40, 0.0, 2.0**-40, 1.0]))
     assert fp.multiplier.tolist() == [2**30, 0, 0, 2**30]
     assert fp.shift.tolist() == [1, 0, 0, 1]
+    # q * 2^31 = 2^30 + 1/2 and 2^30 + 3/2: std::round goes away from zero (2^30 + 1), not to even (2^30)
+    tie = quantize_multiplier(torch.tensor([0.5 + 2.0**-32, 0.5 + 3 * 2.0**-32], dtype=torch.float64))
+    assert tie.multiplier.tolist() == [2**30 + 1, 2**30 + 2] and tie.shift.tolist() == [0, 0]
     with pytest.raises(ConfigError, match="finite"):
         quantize_multiplier(torch.tensor([-0.5]))
     with pytest.raises(ConfigError, match="left shift"):
@@ -114,6 +119,68 @@ def test_millions_of_accumulators_within_one_step_of_float64():
     assert np.abs(got - ref_rep).max() <= 1
 
 
+def _gemmlowp_exact(x: int, m0: int, shift: int) -> int:
+    """TFLite ``MultiplyByQuantizedMultiplier(x, m0, shift)`` in closed form with Python integers and
+    fractions (not the nudge / mask code): ``a = sat_int32(x 2^left)``; ``SRDHM = floor(a m0 / 2^31 + 1/2)``
+    (the nudge-and-truncate rounds every tie toward +inf), ``2^31 - 1`` for ``a = m0 = -2^31``; then
+    ``SRDHM / 2^right`` rounded half away from zero."""
+    left, right = max(shift, 0), max(-shift, 0)
+    a = min(max(x * 2**left, INT32_MIN), INT32_MAX)
+    high = INT32_MAX if a == m0 == INT32_MIN else math.floor(Fraction(a * m0, 2**31) + Fraction(1, 2))
+    r = math.floor(Fraction(abs(high), 2**right) + Fraction(1, 2))
+    return r if high >= 0 else -r
+
+
+def test_bit_exact_with_gemmlowp_closed_form():
+    """Every result equal to the closed form (a rounding or saturation slip is one step, which the
+    float64 comparisons above allow): int32 extremes, both signs, exact ties at both stages, multipliers
+    from 2^-33 (rounded to zero) to 2^30 (left shift 31), the carry case, and per-element shifts."""
+    rng = np.random.default_rng(0)
+    n = 6000
+    m = np.exp2(rng.uniform(-33, 31, n))
+    e = np.arange(64) % 32
+    m[:64] = np.exp2(-e.astype(np.float64))  # M = 2^-e: exact ties below
+    m[64:72] = [2.0**-32, 2.0**-31, 2.0**-32 * 0.99, 1.0 - 2.0**-40, 0.5, 1.0, 2.0**30, 2.0**31 - 1.0]
+    x = rng.integers(INT32_MIN, INT32_MAX, n, endpoint=True)
+    # odd * 2^(e-1): x M = odd / 2, a tie after the shift (and a tie inside SRDHM for e = 1)
+    x[:64] = [(2 * int(r) % 2 ** (32 - max(k - 1, 0)) - 2 ** (31 - max(k - 1, 0)) + 1) * 2 ** max(k - 1, 0)
+              for r, k in zip(rng.integers(0, 2**31, 64), e)]
+    x[72:400] = rng.integers(-600, 601, 328)
+    x[400:410] = [INT32_MIN, INT32_MAX, INT32_MIN + 1, -1, 1, 0, INT32_MIN, INT32_MAX, 3, -3]
+    fp = quantize_multiplier(torch.from_numpy(m))
+    got = multiply_by_quantized_multiplier(torch.from_numpy(x), fp).tolist()
+    ref = [_gemmlowp_exact(int(a), int(q), int(e)) for a, q, e in zip(x, fp.multiplier, fp.shift)]
+    assert got == ref
+    assert set(fp.shift.tolist()) >= {-31, 0, 1, 31} and (fp.multiplier == 0).any()
+    # requantization: saturation at both ends of int8 and uint8 with zero points at the edges
+    acc = torch.from_numpy(x[72:400])
+    m_out = quantize_multiplier(torch.tensor(0.7))
+    exact = np.array([_gemmlowp_exact(int(a), int(m_out.multiplier), int(m_out.shift)) for a in acc])
+    for qmin, qmax in ((-128, 127), (0, 255)):
+        for z in (qmin, qmax, (qmin + qmax) // 2):
+            out = requantize_fixed_point(acc, m_out, z, qmin, qmax).numpy()
+            np.testing.assert_array_equal(out, np.clip(exact + z, qmin, qmax))
+            assert out.min() == qmin and out.max() == qmax
+
+
+def test_user_errors_raise_config_error():
+    with pytest.raises(ConfigError, match=r"\[0, 31\]"):
+        rounding_divide_by_pot(torch.tensor([5, -5]), -1)
+    with pytest.raises(ConfigError, match=r"\[0, 31\]"):
+        rounding_divide_by_pot(torch.tensor([5, -5]), torch.tensor([3, 32]))
+    fp = quantize_multiplier(torch.tensor(0.5))
+    with pytest.raises(ConfigError, match="integer accumulators"):
+        multiply_by_quantized_multiplier(torch.tensor([2.7, -2.7]), fp)
+    with pytest.raises(ConfigError, match="int32 values"):
+        multiply_by_quantized_multiplier(torch.tensor([2**40]), fp)
+    with pytest.raises(ConfigError, match=r"\[-31, 31\]"):
+        multiply_by_quantized_multiplier(torch.tensor([3]), FixedPointMultiplier(fp.multiplier, torch.tensor(40)))
+    with pytest.raises(ConfigError, match="zero point 300"):
+        requantize_fixed_point(torch.tensor([100]), fp, 300, -128, 127)
+    with pytest.raises(ConfigError, match="left shift"):  # rounds up to 2^31 in Q31: shift 32
+        quantize_multiplier(torch.tensor(2.0**31 - 2.0**-22, dtype=torch.float64))
+
+
 def test_per_channel_broadcast_equals_per_channel_loop():
     gen = torch.Generator().manual_seed(2)
     acc = torch.randint(-(2**20), 2**20, (4, 6, 5), generator=gen)
@@ -138,8 +205,6 @@ def test_property_within_one_step_and_odd_symmetry_away_from_ties(x, m):
     # gemmlowp rounds twice: the doubling high multiply rounds x * M0 / 2^31 (a tie there goes up for
     # x > 0 and toward zero for x < 0), then the shift rounds again. Away from ties at both stages the
     # result is odd-symmetric: f(-x) = -f(x). (x=1, M=0.25 is a first-stage tie: f(1)=1, f(-1)=0.)
-    from fractions import Fraction
-
     stage1 = Fraction(x * int(fp.multiplier), 2**31)
     if abs(abs(exact) % 1.0 - 0.5) > 1e-6 and stage1.denominator != 2:
         assert int(multiply_by_quantized_multiplier(torch.tensor([-x]), fp)[0]) == -got

@@ -8,8 +8,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from lowbit.errors import UnsupportedLayerError
-from lowbit.runtime import IntegerRuntime
+from lowbit.errors import ConfigError, ShapeMismatchError, UnsupportedLayerError
+from lowbit.runtime import IntegerRuntime, compare_requant_modes
 from lowbit.runtime import kernels as K
 
 OPSET = [helper.make_opsetid("", 19), helper.make_opsetid("com.microsoft", 1)]
@@ -132,14 +132,18 @@ def test_qlinearconv_large_accumulators_lose_float32_bits_like_ort():
 
 
 def _qdq_gemm_model(a, sa, za, w, sw, b, sy, zy, trans_b=True, alpha=1.0):
+    """DQ -> Gemm -> Q; ``b=None`` for a Gemm without bias."""
     axis = 0 if trans_b else 1
-    inits = {"w": w, "sw": sw, "zw": np.zeros(sw.shape, np.int8), "sa": sa, "za": za, "sy": sy, "zy": zy,
-             "b": b, "sb": (sa * sw).astype(np.float32), "zb": np.zeros(sw.shape, np.int32)}
+    inits = {"w": w, "sw": sw, "zw": np.zeros(sw.shape, np.int8), "sa": sa, "za": za, "sy": sy, "zy": zy}
     nodes = [helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["af"]),
-             helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wf"], axis=axis),
-             helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bf"], axis=0),
-             helper.make_node("Gemm", ["af", "wf", "bf"], ["yf"], transB=int(trans_b), alpha=alpha),
-             helper.make_node("QuantizeLinear", ["yf", "sy", "zy"], ["y"])]
+             helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wf"], axis=axis)]
+    gemm_in = ["af", "wf"]
+    if b is not None:
+        inits.update(b=b, sb=(sa * sw).astype(np.float32), zb=np.zeros(sw.shape, np.int32))
+        nodes.append(helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bf"], axis=0))
+        gemm_in.append("bf")
+    nodes += [helper.make_node("Gemm", gemm_in, ["yf"], transB=int(trans_b), alpha=alpha),
+              helper.make_node("QuantizeLinear", ["yf", "sy", "zy"], ["y"])]
     return _model(nodes, [("a", a.dtype, list(a.shape))], [("y", a.dtype)], inits)
 
 
@@ -156,6 +160,28 @@ def test_qgemm_from_qdq_gemm(per_channel, trans_b):
     got = IntegerRuntime(m).run({"a": a})["y"]
     np.testing.assert_array_equal(got, ref)
     assert len(np.unique(ref)) > 10
+    fixed = IntegerRuntime(m, requant="fixed_point").run({"a": a})["y"]
+    assert np.abs(fixed.astype(np.int64) - ref.astype(np.int64)).max() <= 1
+
+
+@pytest.mark.parametrize("alpha", [0.37, 1.7, -0.8])
+def test_qgemm_alpha(alpha):
+    """Without bias ORT fuses ``alpha`` into QGemm's output scale ``f32(alpha * s_a * s_b) / s_y``; with a bias
+    ``alpha * A B + C`` has no single integer accumulator (ORT runs that Gemm in float): refused."""
+    rng = np.random.default_rng(13)
+    a = _codes(rng, (6, 40), np.uint8)
+    w = _codes(rng, (12, 40), np.int8)
+    sw = rng.uniform(0.001, 0.01, size=12).astype(np.float32)
+    m = _qdq_gemm_model(a, np.float32(0.02), np.uint8(120), w, sw, None, np.float32(0.04), np.uint8(128), alpha=alpha)
+    ref = _session(m).run(None, {"a": a})[0]
+    np.testing.assert_array_equal(IntegerRuntime(m).run({"a": a})["y"], ref)
+    assert len(np.unique(ref)) > 20
+    fixed = IntegerRuntime(m, requant="fixed_point").run({"a": a})["y"]
+    assert np.abs(fixed.astype(np.int64) - ref.astype(np.int64)).max() <= 1
+    b = rng.integers(-3000, 3000, 12).astype(np.int32)
+    m = _qdq_gemm_model(a, np.float32(0.02), np.uint8(120), w, sw, b, np.float32(0.04), np.uint8(128), alpha=alpha)
+    with pytest.raises(UnsupportedLayerError, match="alpha"):
+        IntegerRuntime(m).run({"a": a})
 
 
 def _qlinearmatmul_pair(a, sa, za, b, sb, zb, sy, zy):
@@ -268,6 +294,11 @@ def _unary_qdq(op, x_shape, s_in, z_in, s_out, z_out, extra_inits=None, extra_in
     ("AveragePool", {"kernel_shape": [2, 2], "strides": [2, 2], "count_include_pad": 1}, (0.02, 0.02)),
     ("MaxPool", {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}, (0.02, 0.02)),
     ("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]}, (0.02, 0.031)),
+    # ceil_mode: the last window overhangs the end (9 = 4 * 2 + 1), so it is clipped
+    ("AveragePool", {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}, (0.02, 0.017)),
+    ("AveragePool", {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [0, 0, 1, 1], "ceil_mode": 1,
+                     "count_include_pad": 1}, (0.02, 0.017)),
+    ("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}, (0.02, 0.031)),
     ("Relu", {}, (0.02, 0.02)),
     ("Relu", {}, (0.02, 0.013)),
 ])
@@ -313,6 +344,33 @@ def test_clip_concat_flatten_reshape():
     assert got["c"].max() == 90  # clipped at 1.8 / 0.02
 
 
+def test_per_op_comparison_counts_concat_and_clip():
+    """``compare_requant_modes``: Concat and Clip requantize in the mode asked for. Scales in ratio 1/2 put
+    every odd centred code on a tie (ORT: half to even; fixed point: up), so the modes differ; with every op
+    reading graph inputs the per-op figure must equal the count from two separate runs."""
+    rng = np.random.default_rng(4)
+    x, y = _codes(rng, (2, 3, 16, 16), np.uint8), _codes(rng, (2, 2, 16, 16), np.uint8)
+    inits = {"sx": np.float32(0.0625), "zx": np.uint8(100), "sy": np.float32(0.0517), "zy": np.uint8(30),
+             "so": np.float32(0.125), "zo": np.uint8(90), "lo": np.float32(-2.0), "hi": np.float32(4.0),
+             "sc": np.float32(0.125), "zc": np.uint8(3)}
+    nodes = [helper.make_node("DequantizeLinear", ["x", "sx", "zx"], ["xf"]),
+             helper.make_node("DequantizeLinear", ["y", "sy", "zy"], ["yf"]),
+             helper.make_node("Concat", ["xf", "yf"], ["kf"], axis=1),
+             helper.make_node("QuantizeLinear", ["kf", "so", "zo"], ["k"]),
+             helper.make_node("Clip", ["xf", "lo", "hi"], ["cf"]),
+             helper.make_node("QuantizeLinear", ["cf", "sc", "zc"], ["c"])]
+    m = _model(nodes, [("x", np.uint8, [2, 3, 16, 16]), ("y", np.uint8, [2, 2, 16, 16])],
+               [("k", np.uint8), ("c", np.uint8)], inits)
+    feeds = {"x": x, "y": y}
+    ref = dict(zip("kc", _session(m).run(["k", "c"], feeds)))
+    flt, fixed = IntegerRuntime(m).run(feeds), IntegerRuntime(m, requant="fixed_point").run(feeds)
+    per_op = compare_requant_modes(m, feeds)
+    for n in "kc":
+        np.testing.assert_array_equal(flt[n], ref[n], err_msg=n)
+        d = np.abs(fixed[n].astype(np.int64) - ref[n].astype(np.int64))
+        assert d.max() <= 1 and per_op.differing[n] == int((d > 0).sum()) > 50, n
+
+
 def test_unsupported_op_is_named():
     m = _unary_qdq("Sigmoid", (1, 2, 3, 3), np.float32(0.1), np.uint8(0), np.float32(0.1), np.uint8(0))
     with pytest.raises(UnsupportedLayerError, match="Sigmoid"):
@@ -328,6 +386,24 @@ def test_compute_op_without_quantize_after_it_is_refused():
     m.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT
     with pytest.raises(UnsupportedLayerError, match="without a QuantizeLinear"):
         IntegerRuntime(m).run({"x": c["x"]})
+
+
+@pytest.mark.parametrize("bad,error", [
+    ("float32", ConfigError), ("int8", ConfigError), ("int64", ConfigError), ("shape", ShapeMismatchError),
+    ("name", ShapeMismatchError),
+])
+def test_feeds_onnxruntime_refuses_are_refused(bad, error):
+    """Codes of another type would be read as wrong codes (int8 for uint8: up to 255 steps off, floats: not
+    codes at all), a wrong shape failed deep in torch: refused up front, as ORT refuses them."""
+    rng = np.random.default_rng(0)
+    c = _conv_case(rng)
+    m = _qdq_conv_model(c)
+    x = c["x"]
+    feeds = {"shape": {"x": x[:, :2]}, "name": {"x": x, "x_typo": x}}.get(bad) or {"x": x.astype(bad)}
+    with pytest.raises(Exception, match="INVALID_ARGUMENT"):
+        _session(m).run(None, feeds)
+    with pytest.raises(error, match="'x"):
+        IntegerRuntime(m).run(feeds)
 
 
 def test_torch_reference_for_the_integer_conv():

@@ -69,11 +69,6 @@ def quantize_multiplier(real_multiplier: torch.Tensor | float) -> FixedPointMult
             f"requantization multipliers must be finite and >= 0, got {m.flatten()[:8].tolist()}; "
             "check that the scales s_x, s_w, s_y are positive and finite."
         )
-    if bool((m >= 2.0**31).any()):
-        raise ConfigError(
-            f"a requantization multiplier of {float(m.max()):g} needs a left shift beyond 31 bits; "
-            "the output scale is far too small for the inputs' scales - recalibrate the output range."
-        )
     q, exp = torch.frexp(m)
     # q * 2^31 is exact in float64 (q has 53 bits); floor(v + 0.5) is round half away from zero for v >= 0.
     q_fixed = torch.floor(q * 2.0**31 + 0.5).to(torch.int64)
@@ -81,6 +76,11 @@ def quantize_multiplier(real_multiplier: torch.Tensor | float) -> FixedPointMult
     carry = q_fixed == 2**31
     q_fixed = torch.where(carry, q_fixed // 2, q_fixed)
     shift = torch.where(carry, shift + 1, shift)
+    if bool((shift > 31).any()):  # M >= 2^31 - 2^-22 (the carry of a multiplier just below 2^31 included)
+        raise ConfigError(
+            f"a requantization multiplier of {float(m.max()):g} needs a left shift beyond 31 bits; "
+            "the output scale is far too small for the inputs' scales - recalibrate the output range."
+        )
     tiny = (shift < -31) | (m == 0)
     q_fixed = torch.where(tiny, torch.zeros_like(q_fixed), q_fixed)
     shift = torch.where(tiny, torch.zeros_like(shift), shift)
@@ -105,13 +105,18 @@ def saturating_rounding_doubling_high_mul(a: torch.Tensor, b: torch.Tensor) -> t
 def rounding_divide_by_pot(x: torch.Tensor, exponent: torch.Tensor | int) -> torch.Tensor:
     """gemmlowp ``RoundingDivideByPOT``: ``x / 2^exponent`` rounded to nearest, ties away from zero.
 
-    ``exponent`` in [0, 31], scalar or broadcastable to ``x``. int64 in, int64 out.
+    ``exponent`` in [0, 31] (else :class:`ConfigError`), scalar or broadcastable to ``x``. int64 in, int64 out.
 
     >>> rounding_divide_by_pot(torch.tensor([5, -5, 6, -6, 7]), 1).tolist()
     [3, -3, 3, -3, 4]
     """
     x = x.to(torch.int64)
     e = torch.as_tensor(exponent, dtype=torch.int64, device=x.device)
+    if e.numel() and (int(e.min()) < 0 or int(e.max()) > 31):
+        raise ConfigError(
+            f"rounding_divide_by_pot exponents must lie in [0, 31], got [{int(e.min())}, {int(e.max())}]; "
+            "a multiplier's shift comes from quantize_multiplier, which keeps it in [-31, 31]."
+        )
     mask = torch.bitwise_left_shift(torch.ones_like(e), e) - 1
     remainder = torch.bitwise_and(x, mask)
     threshold = torch.bitwise_right_shift(mask, 1) + (x < 0).to(torch.int64)
@@ -121,16 +126,33 @@ def rounding_divide_by_pot(x: torch.Tensor, exponent: torch.Tensor | int) -> tor
 def multiply_by_quantized_multiplier(x: torch.Tensor, fp: FixedPointMultiplier) -> torch.Tensor:
     """``round(x * M)`` in integer arithmetic (TFLite ``MultiplyByQuantizedMultiplier``).
 
-    ``x``: int32 values (any int dtype); ``fp`` broadcastable to ``x`` (per-channel multipliers: shape them
-    ``(C, 1, ...)`` against ``x``'s channel axis). For ``shift > 0`` ``x * 2^shift`` is saturated to int32
-    first. Within one step of ``round(x * fp.to_float())`` whenever the result fits in int32. Returns int64.
+    ``x``: int32 values (any int dtype; floats or values beyond int32 raise :class:`ConfigError`); ``fp``
+    broadcastable to ``x`` (per-channel multipliers: shape them ``(C, 1, ...)`` against ``x``'s channel
+    axis), ``shift`` in [-31, 31]. For ``shift > 0`` ``x * 2^shift`` is saturated to int32 first (TFLite), so
+    the result is within one step of ``round(x * fp.to_float())`` whenever ``x * 2^max(shift, 0)`` fits in
+    int32. Returns int64.
 
     >>> fp = quantize_multiplier(torch.tensor(0.25))
     >>> multiply_by_quantized_multiplier(torch.tensor([2, -2, 6, -6]), fp).tolist()
     [1, -1, 2, -2]
     """
+    if x.is_floating_point() or x.is_complex():
+        raise ConfigError(
+            f"multiply_by_quantized_multiplier takes integer accumulators, got a {x.dtype} tensor; round or "
+            "convert them to an integer dtype first (a float input would be truncated silently)."
+        )
     x = x.to(torch.int64)
+    if x.numel() and (int(x.min()) < INT32_MIN or int(x.max()) > INT32_MAX):
+        raise ConfigError(
+            f"accumulators must be int32 values, got the range [{int(x.min())}, {int(x.max())}]; an int32 kernel "
+            "would overflow there - wrap or clamp them as the target kernel does, or use smaller scales/codes."
+        )
     shift = fp.shift.to(x.device)
+    if fp.shift.numel() and (int(fp.shift.min()) < -31 or int(fp.shift.max()) > 31):
+        raise ConfigError(
+            f"fixed-point shifts must lie in [-31, 31], got [{int(fp.shift.min())}, {int(fp.shift.max())}]; "
+            "build the multiplier with quantize_multiplier."
+        )
     left = torch.clamp(shift, min=0)
     right = torch.clamp(-shift, min=0)
     shifted = torch.clamp(x * torch.bitwise_left_shift(torch.ones_like(left), left), INT32_MIN, INT32_MAX)
@@ -141,5 +163,12 @@ def multiply_by_quantized_multiplier(x: torch.Tensor, fp: FixedPointMultiplier) 
 def requantize_fixed_point(
     acc: torch.Tensor, fp: FixedPointMultiplier, zero_point: int, qmin: int, qmax: int
 ) -> torch.Tensor:
-    """Output codes ``clamp(z + round(acc * M), qmin, qmax)`` with integer-only rounding. int64 out."""
+    """Output codes ``clamp(z + round(acc * M), qmin, qmax)`` with integer-only rounding. int64 out.
+
+    ``acc``: int32 values; ``qmin <= zero_point <= qmax`` (else :class:`ConfigError`)."""
+    if not int(qmin) <= int(zero_point) <= int(qmax):
+        raise ConfigError(
+            f"zero point {int(zero_point)} is outside the output range [{int(qmin)}, {int(qmax)}]; the zero point "
+            "must be a code of the output type (e.g. -128..127 for int8, 0..255 for uint8)."
+        )
     return torch.clamp(multiply_by_quantized_multiplier(acc, fp) + int(zero_point), qmin, qmax)

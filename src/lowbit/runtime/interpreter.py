@@ -152,6 +152,7 @@ class IntegerRuntime:
         graph = model.graph
         self._init = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         self._inputs = [i.name for i in graph.input if i.name not in self._init]
+        self._input_types = {i.name: i.type.tensor_type for i in graph.input}
         self._outputs = [o.name for o in graph.output]
         self._nodes = [_Node(n, _attrs(n)) for n in graph.node]
         bad = sorted({n.proto.op_type for n in self._nodes if n.proto.op_type not in _SUPPORTED
@@ -185,7 +186,7 @@ class IntegerRuntime:
         if missing:
             raise ShapeMismatchError(f"missing graph inputs {missing}; the model expects {self._inputs}.")
         env: dict[str, object] = dict(self._init)
-        env.update({k: np.asarray(v) for k, v in feeds.items()})
+        env.update({k: self._check_feed(k, v) for k, v in feeds.items()})
         codes: dict[str, np.ndarray] = {}
         for node in self._nodes:
             outs = self._execute(node, env)
@@ -199,6 +200,28 @@ class IntegerRuntime:
         return result, codes
 
     # ------------------------------------------------------------------ helpers
+
+    def _check_feed(self, name: str, value) -> np.ndarray:
+        """The feed as an array, refused (as ONNX Runtime refuses it) when the name is not a graph input,
+        integer codes are not of the declared type (a float or other-signedness array would be read as
+        wrong codes), or a fixed dimension differs."""
+        if name not in self._input_types:
+            raise ShapeMismatchError(f"'{name}' is not an input of the model; its inputs are {self._inputs}.")
+        arr = np.asarray(value)
+        tt = self._input_types[name]
+        if tt.elem_type:
+            want = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+            if want.kind in "iu" and arr.dtype != want:
+                raise ConfigError(
+                    f"input '{name}' takes {want} codes, got a {arr.dtype} array; quantize the input to {want} "
+                    f"with the model's scale and zero point (or cast codes already in the {want} range)."
+                )
+        if tt.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+            if len(dims) != arr.ndim or any(d is not None and d != n for d, n in zip(dims, arr.shape)):
+                shown = [d if d is not None else "?" for d in dims]
+                raise ShapeMismatchError(f"input '{name}' must have shape {shown}, got {list(arr.shape)}.")
+        return arr
 
     def _materialize(self, value: object, name: str) -> np.ndarray:
         if isinstance(value, QTensor):
@@ -283,24 +306,20 @@ class IntegerRuntime:
                 self._shadow[node.proto.output[0]] = value.requant(s, z, dtype, _other(self.requant))
             return out
         if isinstance(value, QTensor):
-            out = self._requant_qtensor(value, s, z, dtype)
+            out = self._requant_qtensor(value, s, z, dtype, self.requant)
             if self._shadow is not None:
-                mode, self.requant = self.requant, _other(self.requant)
-                try:
-                    self._shadow[node.proto.output[0]] = self._requant_qtensor(value, s, z, dtype)
-                finally:
-                    self.requant = mode
+                self._shadow[node.proto.output[0]] = self._requant_qtensor(value, s, z, dtype, _other(self.requant))
             return out
         return ortn.quantize_linear(np.asarray(value, dtype=np.float32), s, z, dtype)
 
-    def _requant_qtensor(self, x: QTensor, s: np.float32, z: int, dtype) -> np.ndarray:
-        """Requantize codes to new per-tensor parameters (a DQ -> Q pair)."""
+    def _requant_qtensor(self, x: QTensor, s: np.float32, z: int, dtype, mode: str) -> np.ndarray:
+        """Requantize codes to new per-tensor parameters (a DQ -> Q pair) with ``mode``'s rounding."""
         if not x.per_tensor:
             raise UnsupportedLayerError("a per-channel tensor cannot be requantized to an activation directly.")
         zin = int(x.zero_point)
         if float(x.scale) == float(s) and zin == z and x.codes.dtype == np.dtype(dtype):
             return x.codes
-        if self.requant == "float":
+        if mode == "float":
             return ortn.requantize_dq_q(x.codes, x.scale, x.zero_point, s, z, dtype)
         m = np.float64(x.scale) / np.float64(s)
         acc = torch.from_numpy(x.codes.astype(np.int64) - zin)
@@ -433,8 +452,14 @@ class IntegerRuntime:
         a = node.attrs
         x, w = self._q(env, ins[0], node), self._q(env, ins[1], node)
         _per_tensor_activation(x, node)
-        if float(a.get("beta", 1.0)) != 1.0 and len(ins) > 2 and ins[2]:
-            raise UnsupportedLayerError(f"Gemm '{node.proto.name}' with beta != 1 and a bias is not supported.")
+        alpha = float(a.get("alpha", 1.0))
+        if len(ins) > 2 and ins[2] and (float(a.get("beta", 1.0)) != 1.0 or alpha != 1.0):
+            # Y = alpha * A B + beta * C: one int32 accumulator cannot hold alpha * acc + bias, and ORT does
+            # not fuse this Gemm into QGemm either (it runs it in float)
+            raise UnsupportedLayerError(
+                f"Gemm '{node.proto.name}' with a bias and alpha != 1 or beta != 1 is not supported; fold alpha "
+                "into the weight scale and beta into the bias scale (export with alpha = beta = 1)."
+            )
         trans_b = int(a.get("transB", 0))
         if not w.per_tensor and w.axis != (0 if trans_b else 1):
             raise UnsupportedLayerError(f"Gemm '{node.proto.name}': per-channel B must be per output column.")
@@ -446,7 +471,7 @@ class IntegerRuntime:
             wb = wb.T
         acc = K.matmul_integer(xa, wb)
         acc = acc + self._bias(env, ins, node, acc.shape[1], channel_axis=1, ndim=2)
-        return self._linear_pending(node, acc, x, w, channel_axis=1, alpha=float(a.get("alpha", 1.0)))
+        return self._linear_pending(node, acc, x, w, channel_axis=1, alpha=alpha)
 
     def _bias(self, env: dict, ins: list[str], node: _Node, channels: int, channel_axis: int, ndim: int) -> torch.Tensor:
         if len(ins) < 3 or not ins[2]:
@@ -477,9 +502,9 @@ class IntegerRuntime:
                     scale = ortn.output_scale(x.scale, w.scale, s_y)
                 scale = scale.reshape(shape) if scale.size > 1 else scale
                 return ortn.requantize_output(acc.numpy(), scale, z_y, dtype)
-            m = alpha * np.float64(x.scale) * w.scale.astype(np.float64) / np.float64(s_y)
+            m = abs(alpha) * np.float64(x.scale) * w.scale.astype(np.float64) / np.float64(s_y)
             m = torch.from_numpy(np.asarray(m, dtype=np.float64))
-            return _fixed(acc, m.reshape(shape) if m.numel() > 1 else m, z_y, dtype)
+            return _fixed(acc, m.reshape(shape) if m.numel() > 1 else m, z_y, dtype, negate=alpha < 0)
 
         return _Pending(node.proto.op_type, node.proto.name, requant)
 
@@ -554,7 +579,7 @@ class IntegerRuntime:
         axis = int(node.attrs["axis"])
 
         def requant(s_y: np.float32, z_y: int, dtype, mode: str) -> np.ndarray:
-            return np.concatenate([self._requant_qtensor(p, s_y, z_y, dtype) for p in parts], axis=axis)
+            return np.concatenate([self._requant_qtensor(p, s_y, z_y, dtype, mode) for p in parts], axis=axis)
 
         return _Pending("Concat", node.proto.name, requant)
 
@@ -575,7 +600,7 @@ class IntegerRuntime:
             z, s = int(x.zero_point), np.float64(x.scale)
             qlo = int(np.ceil(np.float64(lo) / s)) + z if lo is not None else None
             qhi = int(np.floor(np.float64(hi) / s)) + z if hi is not None else None
-            return self._requant_qtensor(x.with_codes(np.clip(c, qlo, qhi)), s_y, z_y, dtype)
+            return self._requant_qtensor(x.with_codes(np.clip(c, qlo, qhi)), s_y, z_y, dtype, mode)
 
         return _Pending("Clip", node.proto.name, requant)
 
@@ -594,9 +619,12 @@ def _per_tensor_activation(x: QTensor, node: _Node) -> None:
         )
 
 
-def _fixed(acc: torch.Tensor, m: torch.Tensor, z: int, dtype) -> np.ndarray:
+def _fixed(acc: torch.Tensor, m: torch.Tensor, z: int, dtype, negate: bool = False) -> np.ndarray:
+    """``clamp(z + round(wrap_int32(acc) * M))`` (``-M`` with ``negate``) with the fixed-point multiplier."""
     qmin, qmax = ortn.qrange(dtype)
     acc32 = acc.to(torch.int64).to(torch.int32).to(torch.int64)
+    if negate:  # -(-2^31) saturates, as the float path's -2^31 * M > 0 does
+        acc32 = torch.clamp(-acc32, max=2**31 - 1)
     out = multiply_by_quantized_multiplier(acc32, quantize_multiplier(m)) + int(z)
     return torch.clamp(out, qmin, qmax).numpy().astype(dtype)
 

@@ -105,22 +105,43 @@ def max_pool(
     return y.numpy().astype(codes.dtype)
 
 
+def _pool_geometry(
+    spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int], pads: Sequence[int], ceil_mode: bool,
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """ONNX pooling output size per spatial axis, ``floor`` (or ``ceil`` with ``ceil_mode``) of
+    ``(size + pad_begin + pad_end - kernel) / stride`` plus 1, and the ``(begin, end)`` zero padding that
+    makes every one of those windows whole: ``end = max(0, (out - 1) * stride + kernel - size - begin)``,
+    which may exceed ``pad_end`` with ``ceil_mode`` (padding beyond it is read as zeros, never counted)."""
+    n = len(spatial)
+    out_shape, padded = [], []
+    for i in range(n):
+        span = spatial[i] + pads[i] + pads[i + n] - kernel[i]
+        out = (-(-span // strides[i]) if ceil_mode else span // strides[i]) + 1
+        out_shape.append(out)
+        padded.append((int(pads[i]), max(0, (out - 1) * strides[i] + kernel[i] - spatial[i] - int(pads[i]))))
+    return out_shape, padded
+
+
 def sum_pool(
     values: torch.Tensor, kernel: Sequence[int], strides: Sequence[int], pads: Sequence[int], ceil_mode: bool,
 ) -> torch.Tensor:
-    """Window sums of ``values`` (N, C, *spatial), zero padding; exact for integer-valued float64 input.
+    """Window sums of ``values`` (N, C, *spatial), zero padding; exact (rounded) for integer-valued float64.
 
-    Window order follows ``torch.nn.functional.avg_pool`` with ``ceil_mode``; the sum is avg_pool times the
-    kernel volume with ``count_include_pad=True`` and zero padding applied up front.
+    The output size is ONNX's (``ceil_mode`` included, as :func:`pool_counts`). The end padding is extended
+    with zeros so every window is whole, then ``avg_pool`` (``ceil_mode=False``) times the kernel volume:
+    torch's own ``ceil_mode`` divides a window that overhangs the end by its clipped size, not the volume.
     """
     nd = values.ndim - 2
     if nd not in (1, 2, 3):
         raise UnsupportedLayerError(f"AveragePool supports 1-D to 3-D pooling, got {nd}-D input.")
-    vp = F.pad(values, _torch_pad(pads)) if any(pads) else values
+    out_shape, padded = _pool_geometry(values.shape[2:], kernel, strides, pads, ceil_mode)
+    full = [b for b, _ in padded] + [e for _, e in padded]
+    vp = F.pad(values, _torch_pad(full)) if any(full) else values
     pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[nd - 1]
     volume = int(np.prod(kernel))
-    y = pool(vp, list(kernel), stride=list(strides), ceil_mode=bool(ceil_mode), count_include_pad=True)
-    return y * volume
+    y = pool(vp, list(kernel), stride=list(strides), ceil_mode=False, count_include_pad=True)
+    y = y[(slice(None), slice(None)) + tuple(slice(0, o) for o in out_shape)]
+    return torch.round(y * volume)
 
 
 def pool_counts(
@@ -129,11 +150,9 @@ def pool_counts(
 ) -> np.ndarray:
     """Divisor of each AveragePool output (shape ``out_spatial``): the kernel volume, or the number of
     window elements inside the unpadded input (ORT ``qlinear_pool.cc``: ``(hend - hstart) * ...``)."""
-    n = len(spatial)
     per_axis = []
-    for i in range(n):
-        span = spatial[i] + pads[i] + pads[i + n] - kernel[i]
-        out = (-(-span // strides[i]) if ceil_mode else span // strides[i]) + 1
+    out_shape, _ = _pool_geometry(spatial, kernel, strides, pads, ceil_mode)
+    for i, out in enumerate(out_shape):
         start = np.arange(out) * strides[i] - pads[i]
         if count_include_pad:
             cnt = np.full(out, kernel[i])
@@ -155,14 +174,7 @@ def float32_window_sum(
     ``values``: (N, C, *spatial) float32. Returns (N, C, *out) float32.
     """
     n = values.ndim - 2
-    out_shape, padded = [], []
-    for i in range(n):
-        size = values.shape[2 + i]
-        span = size + pads[i] + pads[i + n] - kernel[i]
-        out = (-(-span // strides[i]) if ceil_mode else span // strides[i]) + 1
-        out_shape.append(out)
-        need = (out - 1) * strides[i] + kernel[i]
-        padded.append((pads[i], max(0, need - size - pads[i])))
+    out_shape, padded = _pool_geometry(values.shape[2:], kernel, strides, pads, ceil_mode)
     vp = np.pad(values, [(0, 0), (0, 0)] + padded)
     acc = np.zeros(values.shape[:2] + tuple(out_shape), dtype=np.float32)
     for offset in np.ndindex(*kernel):
