@@ -210,6 +210,15 @@ def _error_feedback_run(rank: int) -> dict:
     return result
 
 
+def _int_hook_outputs(rank: int) -> dict:
+    """One bucket through int8_hook / int4_hook (fresh state, seed 5): what every rank gets back."""
+    out = {}
+    for bits, hook in ((8, int8_hook), (4, int4_hook)):
+        state = CompressionState(CompressionConfig(seed=5))
+        out[bits] = hook(state, _FakeBucket(0, _grads(rank, 77, 301), True)).wait().clone()
+    return out
+
+
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(123)
     x = torch.randn(512, 16, generator=gen)
@@ -250,7 +259,7 @@ def _worker(rank: int, init_method: str, outdir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD)
     try:
-        result = {"ef": _error_feedback_run(rank)}
+        result = {"ef": _error_feedback_run(rank), "int_out": _int_hook_outputs(rank)}
         result.update({m: _train(rank, m) for m in METHODS})
         with torch.no_grad():
             x, y = _data()
@@ -285,6 +294,23 @@ def test_error_feedback_loses_nothing_through_the_hook(runs):
         assert torch.equal(ef["residual_after_overflow"], ef["residuals"][0])
         assert ef["resized_residual_ok"]
     assert runs[0]["ef"]["bytes"] == 12 * (payload_bytes("sign", 37) + payload_bytes("sign", 200))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("bits", [8, 4])
+def test_int_hooks_return_the_mean_of_the_ranks_decoded_gradients(runs, bits):
+    """Every rank gets ``(1 / W) sum_r q_r s_r`` with rank ``r``'s codes ``floor(g_r / s_r + u_r)``
+    (``u_r`` drawn from seed ``5 + r``, ``s_r = max|g_r| / qmax``), written out with plain torch ops."""
+    qmax = 2 ** (bits - 1) - 1
+    ref = torch.zeros(301)
+    for r in range(WORLD):
+        g = _grads(r, 77, 301)
+        s = g.abs().max() / qmax
+        u = torch.rand(301, generator=torch.Generator().manual_seed(5 + r))
+        ref += torch.clamp(torch.floor(g / s + u), -qmax, qmax) * s
+    ref /= WORLD
+    for r in range(WORLD):
+        torch.testing.assert_close(runs[r]["int_out"][bits], ref, rtol=0, atol=1e-6)
 
 
 @pytest.mark.distributed

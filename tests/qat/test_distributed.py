@@ -148,3 +148,36 @@ def test_qat_under_ddp_keeps_ranks_identical_and_matches_single_process(ranks, s
 @pytest.mark.distributed
 def test_mismatched_ranks_are_reported(ranks):
     assert all(r["mismatch_caught"] for r in ranks)
+
+
+@pytest.mark.distributed
+def test_schedule_functions_reach_through_ddp(tmp_path):
+    """``freeze_observers(ddp)`` / ``qat_step(ddp)`` act on the prepared model inside: the freeze holds
+    through eval forwards and later training steps (a flag left on the wrapper was undone by the next
+    eval -> train switch). One gloo rank in this process."""
+    from lowbit.qat import freeze_observers, qat_step
+
+    from .._gloo import use_loopback
+
+    use_loopback()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        qat = prepare_qat(net, W8A8(), calib_data=[torch.randn(8, 4)])
+        ddp = nn.parallel.DistributedDataParallel(qat)
+        ddp(torch.randn(8, 4))
+        assert qat_step(ddp) == qat_step(qat) == 1
+        assert freeze_observers(ddp) > 0
+        q, layer = qat.get_submodule("0").output_quantizer, qat.get_submodule("0")
+        s, ws = q.scale.clone(), layer.weight_quantizer.scale.clone()
+        with torch.no_grad():
+            layer.weight.mul_(2.0)
+        for train in (True, False, True):
+            ddp.train(train)
+            ddp(torch.randn(8, 4) * 10)  # far outside the calibrated range
+            assert not bool(q.observer_enabled)
+            assert torch.equal(q.scale, s) and torch.equal(layer.weight_quantizer.scale, ws)
+        assert qat_step(ddp) == 3
+    finally:
+        dist.destroy_process_group()

@@ -338,6 +338,14 @@ def test_prepare_errors():
         prepare_qat(qat)
     with pytest.raises(ConfigError, match="no quantizers"):
         convert(net)
+    with pytest.raises(ConfigError, match="observer_momentum"):
+        prepare_qat(net, W8A8(), calib_data=batches(1), observer_momentum="0.1")
+    # the schedule lives on the prepared root: a plain model or a submodule is refused, not ignored
+    for fn in (qat_step, freeze_observers):
+        with pytest.raises(ConfigError, match="prepare_qat"):
+            fn(net)
+        with pytest.raises(ConfigError, match="submodule"):
+            fn(qat.get_submodule("0"))
 
 
 # ---------------------------------------------------------------------------------- distillation
@@ -352,8 +360,9 @@ def test_distillation_loss_matches_torch_kl_div():
     got.backward()
     assert t.grad is None and s.grad.abs().sum() > 0
     assert float(distillation_loss(t.detach(), t.detach(), T)) == pytest.approx(0.0, abs=1e-7)
-    with pytest.raises(ConfigError):
-        distillation_loss(s, t, 0.0)
+    for bad in (0.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="temperature"):
+            distillation_loss(s, t, bad)
     with pytest.raises(ShapeMismatchError):
         distillation_loss(s, t[:, :5], T)
 

@@ -27,7 +27,7 @@ from torch import nn
 from ..calibration import Observer, make_observer
 from ..errors import ConfigError, EmptyCalibrationError, check_finite
 from ..granularity import reduce_blocks
-from ..ops import fake_quantize, fake_quantize_lsq
+from ..ops import _GradScale, fake_quantize, fake_quantize_lsq
 from ..spec import QuantSpec, compute_qparams
 
 __all__ = ["TensorQuantizer", "calibrating", "quantizers", "place_quantizers", "DYNAMIC_QPARAMS_ATTR"]
@@ -180,10 +180,14 @@ class TensorQuantizer(nn.Module):
         elif bool(self.observer_enabled) and self.needs_calibration:
             self.compute_qparams()
         if self.learnable:
+            g = self._lsq_grad_scale(x)
             offset = self.lsq_offset
-            if offset is None and not self.spec.symmetric:  # LSQ on an affine grid: zero point stays fixed
-                offset = -self.zero_point.float() * self.scale.detach()
-            return fake_quantize_lsq(x, self.scale, offset, self.spec, grad_scale=self._lsq_grad_scale(x))
+            if offset is None and not self.spec.symmetric:
+                # LSQ on an affine grid: the zero point stays fixed, the offset -z * s moves with the scale,
+                # so a value clipped at qmin / qmax gives the scale (qmin - z) / (qmax - z), as torch's
+                # _fake_quantize_learnable_per_tensor_affine does, times the same gradient scale g
+                offset = -self.zero_point.float() * _GradScale.apply(self.scale, g)
+            return fake_quantize_lsq(x, self.scale, offset, self.spec, grad_scale=g)
         return fake_quantize(x, self.scale, self.zero_point, self.spec)
 
     def _lsq_grad_scale(self, x: torch.Tensor) -> float:

@@ -58,5 +58,6 @@ class QATConfig:
                 f"freeze_observers_after has no effect with learnable={self.learnable!r}: LSQ learns the scales "
                 "and runs no observer. Drop freeze_observers_after, or use learnable='ste'."
             )
-        if not 0.0 < self.observer_momentum <= 1.0:
-            raise ConfigError(f"observer_momentum must be in (0, 1], got {self.observer_momentum}; 0.01 is usual.")
+        m = self.observer_momentum
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 < m <= 1.0:
+            raise ConfigError(f"observer_momentum must be in (0, 1], got {m!r}; 0.01 is usual.")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -27,8 +29,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     >>> float(distillation_loss(z, z, T=2.0))
     0.0
     """
-    if T <= 0:
-        raise ConfigError(f"distillation temperature T must be > 0, got {T}.")
+    if not (isinstance(T, (int, float)) and math.isfinite(T) and T > 0):
+        raise ConfigError(f"distillation temperature T must be a finite number > 0, got {T!r}; 1 to 8 is usual.")
     if student_logits.shape != teacher_logits.shape:
         raise ShapeMismatchError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                                  f"{tuple(teacher_logits.shape)} must have the same shape.")

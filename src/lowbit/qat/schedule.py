@@ -14,6 +14,7 @@ import logging
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..nn.layers import QuantLayerMixin
 from ..nn.quantizer import quantizers
 from ..nn.root import del_root_attr, on_deepcopy, set_root_attr
@@ -61,9 +62,25 @@ def _set_observing(model: nn.Module, on: bool) -> int:
     return n
 
 
+def _qat_root(model: nn.Module, fn: str) -> nn.Module:
+    """The prepared model itself (``DistributedDataParallel`` unwrapped); ConfigError for any other module:
+    the schedule's state lives on the root that :func:`lowbit.prepare_qat` returned, and a flag set on a
+    wrapper or a submodule would be ignored (undone at the next training step)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    if CONFIG_ATTR not in model.__dict__:
+        raise ConfigError(
+            f"{fn} takes the model returned by lowbit.prepare_qat (or the DistributedDataParallel wrapping it), "
+            f"got a {type(model).__name__} that is not one (a submodule, or a model not prepared for QAT)."
+        )
+    return model
+
+
 def freeze_observers(model: nn.Module) -> int:
-    """Stop every observer in ``model`` for good: activation scales/zero points and weight ranges keep
-    their current values (quantization stays on). Returns how many quantizers or layers changed."""
+    """Stop every observer in ``model`` (the model :func:`lowbit.prepare_qat` returned, or the DDP wrapping
+    it) for good: activation scales/zero points and weight ranges keep their current values (quantization
+    stays on). Returns how many quantizers or layers changed."""
+    model = _qat_root(model, "freeze_observers")
     set_root_attr(model, _FROZEN, True)
     n = _set_observing(model, False)
     if n:
@@ -72,8 +89,8 @@ def freeze_observers(model: nn.Module) -> int:
 
 
 def qat_step(model: nn.Module) -> int:
-    """The number of training steps ``model`` (a prepared QAT model) has taken."""
-    return int(getattr(model, STEP_BUFFER))
+    """The number of training steps ``model`` (a prepared QAT model, or the DDP wrapping it) has taken."""
+    return int(getattr(_qat_root(model, "qat_step"), STEP_BUFFER))
 
 
 @torch.no_grad()
