@@ -76,3 +76,40 @@ def test_weight_only_and_symmetric_only():
     zero.update(torch.zeros(5))
     s, _ = compute_qparams(spec, *zero.compute_range())
     assert float(s) > 0 and torch.isfinite(s)
+
+
+def _als_errors(w: torch.Tensor, a0: torch.Tensor, qmin: int, qmax: int, steps: int) -> list[torch.Tensor]:
+    """Independent float64 alternation per row: q = clamp(round(w / a)), a = <w, q> / <q, q>; the squared
+    error ``||w - a Q(w / a)||^2`` after each step (index 0: the start)."""
+    a, out = a0.clone(), []
+    for k in range(steps + 1):
+        q = torch.clamp(torch.round(w / a[:, None]), qmin, qmax)
+        out.append(((w - a[:, None] * q) ** 2).sum(1))
+        if k < steps:
+            a = (w * q).sum(1) / (q * q).sum(1)
+    return out
+
+
+@pytest.mark.parametrize("fmt,qmin,qmax", [("int4", -8, 7), ("int3", -4, 3), ("int8", -128, 127)])
+def test_each_step_lowers_the_error_and_matches_the_alternation(fmt, qmin, qmax):
+    """Every least-squares step leaves ``||w - a q||^2`` no larger (for both starts, max|w| / (1.25 qmax) and
+    max|w| / qmax), and ``admm_scale`` after k steps has the error of the better start after k steps."""
+    from lowbit.calibration.admm import admm_scale
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 200, generator=g, dtype=torch.float64)
+    w[1] = w[1] ** 3  # heavy tails
+    w[2, 5] = 20.0  # one outlier
+    amax = w.abs().amax(1)
+    errs = [_als_errors(w, amax / (qmax * 1.25), qmin, qmax, 8), _als_errors(w, amax / qmax, qmin, qmax, 8)]
+    for seq in errs:
+        for before, after in zip(seq, seq[1:]):
+            assert bool((after <= before * (1 + 1e-12)).all())
+    assert bool((errs[0][8] < 0.99 * errs[0][0]).any())  # the steps do move
+    spec = QuantSpec(fmt, granularity="channel", calibrator="admm")
+    for k in (1, 2, 8):
+        a = admm_scale(w.float(), spec, max_iters=k, tol=0.0).double()
+        q = torch.clamp(torch.round(w / a[:, None]), qmin, qmax)
+        ours = ((w - a[:, None] * q) ** 2).sum(1)
+        ref = torch.minimum(errs[0][k], errs[1][k])
+        assert torch.allclose(ours, ref, rtol=1e-5), k

@@ -129,6 +129,10 @@ def test_generic_format_mse_uses_format_rounding():
     lo, hi = obs.compute_range()
     # best clip for a 7-level grid on N(0,1) (exact error at the bin centers) lies near 2 sigma
     assert 1.6 < float(hi) < 2.4 and float(lo) == -float(hi)
+    # and it quantizes as well as the best of 400 clips on the same grid with torch's fake-quant (-3..3)
+    amax = float(x.abs().max())
+    best = min(_fq_error(x, amax * k / 400 / 3, 0, -3, 3) for k in range(1, 401))
+    assert _fq_error(x, float(hi) / 3, 0, -3, 3) <= 1.005 * best
 
 
 def test_mse_binary_is_the_mean_magnitude_and_beats_the_grid():
@@ -149,3 +153,97 @@ def test_mse_binary_is_the_mean_magnitude_and_beats_the_grid():
         return float(((torch.where(x >= 0, t, -t) - x) ** 2).sum())
 
     assert err(a) <= min(err(amax * k / 128) for k in range(1, 129)) * (1 + 1e-6)
+
+
+# --- against independent references: numpy's percentile, a brute-force search with torch's fake-quant -----
+
+def _skewed(n: int, seed: int) -> torch.Tensor:
+    """Asymmetric data (shifted Gaussian + wide Laplace): percentiles of x and of |x| differ by many bins."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(n // 4, generator=g, dtype=torch.float64) - 0.5
+    lap = (-3.0 * torch.sign(u) * torch.log1p(-2 * u.abs())).float()  # Laplace(0, 3) by inversion
+    return torch.cat([torch.randn(n - n // 4, generator=g) * 2 + 0.7, lap])
+
+
+@pytest.mark.parametrize("p", [50.0, 99.0, 99.9, 99.99])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_percentile_equals_numpy_within_one_bin(p, symmetric):
+    """The histogram quantile lies in the bin of the ceil(qN)-th order statistic, i.e. within one bin width of
+    ``numpy.percentile(method="inverted_cdf")``: of |x| when symmetric, of each tail of x when affine."""
+    import numpy as np
+
+    x = _skewed(40001, 7)  # odd N: q N is never an integer, so the order statistic is unambiguous
+    obs = make_observer(QuantSpec("int8", symmetric=symmetric, calibrator=f"percentile:{p}"))
+    for part in torch.chunk(x, 3):  # the range grows between batches
+        obs.update(part)
+    lo, hi = (float(v) for v in obs.compute_range())
+    w = float(obs.stats.width[0])
+    xs = x.double().numpy()
+    if symmetric:
+        t = np.percentile(np.abs(xs), p, method="inverted_cdf")
+        ref_lo, ref_hi = max(-t, xs.min()), min(t, xs.max())
+    else:
+        ref_lo = np.percentile(xs, 100 - p, method="inverted_cdf")
+        ref_hi = np.percentile(xs, p, method="inverted_cdf")
+    assert abs(hi - ref_hi) <= w and abs(lo - ref_lo) <= w
+
+
+def _fq_error(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> float:
+    y = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+    return float(((y - x).double() ** 2).sum())
+
+
+@pytest.mark.parametrize("fmt,symmetric,qmin,qmax", [("int8", True, -128, 127), ("int4", True, -8, 7),
+                                                      ("uint8", False, 0, 255), ("int4", False, -8, 7)])
+@pytest.mark.parametrize("dist", ["gauss", "skewed"])
+def test_mse_range_is_as_good_as_brute_force_fake_quantize(fmt, symmetric, qmin, qmax, dist):
+    """The histogram MSE range quantizes the data (torch.fake_quantize_per_tensor_affine) within 0.5 % of the
+    best range of a brute-force search over 1000 symmetric clips / a 48 x 48 affine grid."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(20000, generator=g) if dist == "gauss" else _skewed(20000, 8)
+    spec = QuantSpec(fmt, symmetric=symmetric, calibrator="mse")
+    obs = make_observer(spec)
+    obs.update(x)
+    s, z = compute_qparams(spec, *obs.compute_range())
+    ours = _fq_error(x, float(s), int(z), qmin, qmax)
+    mn, mx = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    if symmetric:
+        amax = max(-mn, mx)
+        errs = [_fq_error(x, amax * k / 1000 / qmax, 0, qmin, qmax) for k in range(1, 1001)]
+    else:
+        errs = []
+        for i in range(49):
+            for j in range(1, 49):
+                lo, hi = mn * i / 48, mx * j / 48
+                sc = (hi - lo) / (qmax - qmin)
+                errs.append(_fq_error(x, sc, int(min(max(qmin - round(lo / sc), qmin), qmax)), qmin, qmax))
+    best, minmax = min(errs), errs[-1]
+    assert minmax > 1.03 * best  # clipping matters here, so the check can tell a good range from MinMax's
+    assert ours <= 1.005 * best
+
+
+ALL_CALIBRATORS = ["minmax", "moving_average", "kl", "percentile", "percentile:50", "mse", "admm"]
+
+
+@pytest.mark.parametrize("cal", ALL_CALIBRATORS)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("value", [0.0, 3.0, -3.0, 3.1, -3.1, 1e-30])
+def test_constant_tensor_gives_an_ordered_range_that_represents_it(cal, symmetric, value):
+    """A constant tensor (all zeros included): ``min <= max``, a finite positive scale, and the constant
+    survives fake-quantization (to float32 rounding, or is flushed to 0 when it is below the smallest scale)."""
+    if cal == "admm" and not symmetric:
+        pytest.skip("ADMM is symmetric only")
+    spec = QuantSpec("int8", symmetric=symmetric, calibrator=cal)
+    x = torch.full((64,), value)
+    obs = make_observer(spec, "const")
+    obs.update(x)
+    obs.update(x)
+    lo, hi = obs.compute_range()
+    assert float(lo) <= float(hi), (float(lo), float(hi))
+    s, z = compute_qparams(spec, lo, hi)
+    assert bool(torch.isfinite(s)) and float(s) > 0
+    y = fake_quantize(x, s, z, spec)
+    if abs(value) > 1e-3:
+        assert torch.allclose(y, x, rtol=1e-6, atol=0.0)
+    else:
+        assert float((y - x).abs().max()) <= float(x.abs().max())

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lowbit.calibration import KL, HistogramObserver, make_observer
+from lowbit.calibration.kl import _dense_kl as _DENSE_KL
 from lowbit.calibration.kl import kl_divergences, kl_levels, kl_threshold
 from lowbit.spec import QuantSpec
 
@@ -124,3 +125,48 @@ def test_relu_zero_spike_does_not_drive_kl_to_clip():
     h = (obs.stats.hist[0, 0] + obs.stats.hist[0, 1]).numpy()
     ref_i, _ = reference_kl(h, 256, 128)  # the unmodified TensorRT search on the same histogram
     assert ref_i * float(obs.stats.width[0]) < float(hi)
+
+
+@pytest.mark.parametrize("dist", ["gauss", "sparse"])
+def test_direct_per_bin_path_equals_reference_loop(dist, monkeypatch):
+    """Fractional counts (a smoothing shift above half the smallest count, but below every count, so no
+    smoothed bin goes negative) take the direct per-bin path (``_dense_kl``) instead of the series: it must
+    give the reference's divergences too."""
+    import lowbit.calibration.kl as klm
+
+    calls = []
+    monkeypatch.setattr(klm, "_dense_kl", lambda *a: calls.append(1) or _DENSE_KL(*a))
+    torch.manual_seed(4)
+    x = torch.randn(20000) if dist == "gauss" else torch.randn(300) * 5
+    h = _hist_of(x, 512) * 2e-4
+    ref_i, ref_div = reference_kl(h, 64, 64)
+    cand, kl = kl_divergences(torch.from_numpy(h)[None], 64, 64)
+    assert calls  # the direct path ran
+    assert int(cand[int(kl[0].argmin())]) == ref_i
+    finite = np.isfinite(ref_div)
+    assert np.array_equal(finite, torch.isfinite(kl[0]).numpy())
+    np.testing.assert_allclose(kl[0].numpy()[finite], ref_div[finite], rtol=1e-9, atol=1e-12)
+
+
+def test_signed_per_channel_range_equals_reference_threshold():
+    """End to end, int8 per channel: each channel's range is ``(-i* w, i* w)`` clamped to its data, ``i*`` the
+    reference search with 128 levels on |x| (bin 0 kept), or 128 levels with bin 0 dropped for the
+    non-negative channel (symmetric int8 has 128 codes on [0, t])."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3000, 3, generator=g) * torch.tensor([1.0, 3.0, 2.0])
+    x[:, 1] = x[:, 1] ** 3  # heavy tails: KL clips
+    x[:, 2] = torch.relu(x[:, 2])  # non-negative channel
+    obs = make_observer(QuantSpec("int8", granularity="channel:1", calibrator=KL(num_bins=1024)))
+    for part in torch.chunk(x, 3):
+        obs.update(part)
+    lo, hi = obs.compute_range()
+    for c in range(3):
+        h = (obs.stats.hist[c, 0] + obs.stats.hist[c, 1]).numpy().copy()
+        if c == 2:
+            h[0] = 0
+        ref_i, _ = reference_kl(h, 128, 128)
+        t = ref_i * float(obs.stats.width[c])
+        xc = x[:, c]
+        assert float(hi[c]) == pytest.approx(min(t, float(xc.max())), rel=1e-6), c
+        assert float(lo[c]) == pytest.approx(max(-t, float(xc.min())), rel=1e-6), c
+    assert float(hi[1]) < 0.5 * float(x[:, 1].abs().max())  # the check is not vacuous: channel 1 is clipped

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import EmptyCalibrationError, check_finite
+from ..errors import ConfigError, EmptyCalibrationError, ShapeMismatchError, check_finite
 from ..granularity import reduce_blocks
 
 if TYPE_CHECKING:
@@ -52,9 +52,13 @@ class Observer:
         return self._range()
 
     def merge(self, other: Observer) -> None:
-        """Fold in the statistics of another observer of the same kind (e.g. other batches)."""
+        """Fold in the statistics of another observer of the same kind (e.g. other batches).
+        Raises ConfigError for another kind, ShapeMismatchError for statistics of another shape."""
         if type(other) is not type(self):
-            raise TypeError(f"cannot merge {type(other).__name__} into {type(self).__name__}")
+            raise ConfigError(
+                f"{self.name}: cannot merge a {type(other).__name__} into a {type(self).__name__}; only observers "
+                "made from the same spec (same calibrator) can be merged."
+            )
         if other.num_batches == 0:
             return
         if self.num_batches == 0:
@@ -102,7 +106,16 @@ class MinMaxObserver(Observer):
         if self.min_val is None:
             self.min_val, self.max_val = mn, mx
         else:
+            self._check_shape(tuple(mn.shape), f"a batch of shape {tuple(x.shape)}")
             self._combine(mn, mx)
+
+    def _check_shape(self, shape: tuple[int, ...], what: str) -> None:
+        """ShapeMismatchError unless ``shape`` is the scale shape of the batches seen so far."""
+        if shape != tuple(self.min_val.shape):
+            raise ShapeMismatchError(
+                f"{self.name}: {what} gives scales of shape {shape}, but earlier batches gave "
+                f"{tuple(self.min_val.shape)}; per-channel observers need the same channel count every batch."
+            )
 
     def _combine(self, mn: torch.Tensor, mx: torch.Tensor) -> None:
         """Fold one batch's per-block min/max into the running state (first batch excluded)."""
@@ -110,6 +123,7 @@ class MinMaxObserver(Observer):
         self.max_val = torch.maximum(self.max_val, mx)
 
     def _merge(self, other: MinMaxObserver) -> None:
+        self._check_shape(tuple(other.min_val.shape), "the merged observer")
         self.min_val = torch.minimum(self.min_val, other.min_val)
         self.max_val = torch.maximum(self.max_val, other.max_val)
 

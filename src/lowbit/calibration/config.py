@@ -44,6 +44,10 @@ class Percentile:
     num_bins: int = 2048
     name = "percentile"
 
+    def __post_init__(self) -> None:
+        if not 0.0 < self.percentile <= 100.0:  # also rejects NaN
+            raise ConfigError(f"percentile must be in (0, 100], got {self.percentile}; 99.99 is the usual value.")
+
 
 @dataclass(frozen=True)
 class MSE:
@@ -87,9 +91,12 @@ def as_calibrator(c: Calibrator | str) -> Calibrator:
     if cls is None:
         raise ConfigError(f"unknown calibrator {c!r}; choose one of {sorted(set(_BY_NAME) - {'ema', 'movingaverage', 'entropy'})}.")
     if arg:
-        if cls is Percentile:
-            return Percentile(percentile=float(arg))
-        if cls is MovingAverageMinMax:
-            return MovingAverageMinMax(c=float(arg))
-        raise ConfigError(f"calibrator {name!r} takes no argument (got {arg!r}).")
+        if cls not in (Percentile, MovingAverageMinMax):
+            raise ConfigError(f"calibrator {name!r} takes no argument (got {arg!r}).")
+        try:
+            value = float(arg)
+        except ValueError:
+            raise ConfigError(f"calibrator {c!r}: {arg!r} is not a number; write e.g. 'percentile:99.9' or "
+                              "'moving_average:0.01'.") from None
+        return Percentile(percentile=value) if cls is Percentile else MovingAverageMinMax(c=value)
     return cls()

@@ -1,7 +1,7 @@
 """Percentile and MSE range estimators over a :class:`~lowbit.calibration.histogram.Histogram`.
 
 All functions are vectorized over blocks (B) and candidates; they return ``(min_val, max_val)`` float32
-of shape (B,), clamped to the observed extremes (a clip range never exceeds the data).
+of shape (B,), clamped to the observed extremes (a clip range never exceeds the data, and ``min <= max``).
 """
 
 from __future__ import annotations
@@ -29,9 +29,14 @@ def abs_counts(h: Histogram) -> torch.Tensor:
 
 
 def _clamp_to_data(h: Histogram, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    lo = torch.maximum(lo.float(), h.min_val)
-    hi = torch.minimum(hi.float(), h.max_val)
-    return lo, hi
+    """Both bounds (B,) clamped into the observed ``[min_val, max_val]``, so a clip interval that misses the
+    data (a constant tensor, a symmetric clip below a one-signed block) still gives ``lo <= hi``."""
+    return clamp_into(lo, h.min_val, h.max_val), clamp_into(hi, h.min_val, h.max_val)
+
+
+def clamp_into(v: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
+    """``min(max(v, mn), mx)`` in float32 (``mn <= mx``)."""
+    return torch.minimum(torch.maximum(v.float(), mn), mx)
 
 
 def quantile(counts: torch.Tensor, first_edge: torch.Tensor, width: torch.Tensor, q: float) -> torch.Tensor:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import ConfigError
+from .estimators import clamp_into
 
 if TYPE_CHECKING:
     from ..spec import QuantSpec
@@ -192,7 +193,7 @@ def kl_threshold(hist: torch.Tensor, width: torch.Tensor, levels: int, start_bin
 
 
 def kl_range(h: Histogram, spec: QuantSpec, start_bin: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(max(-t, x_min), min(t, x_max))`` with ``t`` the KL threshold of |x| per block."""
+    """``(-t, t)`` clamped into ``[x_min, x_max]``, ``t`` the KL threshold of |x| per block."""
     nonneg = h.min_val >= 0
     absh = (h.hist[:, 0] + h.hist[:, 1])
     # Bin 0 ([0, w)) of a non-negative tensor is dominated by the exact zeros of a ReLU (often 30-60 % of
@@ -206,6 +207,4 @@ def kl_range(h: Histogram, spec: QuantSpec, start_bin: int = 128) -> tuple[torch
         sel = nonneg == flag
         if bool(sel.any()):
             t[sel] = kl_threshold(absh[sel], h.width[sel], kl_levels(spec, flag), start_bin)
-    lo = torch.maximum(-t.float(), h.min_val)
-    hi = torch.minimum(t.float(), h.max_val)
-    return lo, hi
+    return clamp_into(-t, h.min_val, h.max_val), clamp_into(t, h.min_val, h.max_val)

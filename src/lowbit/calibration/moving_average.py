@@ -44,6 +44,7 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
         self.max_val = self.max_val + self.c * (mx - self.max_val)
 
     def _merge(self, other: MovingAverageMinMaxObserver) -> None:
+        self._check_shape(tuple(other.min_val.shape), "the merged observer")
         n, m = self.num_batches, other.num_batches
         self.min_val = (self.min_val * n + other.min_val * m) / (n + m)
         self.max_val = (self.max_val * n + other.max_val * m) / (n + m)
