@@ -26,6 +26,11 @@ import torch
 from .errors import ConfigError, ShapeMismatchError
 
 
+def _check_int(value, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{what} must be an integer, got {value!r} ({type(value).__name__}).")
+
+
 def _norm_axis(axis: int, ndim: int, what: str) -> int:
     if not -ndim <= axis < ndim:
         raise ConfigError(
@@ -55,6 +60,9 @@ class PerChannel:
 
     axis: int = 0
 
+    def __post_init__(self) -> None:
+        _check_int(self.axis, "PerChannel: axis")
+
     def block_size(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         ax = _norm_axis(self.axis, len(shape), "PerChannel")
         return tuple(1 if d == ax else s for d, s in enumerate(shape))
@@ -77,6 +85,8 @@ class PerGroup:
     axis: int = -1
 
     def __post_init__(self) -> None:
+        _check_int(self.group_size, "PerGroup: group_size")
+        _check_int(self.axis, "PerGroup: axis")
         if self.group_size < 1:
             raise ConfigError(f"PerGroup: group_size must be >= 1, got {self.group_size}.")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .errors import NonFiniteError
 from .formats.base import NumberFormat, Rounding, round_integer
 from .granularity import Granularity, PerTensor, broadcast_param, to_blocks
 from .spec import QuantSpec
@@ -58,20 +59,33 @@ def quantize(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Storage codes of ``x``: integer codes in ``format.code_dtype`` for integer formats, the format's
-    bit patterns otherwise. Shape of ``x``."""
+    bit patterns otherwise. Shape of ``x``.
+
+    Raises:
+        NonFiniteError: NaN in ``x`` (or in ``scale``) with an integer format, which has no code for it
+            (``±inf`` saturates to ``qmin`` / ``qmax``, as in :func:`fake_quantize`).
+    """
     fmt = spec.format
     xb, s, z = _blocks(x.float(), scale, zero_point, spec.granularity)
     q = _round_codes(xb / s, z, fmt, spec.rounding, generator).reshape(x.shape)
     if fmt.is_integer:
+        n_nan = int(torch.isnan(q).sum())
+        if n_nan:
+            raise NonFiniteError(
+                f"quantize: {n_nan} of {q.numel()} values are NaN (in the data or the scale), and {fmt.name} has "
+                "no code for NaN (casting would store an arbitrary integer); remove them first "
+                "(torch.nan_to_num) or find where they come from."
+            )
         return q.to(fmt.code_dtype)
     return fmt.quantize(q)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
-    """Float32 values of storage codes: ``(q - z) * s`` (integers) or ``format.dequantize(q) * s``."""
+    """Float32 values of storage codes: ``(q - z) * s`` (integers) or ``format.dequantize(q) * s`` (other
+    formats take no zero point; one passed is ignored, as in :func:`quantize`)."""
     fmt = spec.format
     vals = codes.to(torch.float32) if fmt.is_integer else fmt.dequantize(codes)
-    vb, s, z = _blocks(vals, scale, zero_point, spec.granularity)
+    vb, s, z = _blocks(vals, scale, zero_point if fmt.is_integer else None, spec.granularity)
     if z is not None:
         vb = vb - z.to(torch.float32)
     return (vb * s).reshape(codes.shape)
@@ -115,8 +129,10 @@ def fake_quantize(
         if inside is None:
             lo, hi = quantization_bounds(s, z, fmt)
             inside = (xb >= lo) & (xb <= hi)
-        # y == x_clipped in value; gradient flows only where x was inside the range.
-        y = torch.where(inside, xb, xb.detach()) + (y - xb).detach()
+        # Value exactly y: ``-(c - xb)`` with ``c = xb.detach()`` is -0.0 and adding -0.0 changes no float
+        # (``xb + (y - xb).detach()`` lost y for clipped x: 1e30 + (12.7 - 1e30) is 0 in float32, inf gave
+        # NaN). Gradient 1 where x was inside the range, 0 elsewhere.
+        y = y + torch.where(inside, -(xb.detach() - xb), -0.0)
     return y.reshape(x.shape).to(dtype)
 
 

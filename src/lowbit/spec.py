@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .calibration.config import Calibrator, MinMax, as_calibrator
-from .errors import ConfigError
+from .errors import ConfigError, check_finite
 from .formats.base import ROUNDINGS, NumberFormat, Rounding
 from .granularity import Granularity, PerChannel, PerGroup, PerTensor, PerToken, parse_granularity
 
@@ -68,13 +68,17 @@ class QuantSpec:
     def __post_init__(self) -> None:
         from .formats import parse as parse_format
 
-        if isinstance(self.format, str):
-            object.__setattr__(self, "format", parse_format(self.format))
+        object.__setattr__(self, "format", parse_format(self.format))  # a name, or a format (kept as is)
         if isinstance(self.granularity, str):
             object.__setattr__(self, "granularity", parse_granularity(self.granularity))
         object.__setattr__(self, "calibrator", as_calibrator(self.calibrator))
         if self.rounding not in ROUNDINGS:
             raise ConfigError(f"unknown rounding {self.rounding!r}; use one of {ROUNDINGS}.")
+        if self.symmetric and self.scaled and not float(self.format.max_value) > 0:
+            raise ConfigError(
+                f"format {self.format.name} has no positive value, so a symmetric scale (max|x| / "
+                f"{self.format.max_value}) is undefined; use symmetric=False, an unsigned format or 'binary'."
+            )
         if not self.format.is_integer and not self.symmetric:
             raise ConfigError(
                 f"format {self.format.name} has no zero point, so it cannot be affine; use symmetric=True "
@@ -111,6 +115,9 @@ def compute_qparams(spec: QuantSpec, min_val: torch.Tensor, max_val: torch.Tenso
     Returns:
         ``(scale, zero_point)`` with the shape of ``min_val``; see the module docstring for the formulas.
 
+    Raises:
+        NonFiniteError: NaN or ``±inf`` in the range (it would give a NaN or infinite scale).
+
     >>> s, z = compute_qparams(QuantSpec("uint8", symmetric=False), torch.tensor(-1.0), torch.tensor(3.0))
     >>> round(float(s), 6), int(z)
     (0.015686, 64)
@@ -123,6 +130,7 @@ def compute_qparams(spec: QuantSpec, min_val: torch.Tensor, max_val: torch.Tenso
     zero = torch.zeros_like(min_val, dtype=torch.int32)
     if not spec.scaled:
         return torch.ones_like(min_val), zero
+    check_finite(torch.stack([min_val, max_val]), "compute_qparams: the range (min_val, max_val)")  # one sync
     if spec.symmetric or not fmt.is_integer:
         amax = torch.maximum(min_val.abs(), max_val.abs())
         scale = torch.clamp(amax / float(fmt.max_value), min=SCALE_EPS)

@@ -279,3 +279,78 @@ def test_round_equals_onnxruntime_quantize_linear_saturate(fmt, onnx_name):
 
     x = _probe_inputs(fmt, seed=2)
     assert_same_floats(fmt.round(x), _ort_fp8_roundtrip(x, getattr(TensorProto, onnx_name)))
+
+
+def _field_value(code: int, e: int, m: int, bias: int, special: str) -> float:
+    """IEEE754 section 3.4 decoding of one bit pattern in plain Python (independent of MinifloatFormat)."""
+    sign, field, mant = code >> (e + m), (code >> m) & (2**e - 1), code & (2**m - 1)
+    if field == 2**e - 1 and special == "ieee":
+        return math.inf * (-1) ** sign if mant == 0 else math.nan
+    if field == 2**e - 1 and special == "fn" and mant == 2**m - 1:
+        return math.nan
+    v = math.ldexp(mant, 1 - bias - m) if field == 0 else math.ldexp(2**m + mant, field - bias - m)
+    return -v if sign else v
+
+
+CUSTOM = ["fp_e5m0", "fp_e4m0_fn", "fp_e3m3_b2_fn", "fp_e4m3", "fp_e2m2_none", "fp_e3m4_b5", "fp_e5m3_fn",
+          "fp6_e3m2", "fp4_e2m1"]
+
+
+@pytest.mark.parametrize("name", CUSTOM)
+def test_custom_minifloats_decode_encode_and_round_like_the_closed_form(name):
+    fmt = parse(name)
+    e, m, bias = fmt.exp_bits, fmt.man_bits, fmt.bias
+    codes = list(range(2**fmt.bits))
+    want = torch.tensor([_field_value(c, e, m, bias, fmt.special) for c in codes], dtype=torch.float32)
+    assert_same_floats(fmt.dequantize(torch.tensor(codes)), want)
+    finite = torch.isfinite(want)
+    assert fmt.max_value == float(want[finite].max()) and fmt.min_value == float(want[finite].min())
+    assert torch.equal(fmt.encode(want[finite]), torch.tensor(codes)[finite].to(fmt.code_dtype))
+    if bool(torch.isnan(want).any()):
+        assert torch.isnan(fmt.dequantize(fmt.encode(torch.tensor([math.nan])))).all()
+    else:
+        with pytest.raises(NonFiniteError):
+            fmt.encode(torch.tensor([math.nan]))
+    # round(): brute-force nearest finite value, ties to the even code, saturating at +-max. Without mantissa
+    # bits the significand is 1 for every non-zero value, so a tie goes to the larger magnitude (the even
+    # significand 2 * 2^k; torch.float8_e8m0fnu and ml_dtypes do this), except between 0 and the smallest value.
+    vals = want[finite].double()
+    even = torch.tensor(codes)[finite] % 2 == 0
+    pos = torch.unique(vals.abs())
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([(pos[1:] + pos[:-1]) / 2, pos, torch.rand(2000, generator=g, dtype=torch.float64) * 1.2 * fmt.max_value,
+                   torch.tensor([fmt.max_value * 4, math.inf, fmt.smallest_subnormal / 2])])
+    x = torch.cat([x, x.nextafter(torch.tensor(math.inf, dtype=torch.float64)), -x])
+    dist = (x[:, None].clamp(fmt.min_value, fmt.max_value) - vals[None, :]).abs()
+    best = dist == dist.min(1, keepdim=True).values
+    if m == 0:  # among tied candidates: 0 if it is one, else the larger magnitude
+        key = torch.where(vals == 0, math.inf, vals.abs())[None, :].expand_as(best)
+        pick = torch.where(best, key, -1.0).argmax(1)
+    else:
+        pick = torch.where((best & even).any(1, keepdim=True), best & even, best).double().argmax(1)
+    expected = torch.copysign(vals[pick].abs(), x)  # the sign of zero follows x
+    assert_same_floats(fmt.round(x), expected)
+
+
+@pytest.mark.parametrize(
+    "fmt,ml_name,overflow",
+    [(FP4_E2M1, "float4_e2m1fn", "saturate"), (FP6_E2M3, "float6_e2m3fn", "saturate"),
+     (FP6_E3M2, "float6_e3m2fn", "saturate"), (parse("fp_e3m4"), "float8_e3m4", "inf"),
+     (parse("fp_e4m3"), "float8_e4m3", "inf")],
+    ids=["fp4_e2m1", "fp6_e2m3", "fp6_e3m2", "fp_e3m4", "fp_e4m3"],
+)
+def test_cast_matches_ml_dtypes_bit_for_bit(fmt, ml_name, overflow):
+    """ml_dtypes (an onnx dependency) as an independent implementation of the OCP MX fp4/fp6 (saturating)
+    and IEEE-style fp8 e3m4 / e4m3 (overflow to inf) conversions; torch cannot cast to these."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    import numpy as np
+
+    dtype = getattr(ml_dtypes, ml_name)
+    x = _probe_inputs(fmt, seed=3)
+    if fmt.special == "none":
+        x = x[~torch.isnan(x)]  # no NaN code (ml_dtypes turns NaN into an arbitrary value)
+    ref = x.numpy().astype(dtype)
+    assert_same_floats(fmt.cast(x, overflow), torch.from_numpy(ref.astype(np.float32)))
+    ok = torch.from_numpy(np.isfinite(ref.astype(np.float32)))
+    want = torch.from_numpy(ref.view(np.uint8).astype(np.int64))[ok]
+    assert torch.equal(fmt.encode(fmt.cast(x, overflow)[ok]).to(torch.int64), want)

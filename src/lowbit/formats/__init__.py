@@ -38,9 +38,15 @@ _INT = re.compile(r"^(u?)int(\d+)(_narrow)?$")
 def parse(name: str | NumberFormat) -> NumberFormat:
     """Format from a name: ``int8``, ``uint8``, ``int4``, ``int8_narrow``, ``fp16``, ``bf16``,
     ``fp8_e4m3``, ``fp8_e5m2``, ``fp6_e3m2``, ``fp6_e2m3``, ``fp4_e2m1``, ``binary``, ``ternary``, ``log2_4``...
-    A format object is returned unchanged."""
+    A format object (anything with ``name``, ``is_integer``, ``min_value``, ``max_value`` and ``round``) is
+    returned unchanged; anything else raises :class:`~lowbit.errors.ConfigError`."""
     if not isinstance(name, str):
-        return name
+        if all(hasattr(name, a) for a in ("name", "is_integer", "min_value", "max_value", "round")):
+            return name
+        raise ConfigError(
+            f"a number format is a name such as 'int8' or 'fp8_e4m3', or a format object, got {name!r} "
+            f"({type(name).__name__})."
+        )
     key = name.strip().lower()
     m = _INT.match(key)
     if m:

@@ -238,6 +238,10 @@ class MinifloatFormat:
                 f"{self.name} has no code for {'NaN/inf' if self.special == 'none' else 'inf'}; "
                 "use round() (which saturates) and remove NaN before quantizing (torch.nan_to_num)."
             )
+        if self.special == "ieee" and m == 0 and bool(nan.any()):  # E all ones, M = 0 is inf: no NaN code
+            raise NonFiniteError(
+                f"{self.name} has no mantissa bits, so no code for NaN; remove NaN before quantizing (torch.nan_to_num)."
+            )
         af = torch.where(nan | inf, 0.0, a)
         _, ex = torch.frexp(af)
         ee = torch.clamp(ex.to(torch.int64) - 1, min=self.emin)
@@ -250,7 +254,7 @@ class MinifloatFormat:
         code = (field << m) | mant
         top = (2**e - 1) << m
         code = torch.where(inf, top, code)
-        nan_code = top | (2 ** (m - 1) if self.special == "ieee" else 2**m - 1)
+        nan_code = top | ((1 << m >> 1) if self.special == "ieee" else 2**m - 1)
         code = torch.where(nan, nan_code, code)
         code = code | (torch.signbit(v).to(torch.int64) << (e + m))
         return code.to(self.code_dtype)
