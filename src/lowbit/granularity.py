@@ -159,7 +159,7 @@ def reduce_blocks(x: torch.Tensor, granularity: Granularity, op: str) -> torch.T
     elif op == "sum":
         r = v.sum(dim=dims)
     else:
-        raise ValueError(op)
+        raise ValueError(f"reduce_blocks: unknown op {op!r}; use 'amin', 'amax', 'absmax' or 'sum'.")
     return r.reshape(granularity.scale_shape(tuple(x.shape)))
 
 

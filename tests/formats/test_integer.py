@@ -69,6 +69,16 @@ def test_stochastic_is_unbiased():
     assert abs(float(q.double().mean()) - 2.3) < 5 * sigma
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_stochastic_rounding_of_an_integer_never_moves_it_in_half_precision(dtype):
+    """``floor(x + u)`` with ``u < 1``: an integer ``x`` stays itself. A draw cast to fp16/bf16 before the
+    add can round up to 1.0 (about 1 in 4096 / 512 draws) and bias every value up."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.full((200_000,), 3.0, dtype=dtype)
+    q = IntFormat(8).round(x, "stochastic", gen)
+    assert q.dtype == dtype and torch.equal(q, x)
+
+
 def test_parse_and_errors():
     assert parse("int8") == IntFormat(8) and parse("UINT4") == IntFormat(4, signed=False)
     assert parse("int8_narrow") == IntFormat(8, narrow=True) and parse(IntFormat(3)) == IntFormat(3)

@@ -210,3 +210,14 @@ def test_conv_bn_training_step_with_quantization_matches_reference():
                      (unit.bn.weight.grad, ref_bn.weight.grad), (unit.bn.bias.grad, ref_bn.bias.grad)):
         assert got is not None and got.abs().sum() > 0
         assert torch.allclose(got, exp, rtol=1e-4, atol=1e-4)
+
+
+def test_repr_of_a_learnable_quantizer_warns_nothing():
+    """``repr`` of an LSQ quantizer reads its scale Parameter without the "requires_grad to scalar" warning."""
+    import warnings
+
+    q = _lsq_qat(W8A8()).get_submodule("0").output_quantizer
+    assert q.scale.requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "scale=" in repr(q)

@@ -449,3 +449,17 @@ def test_qlinearadd_fused_multiply_add_case():
     qla, qdq = _add_models(np.uint8, list(a.shape), list(b.shape), p)
     ref = _session(qla).run(None, {"a": a, "b": b})[0]
     np.testing.assert_array_equal(IntegerRuntime(qdq).run({"a": a, "b": b})["c"], ref)
+
+
+@pytest.mark.parametrize("bad", ["zero", "nan", "inf", "zp_type"])
+def test_bad_qdq_parameters_are_refused(bad):
+    """A QuantizeLinear / DequantizeLinear scale that is 0, NaN or inf (ORT saturates or propagates it), or a
+    zero point whose type differs from the codes', is a ConfigError naming the node."""
+    rng = np.random.default_rng(1)
+    c = _conv_case(rng)
+    if bad == "zp_type":
+        c["zx"] = np.int8(0)
+    else:
+        c["sy"] = np.float32({"zero": 0.0, "nan": np.nan, "inf": np.inf}[bad])
+    with pytest.raises(ConfigError, match="zero point|scale"):
+        IntegerRuntime(_qdq_conv_model(c)).run({"x": c["x"]})

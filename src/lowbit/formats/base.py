@@ -68,8 +68,9 @@ def round_half_even(x: torch.Tensor) -> torch.Tensor:
 def round_stochastic(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """``floor(x + u)`` with ``u ~ U[0, 1)``: rounds up with probability ``x - floor(x)``, so
     ``E[round(x)] = x`` (unbiased; Gupta et al. 2015)."""
-    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
-    return torch.floor(x + u)
+    work = x if x.dtype == torch.float64 else x.float()  # u in fp16/bf16 could round up to 1.0: bias
+    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(work.dtype)
+    return torch.floor(work + u).to(x.dtype)
 
 
 def round_integer(x: torch.Tensor, rounding: Rounding = "nearest", generator: torch.Generator | None = None) -> torch.Tensor:

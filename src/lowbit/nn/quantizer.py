@@ -211,9 +211,10 @@ class TensorQuantizer(nn.Module):
         if not self.is_calibrated:
             state = "uncalibrated"
         elif self.scale.numel() == 1:
-            state = f"scale={float(self.scale):.6g}, zero_point={int(self.zero_point)}"
+            state = f"scale={float(self.scale.detach()):.6g}, zero_point={int(self.zero_point)}"
         else:
-            state = f"scale=[{float(self.scale.min()):.4g}..{float(self.scale.max()):.4g}] x{self.scale.numel()}"
+            s = self.scale.detach()
+            state = f"scale=[{float(s.min()):.4g}..{float(s.max()):.4g}] x{s.numel()}"
         return f"{self.name}: {self.spec}, {state}"
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

@@ -276,9 +276,12 @@ class IntegerRuntime:
         codes = np.asarray(env[ins[0]])
         if isinstance(env[ins[0]], QTensor | _Pending):
             raise UnsupportedLayerError(f"DequantizeLinear '{node.proto.name}' input must be integer codes.")
-        scale = np.asarray(self._const(env, ins[1]), dtype=np.float32)
+        scale = _scale_of(node, self._const(env, ins[1]))
         zp = self._const(env, ins[2]) if len(ins) > 2 else None
         zp = np.zeros(scale.shape, dtype=codes.dtype) if zp is None else np.asarray(zp)
+        if zp.dtype != codes.dtype:
+            raise ConfigError(f"DequantizeLinear '{node.proto.name}': zero point {zp.dtype} and codes {codes.dtype} "
+                              "must have the same type (ONNX requires it).")
         axis = None
         if scale.size > 1:
             axis = int(node.attrs.get("axis", 1))
@@ -290,7 +293,7 @@ class IntegerRuntime:
 
     def _quantize_node(self, node: _Node, env: dict) -> np.ndarray:
         ins = node.proto.input
-        scale = np.asarray(self._const(env, ins[1]), dtype=np.float32)
+        scale = _scale_of(node, self._const(env, ins[1]))
         zp = self._const(env, ins[2]) if len(ins) > 2 else None
         dtype = np.dtype(np.uint8) if zp is None else np.asarray(zp).dtype
         if scale.size != 1:
@@ -617,6 +620,18 @@ def _per_tensor_activation(x: QTensor, node: _Node) -> None:
             f"{node.proto.op_type} '{node.proto.name}': activations must be quantized per tensor "
             "(per-channel scales are supported for weights only)."
         )
+
+
+def _scale_of(node: _Node, value: np.ndarray) -> np.ndarray:
+    """A QuantizeLinear / DequantizeLinear scale as float32, ConfigError unless every entry is finite and > 0
+    (a zero scale divides by zero in QuantizeLinear; ORT saturates silently)."""
+    scale = np.asarray(value, dtype=np.float32)
+    if scale.size == 0 or not bool(np.all(np.isfinite(scale) & (scale > 0))):
+        raise ConfigError(
+            f"{node.proto.op_type} '{node.proto.name}' has scale {scale.reshape(-1)[:8].tolist()}; quantization "
+            "scales must be finite and > 0 - re-export the model from calibrated quantizers."
+        )
+    return scale
 
 
 def _fixed(acc: torch.Tensor, m: torch.Tensor, z: int, dtype, negate: bool = False) -> np.ndarray:
