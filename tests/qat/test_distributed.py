@@ -64,7 +64,7 @@ def _run(rank: int, world: int) -> dict:
         if world > 1:
             assert all(isinstance(q.observer, SyncedObserver) for _, q in activation_quantizers(qat)) or learnable != "ste"
         model = nn.parallel.DistributedDataParallel(qat) if world > 1 else qat
-        opt = torch.optim.SGD(model.parameters(), lr=0.05 if learnable == "ste" else 0.005)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05 if learnable == "ste" else 0.001)
         for x, y in data:
             opt.zero_grad()
             if world == 1 and learnable != "ste":

@@ -221,3 +221,19 @@ def test_repr_of_a_learnable_quantizer_warns_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert "scale=" in repr(q)
+
+
+def test_a_learned_scale_pushed_below_zero_is_clamped_to_eps_at_the_next_forward():
+    """An SGD step can take an LSQ scale to <= 0 (seen on a 3-output Linear at lr 5e-3); the next forward
+    clamps it to float32 eps, as torch's learnable FakeQuantize does, instead of quantizing with a negative
+    or zero scale (a sign-flipped or NaN output)."""
+    from lowbit.spec import SCALE_EPS
+
+    qat = _lsq_qat(W8A8(act_dtype="int8", symmetric_act=True))
+    q = qat.get_submodule("0").output_quantizer
+    with torch.no_grad():
+        q.scale.fill_(-0.01)
+    x = torch.randn(8, 6) * 1e-5
+    y = q(x)
+    assert float(q.scale.detach()) == SCALE_EPS
+    assert torch.equal(y, torch.fake_quantize_per_tensor_affine(x, SCALE_EPS, 0, -128, 127))

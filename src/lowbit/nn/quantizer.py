@@ -28,7 +28,7 @@ from ..calibration import Observer, make_observer
 from ..errors import ConfigError, EmptyCalibrationError, check_finite
 from ..granularity import reduce_blocks
 from ..ops import _GradScale, fake_quantize, fake_quantize_lsq
-from ..spec import QuantSpec, compute_qparams
+from ..spec import SCALE_EPS, QuantSpec, compute_qparams
 
 __all__ = ["TensorQuantizer", "calibrating", "quantizers", "place_quantizers", "DYNAMIC_QPARAMS_ATTR"]
 
@@ -180,6 +180,8 @@ class TensorQuantizer(nn.Module):
         elif bool(self.observer_enabled) and self.needs_calibration:
             self.compute_qparams()
         if self.learnable:
+            with torch.no_grad():  # an optimizer step can push a learned scale to or below 0 (as torch's
+                self.scale.clamp_(min=SCALE_EPS)  # learnable fake quant does, keep it >= eps)
             g = self._lsq_grad_scale(x)
             offset = self.lsq_offset
             if offset is None and not self.spec.symmetric:
