@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -13,6 +14,8 @@ from lowbit.errors import EmptyCalibrationError
 from lowbit.passes import BNStats, clipped_normal_mean, correct_bias, fold_bn
 from lowbit.passes._layer import quantize_weight
 from lowbit.passes.fold_bn import set_output_stats
+
+from .conftest import randomize_bn
 
 INT4 = QuantSpec("int4", symmetric=True)
 
@@ -83,3 +86,64 @@ def test_empirical_exact_on_its_data():
         assert torch.allclose(e_corr, e_float, atol=1e-5)
     with pytest.raises(EmptyCalibrationError):
         correct_bias(m, INT4, [])
+
+
+@torch.no_grad()
+def test_analytic_removes_the_empirical_output_shift_through_fold_bn_and_relu6():
+    """End to end against a Monte Carlo mean of the real network: a 1x1 conv of N(0, I) inputs is exactly
+    normal per channel, so BatchNorm running statistics set to its true mean and variance make the folded
+    statistics exact; the ReLU6 saturates often, so the clip matters."""
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU6(), nn.Conv2d(4, 2, 3, groups=2)).eval()
+    bn = m[1]
+    w, b = m[0].weight.reshape(4, 3), m[0].bias
+    bn.running_mean.copy_(b)
+    bn.running_var.copy_((w * w).sum(1) - bn.eps)  # BN output exactly N(beta, gamma^2)
+    bn.weight.copy_(torch.tensor([3.0, 2.0, 1.0, 4.0]))
+    bn.bias.copy_(torch.tensor([5.0, 1.0, -0.5, 4.0]))
+    folded, _ = fold_bn(m)
+    out, log = correct_bias(folded, INT4)
+    assert ("3",) in [r.layers for r in log.applied]
+    x = torch.randn(20_000, 3, 3, 3, dtype=torch.float64)  # one 3x3 window each: 20000 independent samples
+    h = m[:3].double()(x)
+    assert float((h == 6).double().mean()) > 0.1, "the test needs a ReLU6 that clips"
+    conv = m[3].double()
+    wq = quantize_weight(folded[3].weight, INT4).double()
+    e_float = conv(h).mean((0, 2, 3))
+    e_plain = conv._conv_forward(h, wq, conv.bias).mean((0, 2, 3))
+    e_corr = conv._conv_forward(h, wq, out[3].bias.double()).mean((0, 2, 3))
+    err_plain, err_corr = (e_plain - e_float).abs().max(), (e_corr - e_float).abs().max()
+    assert err_plain > 0.05, "int4 rounding must shift the mean for the test to mean anything"
+    assert err_corr < 0.03 * err_plain, (err_plain, err_corr)
+
+
+def test_conv_into_linear_without_flatten_not_corrected_analytically():
+    m = nn.Sequential(nn.Conv1d(3, 5, 1), nn.ReLU(), nn.Linear(5, 2))  # the Linear reads the length dim
+    set_output_stats(m[0], BNStats(torch.ones(5), torch.ones(5)))
+    out, log = correct_bias(m, INT4)
+    assert not log.applied and any("flatten" in r.detail for r in log.skipped if r.layers == ("2",))
+    assert torch.equal(out[2].bias, m[2].bias)
+
+
+def test_empirical_measures_in_eval_mode_and_restores_train_mode():
+    """A model left in train mode: no running statistic moves, dropout is off during the measurement."""
+    torch.manual_seed(4)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Conv2d(4, 2, 1))
+    randomize_bn(m)
+    data = [torch.randn(4, 3, 6, 6) + 1 for _ in range(2)]
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    out, _ = correct_bias(m, INT4, data)  # m is in train mode
+    ref, _ = correct_bias(copy.deepcopy(m).eval(), INT4, data)
+    assert m.training and out.training and all(mod.training for mod in out.modules())
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    for k, v in out.state_dict().items():
+        assert torch.equal(v, ref.state_dict()[k]), k
+    assert not torch.equal(out[4].bias, m[4].bias)
+
+
+def test_unfolded_model_says_to_fold_first():
+    m = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 1)).eval()
+    _, log = correct_bias(m, INT4)
+    assert not log.applied and any("fold_bn first" in r.detail for r in log.skipped)
+    _, log = correct_bias(fold_bn(m)[0], INT4)
+    assert [r.layers for r in log.applied] == [("3",)] and not any("fold_bn" in r.detail for r in log.skipped)

@@ -140,3 +140,16 @@ def test_data_free_dfq_on_cuda_matches_cpu():
         assert r_gpu[k] == pytest.approx(r_cpu[k], rel=1e-4, abs=1e-5), k
     x = torch.randn(4, 3, 8, 8)
     assert torch.allclose(q_gpu(x.cuda()).cpu(), q_cpu(x), atol=0.05)
+
+
+@pytest.mark.parametrize("beta,act,expected", [(-10.0, nn.ReLU(), (0.0, 0.0)), (30.0, nn.ReLU6(), (6.0, 6.0)),
+                                               (30.0, nn.ReLU(), (27.0, 33.0))])
+def test_range_of_a_dead_or_saturated_layer_is_what_the_clip_outputs(beta, act, expected):
+    """Every channel below 0 before a ReLU (or above 6 before a ReLU6): the output is the constant bound,
+    not an inverted range such as (0, -7) or (27, 6)."""
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), act, nn.Conv2d(4, 2, 1)).eval()
+    with torch.no_grad():
+        m[1].weight.fill_(1.0)
+        m[1].bias.fill_(beta)
+    q = lowbit.quantize(m, W8, None, torch.zeros(1, 3, 8, 8), dfq=DFQ(**OFF, act_num_std=3.0, input_range=(-1.0, 1.0)))
+    assert _ranges(q)["0.output_quantizer"] == pytest.approx(expected)

@@ -126,3 +126,51 @@ def test_shared_relu6_split_per_call_site():
     assert _rel(eq(x), m(x)) < 1e-5
     _assert_equalized(eq.a, eq.b)
     _assert_equalized(eq.b, eq.c)
+
+
+@pytest.mark.parametrize("first,second,shape", [
+    (nn.Conv1d(3, 5, 1), nn.Linear(5, 2), (4, 3, 5)),  # the Linear reads the length dim, not the 5 channels
+    (nn.Linear(4, 5), nn.Conv1d(5, 3, 1), (4, 5, 4)),  # the conv reads dim 1, not the 5 Linear features
+])
+def test_conv_and_linear_without_flatten_refused(first, second, shape):
+    torch.manual_seed(4)
+    m = nn.Sequential(first, nn.ReLU(), second)
+    spread_channels(m)
+    x = torch.randn(shape)
+    eq, log = equalize(m)
+    assert not log.applied and "flatten" in log.skipped[0].detail
+    assert torch.equal(eq(x), m(x))
+
+
+def test_grouped_chain_through_leaky_relu_and_pools():
+    torch.manual_seed(5)
+    m = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.LeakyReLU(0.1), nn.MaxPool2d(2),
+                      nn.Conv2d(8, 6, 3, padding=1, groups=2), nn.ReLU6(), nn.AvgPool2d(2),
+                      nn.Conv2d(6, 4, 1, groups=2))
+    spread_channels(m)
+    x = torch.randn(3, 4, 8, 8) * 3
+    eq, log = equalize(m, tol=1e-7, max_iter=500)
+    assert {r.layers for r in log.applied} == {("0", "3"), ("3", "6")}
+    assert _rel(eq(x), m(x)) < 1e-5
+    _assert_equalized(eq[0], eq[3])
+    _assert_equalized(eq[3], eq[6])
+
+
+@pytest.mark.parametrize("groups", [2, 8])
+def test_one_step_makes_grouped_ranges_equal(groups):
+    """After one equalize_pair both ranges are sqrt(r1 r2) per channel (grouped and depthwise second layer)."""
+    torch.manual_seed(6)
+    a, b = nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 3, groups=groups)
+    spread_channels(nn.Sequential(a, b))
+
+    def ranges(a, b):  # input channel c of b: group c // (8 / g), slot c % (8 / g) of that group's filters
+        per = 8 // groups
+        r2 = [b.weight[(c // per) * (8 // groups):(c // per + 1) * (8 // groups), c % per].abs().max() for c in range(8)]
+        return a.weight.detach().abs().amax((1, 2, 3)).double(), torch.stack(r2).detach().double()
+
+    r1, r2 = ranges(a, b)
+    ref = (r1 * r2).sqrt()
+    assert not torch.allclose(r1, ref, rtol=1e-2), "the ranges must start unequal"
+    equalize_pair(a, b)
+    r1, r2 = ranges(a, b)
+    assert torch.allclose(r1, ref, rtol=1e-6) and torch.allclose(r2, ref, rtol=1e-6)

@@ -96,3 +96,42 @@ def test_untracked_bn_refused():
         fold_bn_into(conv, bn)
     folded, pairs = fold_bn(nn.Sequential(conv, bn))
     assert pairs == [] and isinstance(folded[1], nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("conv,bn", [
+    (nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4, eps=0.5)),  # no bias: one is created
+    (nn.Conv3d(2, 3, 1), nn.BatchNorm3d(3, affine=False)),
+    (nn.Conv1d(4, 6, 3, groups=2, bias=False), nn.BatchNorm1d(6, eps=0.1, momentum=0.5)),
+])
+def test_fold_matches_torch_batchnorm_in_eval(conv, bn):
+    """Against torch's own BatchNorm on running statistics gathered by train-mode passes."""
+    torch.manual_seed(3)
+    m = nn.Sequential(conv, bn)
+    shape = (8, conv.in_channels, *([5] * (conv.weight.dim() - 2)))
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(shape) * 2 + 1)  # train mode: running statistics away from (0, 1)
+        if bn.affine:
+            bn.weight.copy_(torch.randn(bn.num_features))
+            bn.bias.copy_(torch.randn(bn.num_features))
+    m.eval()
+    x = torch.randn(shape)
+    ref = m(x)
+    folded, pairs = fold_bn(m)
+    assert pairs == [("0", "1")] and folded[0].bias is not None
+    torch.testing.assert_close(folded(x), ref, rtol=1e-5, atol=1e-5)
+    st = output_stats(folded[0])
+    gamma = bn.weight.detach() if bn.affine else torch.ones(bn.num_features)
+    beta = bn.bias.detach() if bn.affine else torch.zeros(bn.num_features)
+    assert torch.equal(st.mean, beta) and torch.equal(st.std, gamma.abs())
+
+
+def test_linear_on_sequence_with_batchnorm_over_length_left_alone():
+    """Linear on (N, L, F) reads features on the last dim; BatchNorm1d(L) normalizes dim 1: not foldable."""
+    torch.manual_seed(4)
+    m = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(4)).eval()
+    randomize_bn(m)
+    x = torch.randn(3, 4, 6)
+    folded, pairs = fold_bn(m)
+    assert pairs == [] and isinstance(folded[1], nn.BatchNorm1d)
+    assert torch.equal(folded(x), m(x))

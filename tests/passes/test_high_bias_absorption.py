@@ -52,3 +52,46 @@ def test_conv_after_fold_and_equalize_with_relu6():
     # a plain ReLU6 (not equalized) is skipped with the reason
     _, log2 = absorb_high_bias(folded)
     assert not log2.applied and "equalize" in log2.skipped[0].detail
+
+
+def test_conv_into_linear_without_flatten_refused():
+    """A Linear straight after a Conv1d reads the length dim, not the channels c is per."""
+    torch.manual_seed(2)
+    x = torch.randn(4, 3, 5)
+    for cout in (5, 4):  # 5: counts agree by chance (was absorbed wrongly); 4: they differ (was a RuntimeError)
+        m = nn.Sequential(nn.Conv1d(3, cout, 1), nn.ReLU(), nn.Linear(5, 2))
+        set_output_stats(m[0], BNStats(torch.full((cout,), 10.0), torch.ones(cout)))
+        out, log = absorb_high_bias(m)
+        assert not log.applied and "flatten" in log.skipped[0].detail
+        assert torch.equal(out(x), m(x))
+
+
+def test_padded_conv_exact_inside_shifted_at_the_border():
+    """The module doc's caveat, to the value: positions whose window touches the zero padding see 0, not -c,
+    so they change by sum over the padded taps of W2 c; every other position is unchanged."""
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.Conv2d(2, 3, 1), nn.ReLU(), nn.Conv2d(3, 2, 3, padding=1))
+    beta, gamma = torch.tensor([4.0, 6.0, 1.0]), torch.tensor([0.5, 1.0, 0.5])
+    with torch.no_grad():
+        m[0].weight.mul_(0.01)
+        m[0].bias.copy_(beta)
+    set_output_stats(m[0], BNStats(beta, gamma))
+    c = torch.tensor([2.5, 3.0, 0.0])
+    x = torch.randn(2, 2, 6, 6)
+    assert (m[0](x) >= c.reshape(1, 3, 1, 1)).all()
+    out, _ = absorb_high_bias(m)
+    diff = out(x) - m(x)
+    torch.testing.assert_close(diff[..., 1:-1, 1:-1], torch.zeros_like(diff[..., 1:-1, 1:-1]), rtol=0, atol=1e-5)
+    w = m[2].weight.detach()
+    corner = (w[:, :, 0, :].sum(-1) + w[:, :, 1:, 0].sum(-1)) @ c  # output (0, 0): kernel row 0 and column 0 are padding
+    edge = w[:, :, 0, :].sum(-1) @ c  # output (0, j) inside: kernel row 0 is padding
+    torch.testing.assert_close(diff[:, :, 0, 0], corner.expand(2, 2), rtol=0, atol=1e-5)
+    torch.testing.assert_close(diff[:, :, 0, 2], edge.expand(2, 2), rtol=0, atol=1e-5)
+
+
+def test_unfolded_model_says_to_fold_first():
+    m = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 1)).eval()
+    out, log = absorb_high_bias(m)
+    assert not log.applied and any("fold_bn first" in r.detail for r in log.skipped)
+    _, log = absorb_high_bias(fold_bn(m)[0])
+    assert len(log.applied) == 1 and not any("fold_bn" in r.detail for r in log.skipped)

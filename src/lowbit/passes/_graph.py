@@ -283,6 +283,25 @@ def in_channels(layer: nn.Module) -> int:
     return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
 
 
+def channel_mismatch(producer: nn.Module, consumer: nn.Module) -> str | None:
+    """Why channel ``c`` of ``producer``'s output is not channel ``c`` of ``consumer``'s input (None when
+    it is), for a producer Conv/ConvTranspose/Linear and a consumer Conv/Linear/BatchNorm of a :class:`Link`.
+
+    A Linear reads its last dim and a conv (and a BatchNorm) dim 1, so a conv straight into a Linear (no
+    flatten between) or a Linear into a conv mixes positions with channels even when the counts agree."""
+    c = out_channels(producer)
+    if isinstance(consumer, BN_TYPES):
+        n = consumer.num_features
+    else:
+        if isinstance(producer, nn.Linear) != isinstance(consumer, nn.Linear):
+            return (f"the {type(producer).__name__} output goes into a {type(consumer).__name__} with no flatten "
+                    "between, so the second layer does not read the first one's output channels")
+        n = in_channels(consumer)
+    if n != c:
+        return f"the first layer has {c} output channels but the second takes {n} input channels"
+    return None
+
+
 # Elementwise clips after a layer that AdaRound may reconstruct through (errors they clip away do not count).
 _CLIP_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
 _CLIP_FUNCTIONS = (F.relu, torch.relu, F.relu6)

@@ -28,11 +28,11 @@ from torch import nn
 
 from ..errors import EmptyCalibrationError
 from ..spec import QuantSpec
-from ._graph import CONV_TYPES, LAYER_TYPES, Link, find_links, get_module
+from ._graph import CONV_TYPES, LAYER_TYPES, Link, channel_mismatch, find_links, get_module
 from ._layer import batches, channel_dim, forward_with, quantize_weight, spec_of, weight_times_channel_vector
 from .bn_ranges import clipped_normal_moments
 from .clip import ChannelClip
-from .fold_bn import output_stats
+from .fold_bn import output_stats, unfolded_batchnorm
 from .log import PassLog
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,11 @@ def _sub_bias(layer: nn.Module, shift: torch.Tensor) -> None:
 
 def _input_mean(model: nn.Module, link: Link) -> tuple[torch.Tensor | None, str]:
     """``E[x]`` of the consumer's input from the producer's BatchNorm statistics, or None and why."""
-    st = output_stats(get_module(model, link.producer))
+    producer = get_module(model, link.producer)
+    mismatch = channel_mismatch(producer, get_module(model, link.consumer))
+    if mismatch:
+        return None, f"{mismatch}; pass data for empirical correction"
+    st = output_stats(producer)
     if st is None:
         return None, f"{link.producer} (its input) has no BatchNorm statistics; pass data for empirical correction"
     mean: torch.Tensor | None = None
@@ -116,6 +120,8 @@ def _empirical_shifts(model: nn.Module, spec: QuantSpec | Mapping[str, QuantSpec
 
     handles = [get_module(model, n).register_forward_hook(hook(n)) for n in names]
     param = next(model.parameters(), None)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()  # train mode would update BatchNorm running statistics and drop activations out
     try:
         with torch.no_grad():
             for x in batches(data):
@@ -123,6 +129,8 @@ def _empirical_shifts(model: nn.Module, spec: QuantSpec | Mapping[str, QuantSpec
     finally:
         for h in handles:
             h.remove()
+        for m, training in modes.items():
+            m.training = training
     if not any(counts.values()):
         raise EmptyCalibrationError("correct_bias got data but no batch reached a Conv/Linear layer; "
                                     "pass an iterable of input batches (or (input, target) pairs).")
@@ -138,7 +146,8 @@ def correct_bias(model: nn.Module, spec: QuantSpec | Mapping[str, QuantSpec], da
         spec: the weight :class:`~lowbit.spec.QuantSpec` the layers will be quantized with (integer format),
             or ``{layer name: spec}`` when layers differ (layers not in the map are left alone, logged).
         data: None for the analytic (data-free) correction; else an iterable of input batches (or
-            ``(input, target)`` pairs) for the empirical one, measured on the float model in one pass.
+            ``(input, target)`` pairs) for the empirical one, measured on the float model in one pass
+            in eval mode (each module's train/eval flag is restored afterwards).
 
     Returns:
         ``(model, log)``; the log names each corrected layer (with ``max |shift|``) and each skipped one.
@@ -164,6 +173,9 @@ def correct_bias(model: nn.Module, spec: QuantSpec | Mapping[str, QuantSpec], da
         return model, plog
     links, _, _ = find_links(model, lambda m: isinstance(m, LAYER_TYPES))
     by_consumer = {lk.consumer: lk for lk in links}
+    if unfolded_batchnorm(model):
+        plog.add("bias_correction", (), False, "no layer has BatchNorm statistics but the model has BatchNorm "
+                 "layers: run fold_bn first (the analytic correction reads the statistics it records)")
     for n in layers:
         link = by_consumer.get(n)
         if link is None:

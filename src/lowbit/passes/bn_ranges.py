@@ -7,7 +7,7 @@ clipped by the activation that follows (ReLU ``[0, inf)``, ReLU6 ``[0, 6]``, an 
 :class:`~lowbit.passes.clip.ChannelClip` ``[0, upper_c]``), and the per-tensor range is the union over
 channels::
 
-    lo = min_c max(act_lo_c, beta_c - n gamma_c)        hi = max_c min(act_hi_c, beta_c + n gamma_c)
+    lo = min_c clip(beta_c - n gamma_c, act_lo_c, act_hi_c)        hi = max_c clip(beta_c + n gamma_c, act_lo_c, act_hi_c)
 
 Quantizers that do not sit right after such a layer get their range from per-channel Gaussian moments
 propagated through the captured graph (every step an approximation, stated here):
@@ -77,9 +77,12 @@ class Moments:
         return Moments(mean, std, torch.full_like(mean, -math.inf), torch.full_like(mean, math.inf))
 
     def range(self, num_std: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-tensor ``(lo, hi)``: ``mean +- num_std * std`` within the hard bounds, united over channels."""
-        lo = torch.maximum(self.mean - num_std * self.std, self.lo)
-        hi = torch.minimum(self.mean + num_std * self.std, self.hi)
+        """Per-tensor ``(lo, hi)``: ``mean +- num_std * std`` clipped into each channel's hard bounds, united
+        over channels (a channel the clip always saturates, or a dead one, contributes its bound: ``lo <= hi``)."""
+        def clip(t: torch.Tensor) -> torch.Tensor:
+            return torch.minimum(torch.maximum(t, self.lo), self.hi)
+
+        lo, hi = clip(self.mean - num_std * self.std), clip(self.mean + num_std * self.std)
         return lo.min().float(), hi.max().float()
 
     def samples(self, k: int = 512) -> torch.Tensor:

@@ -29,7 +29,16 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ._graph import CONV_TYPES, LAYER_TYPES, Link, find_links, get_module, set_module, unshare_call_sites
+from ._graph import (
+    CONV_TYPES,
+    LAYER_TYPES,
+    Link,
+    channel_mismatch,
+    find_links,
+    get_module,
+    set_module,
+    unshare_call_sites,
+)
 from ._layer import in_channel_absmax, out_channel_absmax, scale_in_channels, scale_out_channels
 from .clip import ChannelClip
 from .fold_bn import output_stats, set_output_stats
@@ -69,8 +78,9 @@ def _check_pair(model: nn.Module, link: Link, relu6: ReLU6Mode) -> str | None:
     for name, m in ((link.producer, a), (link.consumer, b)):
         if not isinstance(m, _CLE_TYPES):
             return f"{name} is a {type(m).__name__}; equalization handles Conv1d/2d/3d and Linear"
-    if a.weight.shape[0] != (b.in_features if isinstance(b, nn.Linear) else b.in_channels):
-        return f"{link.producer} has {a.weight.shape[0]} output channels but {link.consumer} takes a different number of inputs"
+    mismatch = channel_mismatch(a, b)
+    if mismatch:
+        return mismatch
     for name, kind in zip(link.between, link.kinds):
         if kind == "relu6":
             if relu6 == "skip":

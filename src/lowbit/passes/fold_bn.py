@@ -20,7 +20,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._graph import BN_TYPES, LAYER_TYPES, find_links, get_module, out_channel_axis, out_channels, set_module
+from ._graph import (
+    BN_TYPES,
+    LAYER_TYPES,
+    channel_mismatch,
+    find_links,
+    get_module,
+    out_channel_axis,
+    out_channels,
+    set_module,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +67,12 @@ def set_output_stats(layer: nn.Module, stats: BNStats | None) -> None:
         layer.__dict__.pop(_STATS_ATTR, None)
     else:
         layer.__dict__[_STATS_ATTR] = stats
+
+
+def unfolded_batchnorm(model: nn.Module) -> bool:
+    """True when ``model`` has BatchNorm layers but no layer with recorded statistics (fold_bn not run)."""
+    mods = list(model.modules())
+    return any(isinstance(m, BN_TYPES) for m in mods) and all(output_stats(m) is None for m in mods)
 
 
 def _can_fold(bn: nn.Module) -> str | None:
@@ -141,7 +156,7 @@ def fold_bn(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Module, list
         if link.between:
             continue
         bn = get_module(model, link.consumer)
-        reason = _can_fold(bn)
+        reason = _can_fold(bn) or channel_mismatch(get_module(model, link.producer), bn)
         if reason:
             log.info("fold_bn: %s not folded: %s", link.consumer, reason)
             continue

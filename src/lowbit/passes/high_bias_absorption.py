@@ -23,10 +23,10 @@ import logging
 import torch
 from torch import nn
 
-from ._graph import CONV_TYPES, LAYER_TYPES, find_links, get_module
+from ._graph import CONV_TYPES, LAYER_TYPES, channel_mismatch, find_links, get_module
 from ._layer import weight_times_channel_vector
 from .clip import ChannelClip
-from .fold_bn import output_stats, set_output_stats
+from .fold_bn import output_stats, set_output_stats, unfolded_batchnorm
 from .log import PassLog
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,10 @@ def absorb_high_bias(model: nn.Module, *, num_std: float = 3.0, inplace: bool = 
         if not isinstance(second, (*CONV_TYPES, nn.Linear)):
             plog.add("hba", pair, False, f"{link.consumer} is a {type(second).__name__}")
             continue
+        mismatch = channel_mismatch(first, second)
+        if mismatch:
+            plog.add("hba", pair, False, mismatch)
+            continue
         acts = [(n, k) for n, k in zip(link.between, link.kinds) if k != "identity"]
         clip = None
         if len(acts) != 1 or acts[0][1] not in ("relu", "relu6"):
@@ -96,5 +100,8 @@ def absorb_high_bias(model: nn.Module, *, num_std: float = 3.0, inplace: bool = 
             continue
         c = absorb_pair(first, second, num_std, clip)
         plog.add("hba", pair, True, f"absorbed {int((c > 0).sum())}/{c.numel()} channels, sum(c)={float(c.sum()):.4g}")
+    if unfolded_batchnorm(model):
+        plog.add("hba", (), False, "no layer has BatchNorm statistics but the model has BatchNorm layers: run "
+                 "fold_bn first (it records the statistics this pass reads)")
     log.info("hba: %d pair(s) absorbed, %d skipped", len(plog.applied), len(plog.skipped))
     return model, plog
