@@ -56,7 +56,19 @@ def test_no_pickle_in_file(qnet, tmp_path):
     raw = save(qnet, tmp_path / "q.safetensors").read_bytes()
     header_len = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8:8 + header_len])  # safetensors: JSON header + raw tensor bytes, nothing else
-    assert "__metadata__" in header and b"\x80\x04" not in raw[:2]
+    assert "__metadata__" in header
+    spans = sorted(tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__")
+    assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # contiguous tensor data
+    assert len(raw) == 8 + header_len + spans[-1][1]  # no byte left for a pickle
+    assert set(header) - {"__metadata__"} == set(qnet.state_dict())
+
+
+def test_metadata_without_its_tables_is_refused(small_net, tmp_path):
+    for meta in ({"format": "lowbit-checkpoint", "checkpoint_version": 1}, ["lowbit-checkpoint"]):
+        p = tmp_path / "partial.safetensors"
+        save_file({"w": torch.zeros(2)}, str(p), metadata={"lowbit": json.dumps(meta)})
+        with pytest.raises(ModelFileError, match="unrecognised lowbit metadata"):
+            load(p, small_net)
 
 
 def test_refuses_existing_file(qnet, tmp_path):

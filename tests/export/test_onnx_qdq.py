@@ -241,3 +241,86 @@ def test_parity_error_beyond_tolerance(exported, calib):
     one_step = ort_out.copy()
     one_step.flat[0] += 0.999 * s
     assert verify_parity([one_step], [ort_out], model).fraction_within == 1.0
+
+
+@pytest.mark.parametrize("act", ["fp8_e4m3", "int4", "int16"])
+def test_relu_and_relu6_before_a_wide_quantizer_stay_in_ort(act, tmp_path):
+    """ReLU / ReLU6 before an fp8, int4 or int16 activation quantizer with zero point 0: ONNX Runtime drops a
+    Relu before such a QuantizeLinear (as if 0 were the type's minimum) and cannot load a Clip before an
+    fp8 / int4 one. ORT's output must equal the torch simulation (the same codes), negative values clamped."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU6(), nn.Linear(64, 16)).eval()
+    data = [torch.randn(16, 32) * 3 for _ in range(2)]
+    fmt = lowbit.QuantSpec(act, symmetric=True)
+    q = lowbit.quantize(m, lowbit.recipes.Custom(weight=lowbit.QuantSpec("int8", granularity="channel"),
+                                                 activation=fmt), data, progress=False)
+    r = export_onnx(q, data[0], tmp_path / "w.onnx")
+    assert r.parity.fraction_within == 1.0
+    ops = [n.op_type for n in onnx.load(str(r.path)).graph.node]
+    assert "Relu" not in ops and "Clip" not in ops and ops.count("Max") == 2 and ops.count("Min") == 1
+    torch.manual_seed(1)
+    x = torch.randn(8, 32) * 3
+    with torch.no_grad():
+        sim = q(x).numpy()
+    np.testing.assert_allclose(run_ort(r.path, [x])[0], sim, rtol=0, atol=1e-6 * np.abs(sim).max())
+
+
+def test_parity_refuses_a_different_number_of_outputs(exported, calib):
+    """Outputs compared pairwise: a missing output is a mismatch, not a shorter comparison."""
+    ort_out = run_ort(exported.path, [calib[0]])[0]
+    with pytest.raises(ParityError, match="2 output.*ONNX Runtime 1"):
+        verify_parity([ort_out, ort_out + 100.0], [ort_out], exported.path)
+    with pytest.raises(ParityError, match="0 output"):
+        verify_parity([], [], exported.path)
+
+
+def test_bad_example_inputs_are_config_errors_and_mode_restored(qnet, calib, tmp_path):
+    qnet.train()
+    try:
+        for x in (calib[0].double(), calib[0].half()):
+            with pytest.raises(ConfigError, match=r"float32.*x\.float\(\)"):
+                export_onnx(qnet, x, tmp_path / "d.onnx")
+        with pytest.raises(ConfigError, match="cannot run on example_inputs"):
+            export_onnx(qnet, torch.randn(2, 5, 16, 16), tmp_path / "c.onnx")  # 5 channels, the model takes 3
+        assert qnet.training  # the caller's mode survives a failed export
+        assert not (tmp_path / "c.onnx").exists() and not (tmp_path / "d.onnx").exists()
+    finally:
+        qnet.eval()
+
+
+def _unpack_onnx_int4(t: onnx.TensorProto) -> np.ndarray:
+    """ONNX INT4 initializer -> int8 values, unpacked here: two per byte, element 2k in the low nibble,
+    element 2k + 1 in the high one, two's complement (8..15 are -8..-1); an odd count pads the last byte."""
+    packed = np.frombuffer(t.raw_data, np.uint8) if t.raw_data else (np.asarray(t.int32_data) & 0xFF).astype(np.uint8)
+    nib = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(-1).astype(np.int16)
+    n = int(np.prod(t.dims))
+    return np.where(nib >= 8, nib - 16, nib)[:n].astype(np.int8).reshape(tuple(t.dims))
+
+
+def test_signed_int4_weights_packed_two_per_byte_with_sign(tmp_path):
+    """Signed int4 per-channel weights with an odd element count: the file's packed nibbles, unpacked
+    independently, equal clamp(round(w / s), -8, 7) computed with torch, and ORT equals the simulation."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(7, 9), nn.ReLU(), nn.Linear(9, 3)).eval()
+    q = lowbit.quantize(m, lowbit.recipes.WeightOnly(bits=4, symmetric=True), None, progress=False)
+    x = torch.randn(5, 7)
+    r = export_onnx(q, x, tmp_path / "i4.onnx")
+    assert r.opset == 21
+    model = onnx.load(str(r.path))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name: t for t in model.graph.initializer}
+    gemms = [n for n in model.graph.node if n.op_type == "Gemm"]
+    assert len(gemms) == 2
+    for gemm, name in zip(gemms, ("0", "2")):
+        dq = producer[gemm.input[1]]
+        t = inits[dq.input[0]]
+        assert t.data_type == TensorProto.INT4
+        layer = q.get_submodule(name)
+        w, s = layer.weight.detach(), layer.weight_quantizer.scale.detach()
+        ref = torch.clamp(torch.round(w / s[:, None]), -8, 7).to(torch.int8).numpy()
+        assert (ref < 0).any() and ref.size % 2 == 1
+        np.testing.assert_array_equal(_unpack_onnx_int4(t), ref)
+        np.testing.assert_array_equal(numpy_helper.to_array(inits[dq.input[1]]), s.numpy())
+    with torch.no_grad():
+        sim = q(x).numpy()
+    np.testing.assert_allclose(run_ort(r.path, [x])[0], sim, rtol=0, atol=1e-6 * np.abs(sim).max())

@@ -15,6 +15,9 @@ a convolution and its QuantizeLinear. Every pass here leaves the model's outputs
 * :func:`drop_clamp_before_quantize`: ``Clip(lo, hi) -> QuantizeLinear`` (or ``Relu``, ``Clip(0, +inf)``)
   loses the Clip when the quantizer already saturates there (``Q(lo) = qmin`` and ``Q(hi) = qmax``, Q is
   monotone): the ReLU6 and ReLU cases.
+* :func:`clamp_to_max_min_before_wide_quantize`: ``Relu`` / ``Clip -> QuantizeLinear`` whose zero point is
+  not int8/uint8 (int16, int4, fp8 ...) becomes ``Max`` / ``Min(Max)`` (the same values): ONNX Runtime drops
+  such a Relu as if the zero point were the type's minimum, and fails to load such a Clip.
 * :func:`fold_static_shapes`: the shape arithmetic a traced transformer repeats in every layer
   (``Shape -> Gather -> Unsqueeze -> Concat -> Reshape``) is evaluated from the shapes ONNX shape inference
   proves; only values that do not depend on a symbolic (dynamic) dimension become constants, and a Reshape
@@ -267,6 +270,48 @@ def drop_clamp_before_quantize(model: onnx.ModelProto) -> int:
     for n in drop:
         graph.node.remove(n)
     return len(drop)
+
+
+def clamp_to_max_min_before_wide_quantize(model: onnx.ModelProto) -> int:
+    """Rewrite each ``Relu`` / ``Clip`` whose only consumer is a QuantizeLinear with a zero point of a type
+    other than int8 / uint8 (int16, int4, fp8 ...) as ``Max(x, 0)`` / ``Min(Max(x, lo), hi)`` (equal for
+    every non-NaN float32 x). ONNX Runtime 1.32 (CPU, ORT_ENABLE_EXTENDED and above) mishandles both:
+    ``ReluQuantTransformer`` removes the Relu unless the zero point is an int8 other than -128 or a uint8
+    other than 0, so also before an int16 / int4 / fp8 quantizer with zero point 0, whose negative codes then
+    pass (an fp8 ReLU layer: hundreds of output steps off); ``ClipQuantFusion`` throws "Unexpected data type
+    for QuantizeLinear input y_zero_point" for int4 and fp8, so the file does not load. Returns the count."""
+    graph = model.graph
+    cons = consumers(graph)
+    outputs = {o.name for o in graph.output}
+    zp_types = {t.name: t.data_type for t in graph.initializer}
+    zero = "lowbit_relu_zero"
+    new_nodes: list[onnx.NodeProto] = []
+    count = 0
+    for n in graph.node:
+        users = cons.get(n.output[0], []) if n.op_type in ("Relu", "Clip") else []
+        if (len(users) != 1 or users[0].op_type != "QuantizeLinear" or len(users[0].input) < 3
+                or n.domain not in ("", "ai.onnx") or n.output[0] in outputs
+                or zp_types.get(users[0].input[2], TensorProto.UINT8) in _NP_QRANGE):
+            new_nodes.append(n)
+            continue
+        bounds = [zero, ""] if n.op_type == "Relu" else [n.input[k] if len(n.input) > k else "" for k in (1, 2)]
+        cur = n.input[0]
+        for k, (op, b) in enumerate(zip(("Max", "Min"), bounds)):
+            if not b:
+                continue
+            last = not (k == 0 and bounds[1])
+            out = n.output[0] if last else f"{n.output[0]}_lowbit_max"
+            new_nodes.append(onnx.helper.make_node(op, [cur, b], [out], name=f"{n.name or n.output[0]}_{op.lower()}"))
+            cur = out
+        if cur == n.input[0]:  # Clip without bounds: identity
+            new_nodes.append(onnx.helper.make_node("Identity", [cur], [n.output[0]], name=n.name))
+        count += 1
+    if count:
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+        if zero not in zp_types:
+            graph.initializer.append(numpy_helper.from_array(np.array(0.0, np.float32), zero))
+    return count
 
 
 def _clip_bounds(n: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> list[float | None] | None:

@@ -148,7 +148,9 @@ def read_metadata(path: str | os.PathLike) -> dict:
         meta = json.loads(raw)
     except json.JSONDecodeError as e:
         raise ModelFileError(f"{p}: the lowbit metadata is not valid JSON ({e}); the file is corrupted.") from e
-    if meta.get("format") != "lowbit-checkpoint" or not isinstance(meta.get("checkpoint_version"), int):
+    if (not isinstance(meta, dict) or meta.get("format") != "lowbit-checkpoint"
+            or not isinstance(meta.get("checkpoint_version"), int)
+            or not isinstance(meta.get("tensors"), dict) or not isinstance(meta.get("quantizers"), dict)):
         raise ModelFileError(f"{p}: unrecognised lowbit metadata; the file is corrupted or from another tool.")
     return meta
 

@@ -32,7 +32,7 @@ import onnx
 import torch
 from torch import nn
 
-from ..errors import ConfigError, EmptyCalibrationError, ExportError
+from ..errors import ConfigError, EmptyCalibrationError, ExportError, QuantizationError
 from ..nn.layers import QuantLayerMixin
 from ..nn.quantizer import TensorQuantizer
 from . import _ort_cpu
@@ -185,9 +185,28 @@ def _no_ir_dump():
         torch._C._jit_onnx_log = log_fn
 
 
+def _check_input_dtypes(inputs: tuple[torch.Tensor, ...]) -> None:
+    """Refuse floating example inputs other than float32: the exported graph's scales, QuantizeLinear inputs
+    and parity check are float32 (integer inputs, e.g. token ids, are fine)."""
+    for i, t in enumerate(inputs):
+        if t.is_floating_point() and t.dtype != torch.float32:
+            raise ConfigError(
+                f"example input {i} is {t.dtype}; the ONNX export is float32: pass float32 inputs (x.float()) "
+                "to a float32 model (model.float())."
+            )
+
+
 def _torch_export(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: str, opset: int,
                   dynamic_batch: bool, custom: bool) -> None:
-    n_out = len(_flat_outputs(model(*inputs)))
+    try:
+        n_out = len(_flat_outputs(model(*inputs)))
+    except QuantizationError:
+        raise
+    except Exception as e:  # a wrong shape, dtype or device of the example inputs
+        raise ConfigError(
+            f"the model cannot run on example_inputs ({type(e).__name__}: {str(e)[:300]}); pass inputs of the "
+            "shapes, dtypes and device the model takes."
+        ) from e
     in_names = [f"input_{i}" for i in range(len(inputs))]
     out_names = [f"output_{i}" for i in range(n_out)]
     axes = {n: {0: "batch"} for n in in_names + out_names} if dynamic_batch else None
@@ -230,6 +249,53 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
     tmp = path.with_name(path.name + ".lowbit-tmp")
     onnx.save(model, str(tmp))
     os.replace(tmp, path)
+
+
+def _write_qdq(qmodel: nn.Module, inputs: tuple[torch.Tensor, ...], out_path: Path, opset: int | None,
+               dynamic_batch: bool, target: str) -> tuple[list[tuple[TensorQuantizer, qg.QEntry]], int, int]:
+    """The export proper of :func:`export_onnx` (``qmodel`` in eval mode): writes ``out_path``; returns
+    (quantizers with their entries, the opset, the number of int32 biases)."""
+    pairs = _entries(qmodel)
+    entries = [e for _, e in pairs]
+    need = max([13, *(qg.required_opset(e) for e in entries)])
+    if opset is not None and opset < need:
+        raise ConfigError(f"opset {opset} cannot express this model's formats; it needs opset >= {need}.")
+    tries = [opset] if opset is not None else sorted({need, max(need, 17), max(need, _TORCH_MAX_OPSET)})
+    for e in entries:
+        if e.role == "activation" and e.spec.format.name == "int8":
+            log.info("lowbit: %s uses int8 activations; uint8 (U8S8) runs faster in ORT on x86.", e.name)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = os.path.join(tmp, "raw.onnx")
+        for i, opset in enumerate(tries):  # the lowest opset first; newer ones when an operator needs them
+            try:
+                with _placeholder_mode(qmodel, pairs):
+                    _clear_weight_caches(qmodel)
+                    _torch_export(qmodel, inputs, raw, min(opset, _TORCH_MAX_OPSET), dynamic_batch, custom=True)
+                break
+            except ExportError as e:
+                if i + 1 == len(tries) or "UnsupportedOperatorError" not in str(e):
+                    raise
+                log.info("lowbit: opset %d cannot express an operator of the model; trying %d", opset, tries[i + 1])
+            finally:
+                _clear_weight_caches(qmodel)
+        model = onnx.load(raw)
+    qg.materialize(model, entries)
+    _simplify(model)
+    qg.resolve_identity_initializers(model)
+    qg.remove_noop_casts(model)
+    sp.drop_clamp_before_quantize(model)
+    sp.clamp_to_max_min_before_wide_quantize(model)
+    sp.quantize_before_pad(model)
+    qg.requantize_compute_inputs(model)
+    n_bias = qg.quantize_biases(model)
+    if target == "ort-cpu":
+        log.info("lowbit: ONNX Runtime CPU rewrites: %s", _ort_cpu.optimize_for_ort_cpu(model, _feeds(inputs)))
+        sp.remove_dead_nodes(model)
+    qg.remove_unused_initializers(model)
+    qg.set_opset(model, opset)
+    _save(model, out_path)
+    log.info("lowbit: wrote %s (opset %d, %d quantizers, %d int32 biases)", out_path, opset, len(entries), n_bias)
+    return pairs, opset, n_bias
 
 
 @torch.no_grad()
@@ -285,48 +351,13 @@ def export_onnx(
         raise ConfigError(f"target must be one of {', '.join(map(repr, _ort_cpu.TARGETS))}, got {target!r}.")
     out_path = check_output_path(path, overwrite)
     inputs = as_input_tuple(example_inputs)
+    _check_input_dtypes(inputs)
     was_training = qmodel.training
     qmodel.eval()
-    pairs = _entries(qmodel)
-    entries = [e for _, e in pairs]
-    need = max([13, *(qg.required_opset(e) for e in entries)])
-    if opset is not None and opset < need:
-        raise ConfigError(f"opset {opset} cannot express this model's formats; it needs opset >= {need}.")
-    tries = [opset] if opset is not None else sorted({need, max(need, 17), max(need, _TORCH_MAX_OPSET)})
-    for e in entries:
-        if e.role == "activation" and e.spec.format.name == "int8":
-            log.info("lowbit: %s uses int8 activations; uint8 (U8S8) runs faster in ORT on x86.", e.name)
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = os.path.join(tmp, "raw.onnx")
-        for i, opset in enumerate(tries):  # the lowest opset first; newer ones when an operator needs them
-            try:
-                with _placeholder_mode(qmodel, pairs):
-                    _clear_weight_caches(qmodel)
-                    _torch_export(qmodel, inputs, raw, min(opset, _TORCH_MAX_OPSET), dynamic_batch, custom=True)
-                break
-            except ExportError as e:
-                if i + 1 == len(tries) or "UnsupportedOperatorError" not in str(e):
-                    raise
-                log.info("lowbit: opset %d cannot express an operator of the model; trying %d", opset, tries[i + 1])
-            finally:
-                _clear_weight_caches(qmodel)
-        model = onnx.load(raw)
-    qg.materialize(model, entries)
-    _simplify(model)
-    qg.resolve_identity_initializers(model)
-    qg.remove_noop_casts(model)
-    sp.drop_clamp_before_quantize(model)
-    sp.quantize_before_pad(model)
-    qg.requantize_compute_inputs(model)
-    n_bias = qg.quantize_biases(model)
-    if target == "ort-cpu":
-        log.info("lowbit: ONNX Runtime CPU rewrites: %s", _ort_cpu.optimize_for_ort_cpu(model, _feeds(inputs)))
-        sp.remove_dead_nodes(model)
-    qg.remove_unused_initializers(model)
-    qg.set_opset(model, opset)
-    _save(model, out_path)
-    qmodel.train(was_training)
-    log.info("lowbit: wrote %s (opset %d, %d quantizers, %d int32 biases)", out_path, opset, len(entries), n_bias)
+    try:
+        pairs, opset, n_bias = _write_qdq(qmodel, inputs, out_path, opset, dynamic_batch, target)
+    finally:
+        qmodel.train(was_training)
     if not verify:
         return ExportResult(out_path, opset, None, None, n_bias)
     kernels = count_kernels(out_path)
@@ -352,17 +383,19 @@ def export_onnx_float(
     inputs = as_input_tuple(example_inputs)
     was_training = model.training
     model.eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = os.path.join(tmp, "raw.onnx")
-        _torch_export(model, inputs, raw, opset, dynamic_batch, custom=False)
-        graph = onnx.load(raw)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            raw = os.path.join(tmp, "raw.onnx")
+            _torch_export(model, inputs, raw, opset, dynamic_batch, custom=False)
+            graph = onnx.load(raw)
+    finally:
+        model.train(was_training)
     _simplify(graph)
     if target == "ort-cpu":
         log.info("lowbit: ONNX Runtime CPU rewrites (float): %s", _ort_cpu.optimize_float_for_ort_cpu(graph, _feeds(inputs)))
         sp.remove_dead_nodes(graph)
     qg.remove_unused_initializers(graph)
     _save(graph, out_path)
-    model.train(was_training)
     return out_path
 
 

@@ -228,8 +228,12 @@ def verify_parity(sim: Sequence[np.ndarray], deployed: Sequence[np.ndarray], mod
     float output. Raises :class:`ParityError` (unless ``raise_on_fail=False``) when shapes differ, when
     fewer than ``min_fraction`` of the quantized outputs' values are within one step, or when a float
     output has fewer than ``min_fraction`` within its ``max|sim|/255`` step and a row cosine below
-    ``min_cosine``.
+    ``min_cosine``. A different number of outputs (or none) always raises.
     """
+    sim, deployed = list(sim), list(deployed)
+    if len(sim) != len(deployed) or not sim:
+        raise ParityError(f"the simulation gave {len(sim)} output(s), ONNX Runtime {len(deployed)}; the file does "
+                          "not match the model (or nothing was compared).")
     scales = output_scales(model)
     steps_q, steps_f, cosines, top1 = [], [], [], []
     for i, (a, b) in enumerate(zip(sim, deployed)):
