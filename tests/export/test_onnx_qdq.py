@@ -114,6 +114,33 @@ def test_linear_on_3d_input_matmul(calib, tmp_path):
     assert r.kernels.n_int8 >= 1
 
 
+@pytest.mark.parametrize("recipe", ["W8A16", "WeightOnly8"])
+def test_weight_only_linear_on_3d_input_keeps_float_activations_in_matmulnbits(recipe, tmp_path):
+    """ORT fuses a weight-only ``DQ -> MatMul`` (3-D input) into MatMulNBits, whose default accuracy level
+    quantizes the activations to int8 inside (W8A16: 211 steps off). Our sessions set level 1
+    (``ORT_SESSION_CONFIG``): the deployed model equals the simulation; a session without it does not."""
+    import onnxruntime as ort
+
+    from lowbit.export import ORT_SESSION_CONFIG
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32)).eval()
+    x = torch.randn(4, 10, 64)
+    rec = lowbit.recipes.W8A16() if recipe == "W8A16" else lowbit.recipes.WeightOnly(bits=8)
+    q = lowbit.quantize(m, rec, [x], progress=False)
+    r = export_onnx(q, x, tmp_path / "m.onnx")
+    assert r.kernels.int8.get("MatMulNBits") == 2
+    assert r.parity.max_steps == 0.0
+    with torch.no_grad():
+        sim = q(x).numpy()
+    np.testing.assert_allclose(run_ort(r.path, [x])[0], sim, rtol=1e-5, atol=1e-6)
+    so = ort.SessionOptions()  # ORT's defaults: int8 activations inside MatMulNBits
+    default = ort.InferenceSession(str(r.path), so, providers=["CPUExecutionProvider"])
+    y = default.run(None, {default.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(y - sim).max() > 1e-3, "ORT's default no longer differs: ORT_SESSION_CONFIG may be unneeded"
+    assert ORT_SESSION_CONFIG == {"session.qdq_matmulnbits_accuracy_level": "1"}
+
+
 def test_int4_group_weights_opset21(tmp_path):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16)).eval()

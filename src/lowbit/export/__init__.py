@@ -3,6 +3,7 @@
 from .checkpoint import load, save
 from .onnx_qdq import ExportResult, export_onnx, export_onnx_dynamic, export_onnx_float
 from .verify import (
+    ORT_SESSION_CONFIG,
     KernelCount,
     ParityReport,
     StageParity,
@@ -15,5 +16,5 @@ from .verify import (
 __all__ = [
     "ExportResult", "export_onnx", "export_onnx_float", "export_onnx_dynamic",
     "save", "load", "KernelCount", "ParityReport", "StageParity", "count_kernels", "run_ort", "verify_export",
-    "verify_parity",
+    "verify_parity", "ORT_SESSION_CONFIG",
 ]

@@ -54,7 +54,7 @@ from ..nn.requant import ort_arithmetic
 
 __all__ = [
     "INT_KERNELS", "FLOAT_KERNELS", "KernelCount", "ParityReport", "StageParity", "count_kernels", "run_ort",
-    "verify_parity", "verify_export", "export_quantizers", "make_session",
+    "verify_parity", "verify_export", "export_quantizers", "make_session", "ORT_SESSION_CONFIG",
 ]
 
 INT_KERNELS = frozenset({
@@ -139,11 +139,19 @@ class ParityReport:
         return min(self.stages, key=lambda st: (st.fraction_within, -st.max_steps)) if self.stages else None
 
 
+# Session settings the exported files are verified (and benchmarked) with; set them in your own ORT session
+# too. ORT fuses a weight-only ``DequantizeLinear -> MatMul`` (3-D inputs: transformer Linears) into
+# ``MatMulNBits``, whose default accuracy level 4 quantizes the activations to int8 inside the kernel: a W8A16
+# or weight-only model then computes something else than it was quantized to be (a W8A16 MLP: 211 output
+# steps off). Level 1 keeps the activations fp32, which is what weight-only quantization means.
+ORT_SESSION_CONFIG: dict[str, str] = {"session.qdq_matmulnbits_accuracy_level": "1"}
+
+
 def make_session(path: str | os.PathLike | bytes, threads: int | None = None, optimized_path: str | None = None,
                  level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                  spinning: bool = True, profile_prefix: str | None = None) -> ort.InferenceSession:
-    """An ORT CPU session for ``path`` (or a serialized model as ``bytes``); a file ORT cannot parse raises
-    :class:`ModelFileError`.
+    """An ORT CPU session for ``path`` (or a serialized model as ``bytes``) with :data:`ORT_SESSION_CONFIG`; a
+    file ORT cannot parse raises :class:`ModelFileError`.
 
     ``spinning=False`` stops the intra-op threads from busy-waiting after each run (ORT spins by
     default): needed when several sessions take turns on few cores, where one session's spinning
@@ -151,6 +159,8 @@ def make_session(path: str | os.PathLike | bytes, threads: int | None = None, op
     kernel time goes to a JSON trace named ``<prefix>_<date>.json``, whose path ``session.end_profiling()``
     returns."""
     so = ort.SessionOptions()
+    for key, value in ORT_SESSION_CONFIG.items():
+        so.add_session_config_entry(key, value)
     if profile_prefix is not None:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
