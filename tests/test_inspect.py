@@ -135,3 +135,31 @@ def test_torchvision_resnets_match_thop(arch, mparams, gmacs):
     assert "conv1" in table and table.splitlines()[-1].startswith("ResNet on [(1, 3, 224, 224)]: ")
     assert f"... {len(s.layers) - 5} more layers with fewer MACs not shown" in table
     assert f"{s.total_params / 1e6:.2f} M params" in table and f"{s.total_macs / 1e9:.2f} GMACs" in table
+
+
+def test_grouped_strided_and_transposed_conv_closed_form():
+    # conv MACs = N * Cout * (Cin / groups) * kh * kw * Hout * Wout; Hout = floor((9 + 2 - 3) / 2) + 1 = 5
+    # transposed conv: every input pixel scatters into Cout / groups outputs: N * Cin * (Cout / groups) * k^2 * Hin * Win
+    m = nn.Sequential(nn.Conv2d(8, 12, 3, stride=2, padding=1, groups=4),
+                      nn.ConvTranspose2d(12, 6, 4, stride=2, padding=1, groups=3),
+                      nn.Conv2d(6, 12, 3, groups=6))  # depthwise with channel multiplier 2, on 10x10 -> 8x8
+    s = inspect_model(m, torch.randn(2, 8, 9, 9))
+    conv, convt, dw = s.layers
+    assert conv.macs == 2 * 12 * (8 // 4) * 3 * 3 * 5 * 5
+    assert convt.macs == 2 * 12 * (6 // 3) * 4 * 4 * 5 * 5
+    assert dw.macs == 2 * 12 * 1 * 3 * 3 * 8 * 8
+    assert [la.groups for la in s.layers] == [4, 3, 6]
+    assert not conv.is_depthwise and dw.is_depthwise
+    assert s.total_macs == conv.macs + convt.macs + dw.macs
+
+
+def test_single_input_channel_conv_is_not_depthwise():
+    # a grayscale stem has weight (Cout, 1, k, k) like a depthwise conv, but groups == 1
+    stem = inspect_model(nn.Sequential(nn.Conv2d(1, 8, 3)), torch.randn(1, 1, 5, 5)).layers[0]
+    assert stem.weight_shape == (8, 1, 3, 3) and stem.groups == 1 and not stem.is_depthwise
+
+
+def test_model_that_is_one_layer():
+    s = inspect_model(nn.Linear(4, 3), torch.randn(2, 4))
+    assert [(la.name, la.type, la.params, la.macs) for la in s.layers] == [("", "Linear", 15, 2 * 4 * 3)]
+    assert s.total_macs == 24 and s.total_params == 15

@@ -46,6 +46,14 @@ def test_greedy_path_takes_cheapest_cost_per_byte_first():
     ]
 
 
+def test_greedy_path_ties_go_in_layer_order():
+    costs = {"x": (0.0, 1.0), "y": (0.0, 1.0), "z": (0.0, 1.0)}
+    sizes = {n: (10, 5) for n in costs}
+    path = _greedy_path(costs, sizes, {n: (0, 1) for n in costs})
+    assert [sum(p.values()) for p in path] == [0, 1, 2, 3]
+    assert [n for a, b in zip(path, path[1:]) for n in b if b[n] != a[n]] == ["x", "y", "z"]
+
+
 def test_greedy_path_negative_rise_counts_as_free_and_zero_saving_goes_last():
     costs = {"a": (0.5, 0.2), "b": (0.0, 0.0)}
     sizes = {"a": (100, 60), "b": (100, 100)}
@@ -59,9 +67,20 @@ def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["", "3 parsecs", "-1MB", 0, -5])
-def test_parse_size_rejects(bad):
-    with pytest.raises(ConfigError):
+@pytest.mark.parametrize("text,expected", [("3.5 MiB", 3_670_016), ("1.001kB", 1001), ("4.35kB", 4350),
+                                           (" 7 ", 7), (2.9, 2)])
+def test_parse_size_is_exact(text, expected):
+    # float("1.001") * 1000 is 1000.999..., which truncated to int would lose a byte
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("bad,match", [("", "cannot read"), ("3 parsecs", "cannot read"), ("abc", "cannot read"),
+                                       ("3.5mb", "cannot read"), (True, "cannot read"), (None, "cannot read"),
+                                       ("-1MB", "at least 1"), (0, "at least 1"), (-5, "at least 1"),
+                                       (0.4, "at least 1"), ("0MB", "at least 1"), (float("inf"), "finite"),
+                                       (float("nan"), "finite")])
+def test_parse_size_rejects(bad, match):
+    with pytest.raises(ConfigError, match=match):
         parse_size(bad)
 
 
@@ -136,3 +155,94 @@ def test_bad_configurations_raise(mlp_and_data):
         search_mixed_precision(m, CANDIDATES, data, progress=False)
     with pytest.raises(ConfigError, match="smallest model"):
         search_mixed_precision(m, CANDIDATES, data, size_budget=1000, progress=False)
+
+
+# ---- sizes against a hand count on a two-layer model
+# Linear(64, 32) -> ReLU -> Linear(32, 10). Per layer (out, in):
+#   W8A8:       int8 per output channel, symmetric: out*in + 4*out (scales) bytes; float32 bias 4*out;
+#               its input and output edges get a uint8 affine per-tensor quantizer: 4 (scale) + 1 (zero point)
+#   W4A16(g32): uint4 per group of 32: out*in/2 + (out*in/32) * (4 + 1) (scale + zero point); bias 4*out
+SHAPES = {"0": (32, 64), "2": (10, 32)}
+
+
+def _hand_weight_bytes(name, c):
+    out, inp = SHAPES[name]
+    return out * inp + 4 * out if c == 0 else out * inp // 2 + out * inp // 32 * 5
+
+
+def _hand_size(choice):
+    w8 = [choice["0"] == 0, choice["2"] == 0]
+    edges = [w8[0], w8[0] or w8[1], w8[1]]  # model input, between the layers, model output
+    return sum(_hand_weight_bytes(n, c) + 4 * SHAPES[n][0] for n, c in choice.items()) + 5 * sum(edges)
+
+
+@pytest.fixture(scope="module")
+def tiny_and_data():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    return m, [torch.randn(8, 64) for _ in range(2)]
+
+
+def test_hand_count_of_the_candidates(tiny_and_data):
+    m, data = tiny_and_data
+    assert _hand_size({"0": 0, "2": 0}) == 2719 and _hand_size({"0": 1, "2": 1}) == 1722
+    for choice in ({"0": 0, "2": 0}, {"0": 0, "2": 1}, {"0": 1, "2": 0}, {"0": 1, "2": 1}):
+        over = {n: CANDIDATES[1] for n, c in choice.items() if c == 1}
+        q = lowbit.quantize(m, recipes.W8A8(overrides=over), data, progress=False)
+        assert deployed_size_bytes(q) == _hand_size(choice), choice
+
+
+@pytest.mark.parametrize("budget", [2719, 2718, 2564, 2563, 1882, 1881, 1730, 1722])
+def test_size_budget_against_hand_count(tiny_and_data, budget):
+    m, data = tiny_and_data
+    plan = search_mixed_precision(m, CANDIDATES, data, size_budget=budget, progress=False)
+    assert plan.layer_bytes == {n: (_hand_weight_bytes(n, 0), _hand_weight_bytes(n, 1)) for n in SHAPES}
+    assert plan.size_bytes == _hand_size(plan.choice) <= budget and plan.meets_budget
+    # the first configuration along the path that fits: the path moves first the layer with the smaller
+    # cost rise per byte saved, then the other
+    first = min(SHAPES, key=lambda n: (plan.sensitivity[n][1] - plan.sensitivity[n][0])
+                / (_hand_weight_bytes(n, 0) - _hand_weight_bytes(n, 1)))
+    path = [{"0": 0, "2": 0}, {"0": 0, "2": 0, first: 1}, {"0": 1, "2": 1}]
+    assert plan.choice == next(c for c in path if _hand_size(c) <= budget)
+
+
+def test_unreachable_size_budget_names_the_smallest_size(tiny_and_data):
+    m, data = tiny_and_data
+    with pytest.raises(ConfigError, match=r"below the smallest model these candidates give \(1722 bytes.*at least 1722"):
+        search_mixed_precision(m, CANDIDATES, data, size_budget=1721, progress=False)
+
+
+def test_default_metric_is_pooled_output_sqnr_against_the_float_model(tiny_and_data):
+    m, data = tiny_and_data
+    plan = search_mixed_precision(m, CANDIDATES, data, size_budget=2000, progress=False)
+    over = {n: CANDIDATES[1] for n, c in plan.choice.items() if c == 1}
+    q = lowbit.quantize(m, recipes.W8A8(overrides=over), data, progress=False)
+    with torch.no_grad():
+        y = torch.cat([m(x) for x in data]).double().numpy()  # the original float model
+        yq = torch.cat([q(x) for x in data]).double().numpy()
+    # one ratio over all batches (not a mean of per-batch dB)
+    assert plan.metric == pytest.approx(10 * math.log10((y**2).sum() / ((y - yq) ** 2).sum()), abs=1e-9)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), "20", "20dB", True])
+def test_min_metric_must_be_a_number(tiny_and_data, bad):
+    m, data = tiny_and_data
+    with pytest.raises(ConfigError, match="min_metric must be a number"):
+        search_mixed_precision(m, CANDIDATES, data, min_metric=bad, progress=False)
+
+
+@pytest.mark.parametrize("bad", [None, math.nan, "0.9", torch.ones(2)])
+def test_user_metric_that_returns_no_number_raises(tiny_and_data, bad):
+    m, data = tiny_and_data
+    with pytest.raises(ConfigError, match="must return a number"):
+        search_mixed_precision(m, CANDIDATES, data, min_metric=0.5, metric=lambda _m: bad, progress=False)
+
+
+def test_generator_calibration_data_gives_the_same_plan_as_a_list(tiny_and_data):
+    # the search quantizes once per candidate and per probe: a one-shot generator must not run dry
+    m, data = tiny_and_data
+    from_list = search_mixed_precision(m, CANDIDATES, data, size_budget=2000, progress=False)
+    from_gen = search_mixed_precision(m, CANDIDATES, (x for x in data), size_budget=2000, progress=False)
+    assert (from_gen.choice, from_gen.size_bytes, from_gen.metric) == (from_list.choice, from_list.size_bytes,
+                                                                         from_list.metric)
+    assert _hand_size(from_gen.choice) == from_gen.size_bytes <= 2000

@@ -56,6 +56,7 @@ class LayerSummary:
         channel_range_ratio: ``max_c absmax(W[c]) / min_c absmax(W[c])`` over output channels
             (axis 0) for weights with 2+ dims, ``inf`` when a channel is all zero, ``nan`` otherwise.
         bytes: parameter storage at fp32 / fp16 / int8 / int4 (:func:`bytes_at_bits`).
+        groups: the module's ``groups`` (convolutions), else 1.
     """
 
     name: str
@@ -69,11 +70,14 @@ class LayerSummary:
     weight_absmax: float
     channel_range_ratio: float
     bytes: Mapping[str, int]
+    groups: int = 1
 
     @property
     def is_depthwise(self) -> bool:
-        """Conv weight with one input channel per group and groups > 1 (depthwise convolution)."""
-        return self.type.startswith("Conv") and len(self.weight_shape) >= 3 and self.weight_shape[1] == 1
+        """Conv weight with one input channel per group and groups > 1 (depthwise convolution; a
+        convolution over a single input channel, e.g. a grayscale stem, is not)."""
+        return (self.type.startswith("Conv") and self.groups > 1 and len(self.weight_shape) >= 3
+                and self.weight_shape[1] == 1)
 
 
 @dataclass(frozen=True)
@@ -180,14 +184,15 @@ def inspect_model(model: torch.nn.Module, example_inputs: Any) -> ModelSummary:
 
     layers: list[LayerSummary] = []
     for name, mod in model.named_modules():
-        if not name or any(True for _ in mod.children()):
+        if any(True for _ in mod.children()):
             continue
-        flops = int(sum(counts.get(f"{root}.{name}", {}).values()))
+        # a model that is itself one layer (nn.Linear) is its own only leaf, named "" and counted as root
+        flops = int(sum(counts.get(f"{root}.{name}" if name else root, {}).values()))
         own = list(mod.parameters(recurse=False))
         n_params = sum(p.numel() for p in own)
         if n_params == 0 and flops == 0:
             continue
-        w = getattr(mod, "weight", None)
+        w, groups = getattr(mod, "weight", None), getattr(mod, "groups", 1)
         shape, wmin, wmax, absmax, ratio = _weight_stats(w if isinstance(w, torch.Tensor) else None)
         layers.append(
             LayerSummary(
@@ -202,6 +207,7 @@ def inspect_model(model: torch.nn.Module, example_inputs: Any) -> ModelSummary:
                 weight_absmax=absmax,
                 channel_range_ratio=ratio,
                 bytes={k: bytes_at_bits(n_params, b) for k, b in SIZE_BITS.items()},
+                groups=groups if isinstance(groups, int) else 1,
             )
         )
     total_params = sum(p.numel() for p in model.parameters())

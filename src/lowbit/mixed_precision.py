@@ -28,11 +28,14 @@ the chosen model (the plan's figures were measured on exactly that configuration
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
+import numbers
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 from torch import nn
@@ -58,17 +61,20 @@ Metric = Callable[[nn.Module], float]
 
 
 def parse_size(size: int | float | str) -> int:
-    """Bytes from ``1234``, ``"3.5MB"``, ``"512kB"``, ``"2MiB"`` (kB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024)."""
+    """Bytes from ``1234``, ``"3.5MB"``, ``"512kB"``, ``"2MiB"`` (kB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024),
+    rounded down; a size that is not a finite number of at least one byte raises :class:`ConfigError`."""
     if isinstance(size, int | float) and not isinstance(size, bool):
-        if size <= 0:
-            raise ConfigError(f"a size budget must be positive, got {size}.")
-        return int(size)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKMG]i?B|B)?\s*", str(size))
-    if not m:
-        raise ConfigError(f"cannot read size {size!r}; write e.g. 3500000, '3.5MB', '512kB' or '2MiB'.")
-    unit = (m.group(2) or "B").replace("K", "k")
-    mult = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "kiB": 1024, "MiB": 1024**2, "GiB": 1024**3}[unit]
-    return parse_size(float(m.group(1)) * mult)
+        value = size
+    else:
+        m = re.fullmatch(r"\s*([+-]?[0-9]*\.?[0-9]+)\s*([kKMG]i?B|B)?\s*", str(size))
+        if not m:
+            raise ConfigError(f"cannot read size {size!r}; write e.g. 3500000, '3.5MB', '512kB' or '2MiB'.")
+        unit = (m.group(2) or "B").replace("K", "k")
+        mult = {"B": 1, "kB": 10**3, "MB": 10**6, "GB": 10**9, "kiB": 1024, "MiB": 1024**2, "GiB": 1024**3}[unit]
+        value = Fraction(m.group(1)) * mult  # exact: float("1.001") * 1000 is 1000.9999...
+    if (isinstance(value, float) and not math.isfinite(value)) or value < 1:
+        raise ConfigError(f"a size budget must be a finite number of bytes, at least 1, got {size!r}.")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,19 @@ class _OutputNSR:
         return math.inf if nsr <= 0 else -10.0 * math.log10(nsr)
 
 
+def _user_metric(metric: Metric, model: nn.Module, name: str) -> float:
+    """``float(metric(model))``; :class:`ConfigError` when that is not a number or is nan."""
+    v = metric(model)
+    try:
+        out = math.nan if isinstance(v, str | bytes) else float(v)  # a number or a one-element tensor
+    except (TypeError, ValueError, RuntimeError):
+        out = math.nan
+    if math.isnan(out):
+        raise ConfigError(f"metric ({name}) returned {v!r}; it must return a number, higher is better "
+                          "(e.g. top-1 accuracy on held-out data).")
+    return out
+
+
 def _greedy_path(costs: Mapping[str, tuple[float, ...]], sizes: Mapping[str, tuple[int, ...]],
                  allowed: Mapping[str, tuple[int, ...]]) -> list[dict[str, int]]:
     """Configurations from all-first to all-last candidate, one layer one step down at a time, taking
@@ -205,7 +224,8 @@ def search_mixed_precision(
         candidates: two or more recipes, most precise first (e.g. ``[W8A8(), W4A16(group_size=32)]``);
             the first one is the base recipe (joins and edges follow it).
         calib_data: calibration batches, as for :func:`lowbit.quantize`; the default metric also runs
-            on them (at most ``num_batches`` of them).
+            on them (at most ``num_batches`` of them). They are read once per candidate and per probe;
+            a one-shot iterator (generator) is first stored as a list of its first ``num_batches``.
         size_budget: the largest deployed size (bytes, or ``"3.5MB"``); the first configuration of the
             path that fits is taken (before ``min_metric`` narrows it).
         min_metric: the lowest acceptable metric (output SQNR in dB by default; else ``metric``'s unit).
@@ -214,12 +234,15 @@ def search_mixed_precision(
         metric_name: how tables name ``metric``.
 
     Returns:
-        A :class:`MixedPrecisionPlan`. When a budget is given but cannot be met, the closest plan is
-        returned with ``meets_budget=False`` and a warning is logged.
+        A :class:`MixedPrecisionPlan` whose ``size_bytes`` (deployed size, measured) is within
+        ``size_budget``. When ``min_metric`` cannot be met within the size budget, the first configuration
+        that fits is returned with ``meets_budget=False`` and a warning is logged.
 
     Raises:
-        ConfigError: fewer than two candidates, no budget, or a size budget below what even the last
-            candidate everywhere gives (the message says the smallest size possible).
+        ConfigError: fewer than two candidates, no budget, a budget that is not a size
+            (:func:`parse_size`) or a ``min_metric`` that is not a number, a ``metric`` that returns no
+            number, or a size budget below what the cheapest candidates give (the message says the
+            smallest size possible).
     """
     candidates = tuple(candidates)
     if len(candidates) < 2 or not all(isinstance(c, Recipe) for c in candidates):
@@ -229,6 +252,13 @@ def search_mixed_precision(
         raise ConfigError("give a budget: size_budget= (bytes or '3.5MB') and/or min_metric= "
                           "(lowest acceptable metric; output SQNR in dB by default).")
     budget = None if size_budget is None else parse_size(size_budget)
+    if min_metric is not None:
+        if isinstance(min_metric, bool) or not isinstance(min_metric, numbers.Real) or math.isnan(min_metric):
+            raise ConfigError(f"min_metric must be a number ({'output SQNR in dB' if metric is None else metric_name}),"
+                              f" got {min_metric!r}.")
+
+    if calib_data is not None and iter(calib_data) is calib_data:  # a generator: the search reads it many times
+        calib_data = list(itertools.islice(calib_data, num_batches))
 
     def build(recipe: Recipe) -> nn.Module:
         return quantize(model, recipe, calib_data, example_inputs, num_batches=num_batches, progress=False)
@@ -252,13 +282,13 @@ def search_mixed_precision(
         float_metric = math.inf
     else:
         with quantization_disabled(qmodels[0]):
-            float_metric = float(metric(qmodels[0]))
+            float_metric = _user_metric(metric, qmodels[0], metric_name)
 
     def cost_of(m: nn.Module) -> float:
-        return nsr.nsr(m) if nsr is not None else float_metric - float(metric(m))
+        return nsr.nsr(m) if nsr is not None else float_metric - _user_metric(metric, m, metric_name)
 
     def measure(m: nn.Module) -> float:
-        return _OutputNSR.to_db(nsr.nsr(m)) if nsr is not None else float(metric(m))
+        return _OutputNSR.to_db(nsr.nsr(m)) if nsr is not None else _user_metric(metric, m, metric_name)
 
     costs: dict[str, tuple[float, ...]] = {}
     bar = tqdm(total=sum(len(a) for a in allowed.values()), desc="layer sensitivity", disable=not progress)
@@ -282,23 +312,32 @@ def search_mixed_precision(
             probed[k] = (deployed_size_bytes(q), measure(q) if with_metric else None)
         return probed[k]
 
-    # Size: planned weight bytes fall along the path; the deployed size adds what stays constant.
+    # Size: planned weight bytes fall along the path; the deployed size adds what stays nearly constant
+    # (biases, float layers, activation scales: these differ a little per configuration, so the estimate
+    # only says where to start and every choice is checked on the deployed size).
     k = 0
     if budget is not None:
         offset = probe(0, False)[0] - planned[0]
         fits = [i for i, p in enumerate(planned) if p + offset <= budget]
-        if not fits:
-            smallest = probe(len(path) - 1, False)[0]
-            raise ConfigError(f"size budget {budget} bytes is below the smallest model these candidates give "
-                              f"({smallest} bytes with every layer at {_name(candidates[-1])}); raise the budget "
-                              "or add a smaller candidate.")
-        k = fits[0]
-        while probe(k, False)[0] > budget and k + 1 < len(path):  # activation scales differ a little per config
+        k = fits[0] if fits else len(path) - 1
+        while probe(k, False)[0] > budget and k + 1 < len(path):
             k += 1
-    meets = budget is None or probe(k, False)[0] <= budget
+        # the estimate may overshoot (a cheaper candidate can drop activation quantizers): step back
+        # while the configuration before, estimated with the offset measured here, fits
+        while k > 0 and planned[k - 1] + probe(k, False)[0] - planned[k] <= budget and probe(k - 1, False)[0] <= budget:
+            k -= 1
+        if probe(k, False)[0] > budget:
+            last = len(path) - 1
+            smallest = min(probe(i, False)[0] for i in {last, min(range(len(path)), key=lambda i: (planned[i], -i))})
+            raise ConfigError(f"size budget {budget} bytes is below the smallest model these candidates give "
+                              f"({smallest} bytes, with every layer at its cheapest candidate, here "
+                              f"{_name(candidates[-1])}); raise the budget to at least {smallest} bytes or add a "
+                              "smaller candidate.")
+    fitting = k
+    meets = True
     if min_metric is not None:
         lo, hi = k, len(path) - 1  # find the last index in [k, end] whose measured metric >= min_metric
-        if probe(lo, True)[1] < min_metric:
+        if not probe(lo, True)[1] >= min_metric:  # also when the metric is nan
             meets = False
             log.warning("lowbit: mixed precision: %s %.4g at the first configuration that fits is below min_metric "
                         "%.4g; returning it (raise the size budget or lower min_metric).",
@@ -311,11 +350,9 @@ def search_mixed_precision(
                 else:
                     hi = mid - 1
             k = lo
+            if budget is not None and probe(k, False)[0] > budget:  # sizes need not fall exactly along the path
+                k = fitting
     size, value = probe(k, True)
-    if budget is not None and size > budget:
-        meets = False
-        log.warning("lowbit: mixed precision: no configuration fits %d bytes exactly; the closest is %d bytes.",
-                    budget, size)
     return MixedPrecisionPlan(
         candidates=candidates, choice=dict(path[k]), sensitivity=costs, layer_bytes=sizes, size_bytes=size,
         metric=float(value), float_metric=float_metric, metric_name=metric_name, meets_budget=meets,

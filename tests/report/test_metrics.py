@@ -137,3 +137,5 @@ def test_non_finite_inputs_raise():
         cosine_similarity([1.0, float("inf")], [1.0, 1.0])
     with pytest.raises(ShapeMismatchError):
         sqnr_db(torch.zeros(2, 3), torch.zeros(3, 2))
+    with pytest.raises(ShapeMismatchError, match=r"\(2, 3\) and \(3, 2\)"):  # same numel, not the same tensor
+        cosine_similarity(torch.ones(2, 3), torch.ones(3, 2))

@@ -69,16 +69,16 @@ def sqnr_db(x: Any, x_hat: Any) -> float:
 
 
 def cosine_similarity(a: Any, b: Any) -> float:
-    """Cosine of the angle between ``a`` and ``b`` flattened: ``<a, b> / (|a|_2 |b|_2)`` in float64.
+    """Cosine of the angle between ``a`` and ``b`` (same shape) flattened: ``<a, b> / (|a|_2 |b|_2)`` in float64.
 
     Two all-zero tensors give 1.0 (identical); one all-zero tensor against a non-zero one gives 0.0.
 
     >>> cosine_similarity([1.0, 0.0], [1.0, 1.0])   # 1 / sqrt(2)
     0.7071067811865475
     """
-    u = _as_f64(a, "a").reshape(-1)
-    v = _as_f64(b, "b").reshape(-1)
-    _same_shape(u, v, "cosine_similarity")
+    u, v = _as_f64(a, "a"), _as_f64(b, "b")
+    _same_shape(u, v, "cosine_similarity")  # before flattening: (2, 3) against (3, 2) is a mistake
+    u, v = u.reshape(-1), v.reshape(-1)
     nu, nv = float(u.norm()), float(v.norm())
     if nu == 0.0 and nv == 0.0:
         return 1.0
