@@ -134,3 +134,16 @@ def test_keep_first_last_8bit():
 
 def test_layer_spec_for_unknown_module_is_float():
     assert W8A8().layer_spec(nn.LSTM(2, 2)).is_float
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda: FP8(format="int8"), "FP8 format must be"),  # would silently give int8 weights and activations
+    (lambda: W8A8Dynamic(act_dtype="int4"), "act_dtype must be"),
+    (lambda: W8A8Dynamic(granularity="row"), "granularity must be"),
+    (lambda: W8A8(exclude=("fc", 3)), "exclude must be"),
+    (lambda: WeightOnly(bits="4"), "got '4'"),
+    (lambda: W4A16(group_size=2.5), "positive integer"),
+])
+def test_bad_values_are_refused_when_the_recipe_is_made(make, needle):
+    with pytest.raises(ConfigError, match=needle):
+        make()

@@ -25,7 +25,7 @@ from .capture.plan import Planner
 from .capture.readback import quantization_disabled
 from .capture.swap import quantize_modules
 from .capture.swap import weighted_order as module_order
-from .errors import EmptyCalibrationError, QuantizationError, UnsupportedLayerError
+from .errors import ConfigError, EmptyCalibrationError, QuantizationError, UnsupportedLayerError
 from .nn.quantizer import calibrating, quantizers
 from .nn.root import set_root_attr
 from .passes.adaround import AdaRoundConfig
@@ -53,7 +53,8 @@ def decision_log(qmodel: nn.Module) -> DecisionLog:
     """The :class:`~lowbit.capture.log.DecisionLog` that :func:`quantize` attached to ``qmodel``."""
     d = getattr(qmodel, _LOG_ATTR, None)
     if d is None:
-        raise QuantizationError("this model was not produced by lowbit.quantize, so it has no decision log.")
+        raise ConfigError("this model was not produced by lowbit.quantize, so it has no decision log; pass the "
+                          "model that lowbit.quantize returned.")
     return d
 
 
@@ -143,7 +144,7 @@ def _passes(work: nn.Module, recipe: Recipe, plan: PassPlan, calib_data, example
     if calib_data is not None and plan.needs_data:
         calls = list(iter_calls(calib_data, work, num_batches, progress=False))
         if any(len(a) != 1 or k for a, k in calls):
-            raise QuantizationError(
+            raise ConfigError(
                 "AdaRound and empirical bias correction feed each batch to the model as one input tensor; "
                 "this calibration data has batches with several arguments. Pass batches of one tensor "
                 "(or (input, target) pairs for a one-argument forward)."
@@ -223,7 +224,7 @@ def quantize(
     The tensor-level functions are :func:`lowbit.ops.quantize` / :func:`lowbit.ops.fake_quantize`.
     """
     if not isinstance(model, nn.Module):
-        raise QuantizationError(
+        raise ConfigError(
             f"quantize() takes an nn.Module, got {type(model).__name__}; to quantize a tensor use "
             "lowbit.ops.quantize(x, scale, zero_point, spec) or lowbit.fake_quantize."
         )

@@ -305,7 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return COMMANDS[args.command](args)
         except QuantizationError as e:
-            print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
+            msg = " ".join(str(e).split())  # one line, whatever the message (a load_state_dict report ...)
+            print(f"lowbit {args.command}: error: {msg}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

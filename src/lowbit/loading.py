@@ -119,7 +119,7 @@ BUILTIN_DATA: dict[str, str] = {
 }
 
 
-def _load_weights(model: nn.Module, path: str, name: str) -> None:
+def _read_weights(path: str) -> tuple[Path, dict]:
     p = Path(path)
     if not p.is_file():
         raise DataNotFoundError(f"weights file {p} does not exist; pass the path of a state_dict (.pt/.pth/.safetensors).")
@@ -132,12 +132,38 @@ def _load_weights(model: nn.Module, path: str, name: str) -> None:
             state = torch.load(p, map_location="cpu", weights_only=True)
             if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
                 state = state["state_dict"]
+    except Exception as e:  # corrupted file, non-tensor pickle
+        raise ModelFileError(
+            f"cannot read the weights {p}: {type(e).__name__}: {str(e)[:300]}. The file must hold a state_dict "
+            "saved with torch.save(model.state_dict(), path) or safetensors."
+        ) from None
+    if not isinstance(state, dict):
+        raise ModelFileError(f"the weights {p} hold a {type(state).__name__}, not a state_dict; save them with "
+                             "torch.save(model.state_dict(), path).")
+    return p, state
+
+
+def _load_weights(model: nn.Module, path: str, name: str, state: dict | None = None) -> None:
+    p, state = (Path(path), state) if state is not None else _read_weights(path)
+    try:
         model.load_state_dict(state)
-    except Exception as e:  # wrong architecture, corrupted or non-tensor pickle
+    except Exception as e:  # wrong architecture
         raise ModelFileError(
             f"cannot load the weights {p} into {name}: {type(e).__name__}: {str(e)[:300]}. The file must hold a "
             "state_dict saved with torch.save(model.state_dict(), path) for this exact architecture."
         ) from None
+
+
+def _num_classes(model: nn.Module, state: dict) -> int | None:
+    """The class count of a torchvision ``state`` whose only difference from ``model`` (built for 1000
+    classes) is the classifier's output size; None when it does not differ that way."""
+    ref = model.state_dict()
+    diff = [k for k, v in state.items() if k in ref and torch.is_tensor(v) and v.shape != ref[k].shape]
+    if not diff or any(ref[k].ndim == 0 or ref[k].shape[0] != 1000 or state[k].shape[1:] != ref[k].shape[1:]
+                       for k in diff):
+        return None
+    counts = {int(state[k].shape[0]) for k in diff}
+    return counts.pop() if len(counts) == 1 else None
 
 
 def _import_factory(target: str, attr: str) -> Callable[[], Any]:
@@ -184,6 +210,10 @@ def _from_factory(spec: str) -> LoadedModel:
     return LoadedModel(model.eval(), spec, tuple(shape) if shape else None)
 
 
+_ATEN_LAYERS = {"aten.conv1d.default": torch.conv1d, "aten.conv2d.default": torch.conv2d,
+                "aten.linear.default": nn.functional.linear}
+
+
 def _from_pt2(path: Path) -> LoadedModel:
     if not path.is_file():
         raise DataNotFoundError(f"exported program {path} does not exist.")
@@ -196,7 +226,20 @@ def _from_pt2(path: Path) -> LoadedModel:
     ex = getattr(ep, "example_inputs", None)
     if ex and ex[0] and torch.is_tensor(ex[0][0]):
         shape = tuple(ex[0][0].shape[1:])
-    return LoadedModel(ep.module(), str(path), shape)
+    try:
+        module = ep.module(check_guards=False)  # shape checks by a pre-hook, not a graph node fx cannot trace
+    except TypeError:  # older torch
+        module = ep.module()
+    # ep.module() makes train()/eval() raise; the graph was fixed at export time (export the model in eval
+    # mode), so nn.Module's own methods, which only set the flags, are right here
+    for attr in ("train", "eval"):
+        module.__dict__.pop(attr, None)
+    # ATen convolution / linear calls as the torch functions lowbit's capture turns into quantizable layers
+    for node in module.graph.nodes:
+        if node.op == "call_function" and str(node.target) in _ATEN_LAYERS and not node.kwargs:
+            node.target = _ATEN_LAYERS[str(node.target)]
+    module.recompile()
+    return LoadedModel(module.eval(), str(path), shape)
 
 
 def load_model(spec: str, weights: str | None = None, input_shape: tuple[int, ...] | None = None) -> LoadedModel:
@@ -217,7 +260,16 @@ def load_model(spec: str, weights: str | None = None, input_shape: tuple[int, ..
     elif spec.startswith("torchvision:"):
         from .zoo import torchvision_model
 
-        loaded = LoadedModel(torchvision_model(spec.split(":", 1)[1]), spec, (3, 224, 224), IMAGENET, None)
+        arch = spec.split(":", 1)[1]
+        net = torchvision_model(arch)
+        if weights is not None:  # a state_dict for another class count (e.g. resnet18(num_classes=10))
+            _, state = _read_weights(weights)
+            k = _num_classes(net, state)
+            if k is not None:
+                net = torchvision_model(arch, num_classes=k)
+            _load_weights(net, weights, spec, state)
+            weights = None
+        loaded = LoadedModel(net, spec, (3, 224, 224), IMAGENET, None)
     elif spec.endswith(".pt2"):
         loaded = _from_pt2(Path(spec))
     elif ":" in spec:
@@ -254,8 +306,8 @@ def load_data(spec: str, preprocess: Preprocess = IMAGENET) -> LoadedData:
         return LoadedData(zoo.fashion_mnist("test"), spec, True)
     p = Path(spec)
     if p.suffix in (".npy", ".npz"):
-        ds = zoo.tensor_file(p)
-        return LoadedData(ds, spec, len(ds.tensors) > 1)
+        ds, labelled = _tensor_file(p)
+        return LoadedData(ds, spec, labelled)
     if p.is_dir():
         return LoadedData(zoo.image_folder(p, preprocess=preprocess), spec, True)
     if p.exists():
@@ -264,3 +316,28 @@ def load_data(spec: str, preprocess: Preprocess = IMAGENET) -> LoadedData:
         f"DATA {spec!r} is neither an existing folder/.npy/.npz file nor a built-in data set "
         f"({', '.join(BUILTIN_DATA)})."
     )
+
+
+def _tensor_file(p: Path) -> tuple[Dataset, bool]:
+    """:func:`lowbit.zoo.tensor_file` with every unreadable file or unusable array as a ModelFileError."""
+    import zipfile
+
+    from . import zoo
+
+    try:
+        ds = zoo.tensor_file(p)
+    except (DataNotFoundError, ModelFileError):
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, TypeError, KeyError) as e:
+        raise ModelFileError(
+            f"cannot read DATA {p} ({type(e).__name__}: {str(e)[:200]}); write it with numpy.save(path, x) or "
+            "numpy.savez(path, x=inputs, y=labels) from numeric arrays (no pickled objects)."
+        ) from None
+    x = ds.tensors[0]
+    if x.dim() < 1 or x.dtype == torch.bool:
+        raise ModelFileError(f"DATA {p}: the inputs must be a numeric array with the samples along the first "
+                             f"dimension, got {x.dtype} of shape {tuple(x.shape)}.")
+    if len(ds.tensors) > 1 and ds.tensors[1].dim() != 1:
+        raise ModelFileError(f"DATA {p}: the labels 'y' must be one class index per sample (shape (N,)), got shape "
+                             f"{tuple(ds.tensors[1].shape)}; for one-hot labels save y.argmax(1).")
+    return ds, len(ds.tensors) > 1

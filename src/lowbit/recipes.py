@@ -102,6 +102,8 @@ class Recipe:
     def __post_init__(self) -> None:
         if isinstance(self.exclude, str):
             object.__setattr__(self, "exclude", (self.exclude,))
+        if not isinstance(self.exclude, list | tuple) or not all(isinstance(e, str) for e in self.exclude):
+            raise ConfigError(f"exclude must be layer names or regular expressions (strings), got {self.exclude!r}.")
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if not isinstance(self.overrides, Mapping):
             raise ConfigError(f"overrides must be a dict {{name | regex | type: spec}}, got {type(self.overrides).__name__}.")
@@ -206,6 +208,12 @@ class W8A8Dynamic(Recipe):
     granularity: Literal["tensor", "token"] = "tensor"
     per_channel: bool = True
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.act_dtype not in ("uint8", "int8"):
+            raise ConfigError(f"W8A8Dynamic act_dtype must be 'uint8' or 'int8', got {self.act_dtype!r}.")
+        _act_granularity(self.granularity)
+
     def covers(self, module: nn.Module) -> bool:
         return isinstance(module, nn.Linear)
 
@@ -244,10 +252,10 @@ class WeightOnly(Recipe):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.bits not in (2, 3, 4, 5, 6, 7, 8):
-            raise ConfigError(f"WeightOnly bits must be between 2 and 8, got {self.bits}.")
-        if self.group_size is not None and self.group_size < 1:
-            raise ConfigError(f"group_size must be a positive integer or None, got {self.group_size}.")
+        if self.bits not in (2, 3, 4, 5, 6, 7, 8) or isinstance(self.bits, bool):
+            raise ConfigError(f"WeightOnly bits must be an integer between 2 and 8, got {self.bits!r}.")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
+            raise ConfigError(f"group_size must be a positive integer or None, got {self.group_size!r}.")
 
     def weight_spec(self, module: nn.Module) -> QuantSpec:
         fmt = f"int{self.bits}" if self.symmetric else f"uint{self.bits}"
@@ -271,6 +279,12 @@ class FP8(Recipe):
     format: str = "fp8_e4m3"
     per_channel: bool = True
     calibrator: str = "minmax"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.format not in ("fp8_e4m3", "fp8_e5m2"):
+            raise ConfigError(f"FP8 format must be 'fp8_e4m3' or 'fp8_e5m2', got {self.format!r}; use Custom(...) "
+                              "for other formats.")
 
     def weight_spec(self, module: nn.Module) -> QuantSpec:
         return QuantSpec(self.format, symmetric=True, granularity=_weight_gran(self.per_channel))

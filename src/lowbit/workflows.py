@@ -31,7 +31,18 @@ import torch
 from torch import nn
 
 from . import recipes as R
-from .errors import ConfigError, ExportError, FileExistsRefusedError, ParityError, QuantizationError
+from .errors import (
+    ConfigError,
+    DataNotFoundError,
+    EmptyCalibrationError,
+    ExportError,
+    FileExistsRefusedError,
+    ModelFileError,
+    ParityError,
+    QuantizationError,
+    ShapeMismatchError,
+    check_finite,
+)
 from .loading import LoadedData, LoadedModel, load_data, load_model
 from .report.data import ResultRow
 
@@ -83,21 +94,34 @@ def make_recipe(name: str, calibrator: str = "minmax") -> R.Recipe:
     return table[key]()
 
 
-def prepare_out_dir(path: str | Path, overwrite: bool) -> Path:
-    """Create ``path`` (parents too). An existing non-empty folder is refused unless ``overwrite``, in
-    which case its contents are removed first. Raises :class:`FileExistsRefusedError` / ConfigError."""
+def _check_out_dir(path: str | Path, overwrite: bool) -> Path:
+    """The checks of :func:`prepare_out_dir`, changing nothing on disk."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ConfigError(f"output path {p} is a file; pass a folder name for --out.")
-    if p.is_dir() and any(p.iterdir()):
-        if not overwrite:
-            raise FileExistsRefusedError(
-                f"output folder {p} already exists and is not empty; pass --overwrite to replace its contents "
-                "or choose another --out folder."
-            )
-        for child in p.iterdir():
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-    p.mkdir(parents=True, exist_ok=True)
+    parent = next((q for q in p.absolute().parents if q.exists()), None)
+    if not p.exists() and parent is not None and not parent.is_dir():
+        raise ConfigError(f"cannot create the output folder {p}: {parent} is a file; pass another --out folder.")
+    if p.is_dir() and any(p.iterdir()) and not overwrite:
+        raise FileExistsRefusedError(
+            f"output folder {p} already exists and is not empty; pass --overwrite to replace its contents "
+            "or choose another --out folder."
+        )
+    return p
+
+
+def prepare_out_dir(path: str | Path, overwrite: bool) -> Path:
+    """Create ``path`` (parents too). An existing non-empty folder is refused unless ``overwrite``, in
+    which case its contents are removed first. Raises :class:`FileExistsRefusedError` / ConfigError."""
+    p = _check_out_dir(path, overwrite)
+    try:
+        if p.is_dir():
+            for child in p.iterdir():
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot prepare the output folder {p} ({e.strerror or e}); pass a folder you can write "
+                          "to as --out.") from None
     return p
 
 
@@ -191,16 +215,54 @@ def _resolve_data(loaded: LoadedModel, data: str | None, what: str) -> LoadedDat
 
 
 def _batches(ds: LoadedData, batch_size: int, num_batches: int | None, labels: bool = False) -> list:
+    """The first ``num_batches`` batches of ``ds``: input tensors, or ``(x, y)`` with ``labels``. Raises
+    :class:`ModelFileError` for a file that cannot be read (an image that does not decode),
+    :class:`NonFiniteError` for NaN/Inf inputs, :class:`EmptyCalibrationError` for no samples."""
     from .zoo.data import loader
 
     out = []
-    for b in loader(ds.dataset, batch_size=batch_size):
-        out.append((b[0], b[1]) if labels and len(b) > 1 else b[0])
-        if num_batches is not None and len(out) >= num_batches:
-            break
+    try:
+        for b in loader(ds.dataset, batch_size=batch_size):
+            check_finite(b[0], f"the inputs of batch {len(out)} of {ds.name}")
+            out.append((b[0], b[1]) if labels and len(b) > 1 else b[0])
+            if num_batches is not None and len(out) >= num_batches:
+                break
+    except OSError as e:  # PIL.UnidentifiedImageError, truncated files ...
+        raise ModelFileError(f"cannot read the data {ds.name}: {type(e).__name__}: {str(e)[:300]}; remove or "
+                             "replace that file.") from None
     if not out:
-        raise QuantizationError(f"the data {ds.name} holds no samples; give at least one.")
+        raise EmptyCalibrationError(f"the data {ds.name} holds no samples; give at least one.")
     return out
+
+
+def _check_fit(model: nn.Module, name: str, batches: list, data_name: str) -> None:
+    """Run ``model`` on the first batch: a ShapeMismatchError that says what to fix when the data does not fit
+    the model (shape, dtype, a .pt2 exported for a fixed batch size), and a ConfigError for labels that are
+    not class indices of the model's output (then top-1 would silently be 0)."""
+    first = batches[0]
+    x = first[0] if isinstance(first, tuple) else first
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as e:
+        hint = (" A .pt2 program takes only the batch size it was exported with unless exported with "
+                "dynamic_shapes: re-export it, or pass --batch-size." if name.endswith(".pt2") else "")
+        raise ShapeMismatchError(
+            f"{name} fails on the first batch of {data_name} (inputs {x.dtype} of shape {tuple(x.shape)}): "
+            f"{type(e).__name__}: {str(e)[:300]}. DATA must hold the model's preprocessed inputs, float32 and "
+            f"shaped (N, *input shape).{hint}"
+        ) from None
+    ys = [b[1] for b in batches if isinstance(b, tuple)]
+    if not ys or not torch.is_tensor(out) or out.dim() != 2:
+        return
+    y = torch.cat([torch.as_tensor(v).reshape(-1) for v in ys])
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= out.shape[1]:
+        raise ConfigError(
+            f"the labels of {data_name} run from {lo} to {hi}, but {name} outputs {out.shape[1]} classes (0.."
+            f"{out.shape[1] - 1}); give labels that are the model's class indices (an image folder's classes are "
+            "its sorted subfolders), or data without labels."
+        )
 
 
 def _metric_rows(variant: str, res, size: int | None, latency: float | None) -> list[ResultRow]:
@@ -338,13 +400,18 @@ def run_quantize(
     rec = make_recipe(recipe, calibrator)
     if num_batches < 1 or batch_size < 1:
         raise ConfigError("--num-batches and --batch-size must be at least 1.")
-    out = prepare_out_dir(out_dir, overwrite)
+    _check_out_dir(out_dir, overwrite)
+    if mixed and size_budget is None and min_sqnr is None:
+        raise ConfigError("--mixed chooses each layer's recipe under a limit: add --size-budget SIZE and/or "
+                          "--min-sqnr DB.")
     if data_free is not None:
         _check_data_free(data_free, input_range, adaround, bool(mixed or size_budget is not None or min_sqnr is not None))
     loaded = load_model(model, weights, input_shape)
     ds = _resolve_data(loaded, calib, "--calib")
     labelled = _batches(ds, batch_size, num_batches, labels=True)
+    _check_fit(loaded.model, model, labelled, ds.name)
     calib_x = [b[0] if isinstance(b, tuple) else b for b in labelled]
+    out = prepare_out_dir(out_dir, overwrite)  # after loading: the inputs may live in the folder it clears
     float_model = loaded.model
     use = "calibration" if data_free is None else "comparison only (quantized data-free)"
     notes: list[str] = [f"{use}: {sum(len(x) for x in calib_x)} samples from {ds.name} "
@@ -495,16 +562,18 @@ def run_eval(
     loaded = load_model(model, weights)
     ds = _resolve_data(loaded, data, "--data")
     batches = _batches(ds, batch_size, num_batches, labels=True)
+    _check_fit(loaded.model, model, batches, ds.name)
     xs = [b[0] if isinstance(b, tuple) else b for b in batches]
     x1 = xs[0][:1]
     if quantized is not None:
         qdir = Path(quantized)
         if not qdir.is_dir():
-            raise QuantizationError(f"--quantized {qdir} is not a folder; pass the --out folder of `lowbit quantize`.")
+            raise DataNotFoundError(f"--quantized {qdir} is not a folder; pass the --out folder of `lowbit quantize`.")
         onnx_files = sorted(qdir.glob("*.onnx"))
         if not onnx_files:
-            raise QuantizationError(f"{qdir} holds no .onnx file; rerun `lowbit quantize ... --out {qdir} --overwrite`.")
+            raise DataNotFoundError(f"{qdir} holds no .onnx file; rerun `lowbit quantize ... --out {qdir} --overwrite`.")
         qmodel: nn.Module = _OrtModule(onnx_files[0])
+        _check_fit(qmodel, str(onnx_files[0]), batches[:1], ds.name)
         q_size = onnx_files[0].stat().st_size
         variant = f"{qdir.name} (ONNX Runtime)"
         q_lat = _ort_latency(onnx_files[0], x1, iters=10)
@@ -547,7 +616,9 @@ def run_bench(model: str, *, batch_sizes: Sequence[int] = (1, 32), iters: int = 
     loaded = load_model(model, weights, input_shape)
     x1 = loaded.example_input(1)
     if calib is not None:
-        calib_x = _batches(_resolve_data(loaded, calib, "--calib"), 8, 4)
+        cds = _resolve_data(loaded, calib, "--calib")
+        calib_x = _batches(cds, 8, 4)
+        _check_fit(loaded.model, model, calib_x, cds.name)
     else:
         calib_x = [loaded.example_input(2)]
     qmodel = api.quantize(loaded.model, R.W8A8(), calib_x, progress=False)
@@ -585,7 +656,9 @@ def run_inspect(model: str, *, input_shape: tuple[int, ...] | None = None, data:
 
     loaded = load_model(model, weights, input_shape)
     if input_shape is None and data is not None:
-        x = _batches(_resolve_data(loaded, data, "--data"), 1, 1)[0]
+        ds = _resolve_data(loaded, data, "--data")
+        x = _batches(ds, 1, 1)[0]
+        _check_fit(loaded.model, model, [x], ds.name)
     elif loaded.name == "minilm":
         x = loaded.model.tokenize(["lowbit inspects a sentence encoder on one short sentence."])
     else:
@@ -596,10 +669,15 @@ def run_inspect(model: str, *, input_shape: tuple[int, ...] | None = None, data:
 def run_explain(value: float, fmt: str = "fp16", *, scale: float = 1.0, zero_point: int = 0,
                 saturate: bool | None = None):
     """:func:`lowbit.formats.decompose.decompose` with argument checks suited to the CLI."""
+    from .formats import parse
     from .formats.decompose import decompose
 
     if not math.isfinite(scale) or scale <= 0:
         raise ConfigError(f"--scale must be a positive finite number, got {scale}.")
+    f = parse(fmt)
+    lo, hi = getattr(f, "min_value", None), getattr(f, "max_value", None)
+    if zero_point and f.is_integer and lo is not None and not lo <= zero_point <= hi:
+        raise ConfigError(f"--zero-point {zero_point} is not a {f.name} code; give one in [{lo}, {hi}].")
     return decompose(value, fmt, scale=scale, zero_point=zero_point, saturate=saturate)
 
 

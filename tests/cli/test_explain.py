@@ -75,3 +75,5 @@ def test_explain_errors(capsys):
     assert rc == 1 and "--scale must be a positive" in err
     rc, _, err = call(capsys, "explain", "abc")
     assert rc == 2 and "invalid float value" in err
+    rc, _, err = call(capsys, "explain", "1", "--format", "int8", "--zero-point", "1000")
+    assert rc == 1 and "give one in [-128, 127]" in err

@@ -97,3 +97,13 @@ def test_main_in_process_restores_lowbit_log_level(capsys):
     before = log.level
     assert main(["explain", "0.1", "--format", "fp16"]) == 0
     assert log.level == before  # the quiet default applies to the command only
+
+
+def test_error_message_is_one_line(capsys, tmp_path):
+    """load_state_dict's report spans lines; the CLI prints it on the one error line."""
+    import torch
+
+    torch.save({"conv1.weight": torch.zeros(2, 3, 3, 3)}, tmp_path / "w.pt")
+    rc, _, err = call(capsys, "inspect", TINY, "--weights", str(tmp_path / "w.pt"))
+    assert rc == 1 and "size mismatch" in err
+    assert err.strip().count("\n") == 0 and err.startswith("lowbit inspect: error: cannot load the weights"), err

@@ -101,3 +101,50 @@ def test_image_folder_uses_model_preprocessing(tmp_path):
     x, y = d.dataset[1]
     assert y == 1 and x.shape == (3, 8, 8)
     torch.testing.assert_close(x, torch.full((3, 8, 8), 80 / 255))
+
+
+def test_unreadable_tensor_files_are_model_file_errors(tmp_path):
+    (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(ModelFileError, match=r"cannot read DATA .*bad\.npz \(BadZipFile"):
+        load_data(str(tmp_path / "bad.npz"))
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ModelFileError, match="no pickled objects"):
+        load_data(str(tmp_path / "obj.npy"))
+    np.savez(tmp_path / "onehot.npz", x=np.zeros((3, 2), np.float32), y=np.eye(3))
+    with pytest.raises(ModelFileError, match=r"one class index per sample .* got shape \(3, 3\)"):
+        load_data(str(tmp_path / "onehot.npz"))
+
+
+def test_pt2_program_is_quantized_layer_by_layer(tmp_path):
+    """ep.module() refuses eval() and calls ATen ops: the loaded program must still quantize like the module."""
+    import lowbit
+    from lowbit import recipes
+
+    m = tiny_net()
+    batch = torch.export.Dim("batch", min=1)
+    path = tmp_path / "tiny.pt2"
+    torch.export.save(torch.export.export(m, (torch.randn(2, 3, 8, 8),), dynamic_shapes=({0: batch},)), str(path))
+    lm = load_model(str(path))
+    x = torch.randn(8, 3, 8, 8)
+    q = lowbit.quantize(lm.model, recipes.W8A8(), [x], progress=False)
+    assert sorted(d.name for d in lowbit.decision_log(q).quantized) == ["conv1", "dw", "fc"]
+    with torch.no_grad():
+        ref = m(x)
+        assert torch.nn.functional.cosine_similarity(q(x).flatten(), ref.flatten(), dim=0) > 0.99
+        assert not torch.equal(q(x), ref)  # really quantized
+
+
+def test_torchvision_weights_with_another_class_count(tmp_path):
+    """README: `torchvision:resnet18 --weights` takes the state_dict of `resnet18(num_classes=10)`."""
+    tv = pytest.importorskip("torchvision")
+    src = tv.models.get_model("mobilenet_v3_small", num_classes=10).eval()
+    torch.save(src.state_dict(), tmp_path / "w.pt")
+    lm = load_model("torchvision:mobilenet_v3_small", weights=str(tmp_path / "w.pt"))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(lm.model(x), src(x))
+    state = src.state_dict()
+    state["features.0.0.weight"] = torch.zeros(5, 3, 3, 3)  # not only the classifier differs: still an error
+    torch.save(state, tmp_path / "w.pt")
+    with pytest.raises(ModelFileError, match="for this exact architecture"):
+        load_model("torchvision:mobilenet_v3_small", weights=str(tmp_path / "w.pt"))

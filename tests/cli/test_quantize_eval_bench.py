@@ -84,6 +84,58 @@ def test_quantize_overwrite_weight_only_without_export(capsys, tmp_path, tiny_da
     assert rc == 0, err
     assert not (out / "old.txt").exists() and (out / "report.html").is_file()
     assert "W4" in stdout
+    assert not list(out.glob("*.onnx")) and "onnx" not in json.loads((out / "summary.json").read_text())["files"]
+
+
+def test_quantize_overwrite_reads_inputs_before_clearing_the_folder(capsys, tmp_path, tiny_data):
+    """--overwrite of a folder that holds the calibration file: the data is read before the folder is cleared."""
+    out = tmp_path / "o"
+    out.mkdir()
+    calib = out / "calib.npy"
+    calib.write_bytes(tiny_data["npy"].read_bytes())
+    rc, _, err = call(capsys, "quantize", TINY, "--calib", str(calib), "--num-batches", "1", "--out", str(out),
+                      "--overwrite", "--no-export")
+    assert rc == 0, err
+    assert not calib.exists() and json.loads((out / "summary.json").read_text())["notes"][0].startswith(
+        f"calibration: 8 samples from {calib}")
+
+
+def _bad_data(d):
+    """DATA files that must each stop `quantize` with one line on stderr (name -> path, expected words)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((12, 3, 8, 8)).astype(np.float32)
+    (d / "corrupt.npz").write_bytes(b"PK\x03\x04 not a zip")
+    nan = x.copy()
+    nan[3, 0, 0, 0] = np.nan
+    np.save(d / "nan.npy", nan)
+    np.savez(d / "labels.npz", x=x, y=np.arange(12) + 2)
+    np.save(d / "channels.npy", x[:, :2])
+    for name in ("a", "b"):
+        (d / "imgs" / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "imgs" / name / "ok.png")
+    (d / "imgs" / "b" / "broken.jpg").write_bytes(b"not a jpeg")
+    return {"corrupt.npz": "BadZipFile", "nan.npy": "1 NaN and 0 Inf", "labels.npz": "run from 2 to 13",
+            "channels.npy": "fails on the first batch", "imgs": "cannot identify image file"}
+
+
+@pytest.mark.parametrize("name", ["corrupt.npz", "nan.npy", "labels.npz", "channels.npy", "imgs"])
+def test_quantize_bad_data_is_one_line_error(capsys, tmp_path, name):
+    """A weight-only recipe does not calibrate, so the NaN must be caught before; labels out of range would
+    otherwise give top-1 0; a wrong shape or an undecodable image would otherwise be a traceback."""
+    needle = _bad_data(tmp_path)[name]
+    rc, out, err = call(capsys, "quantize", TINY, "--recipe", "w4", "--calib", str(tmp_path / name), "--out",
+                        str(tmp_path / "o"), "--no-export")
+    lines = [ln for ln in err.splitlines() if "lowbit quantize: error:" in ln]
+    assert rc == 1 and len(lines) == 1 and needle in lines[0], err
+    assert not (tmp_path / "o").exists()  # nothing written: the folder is made once the inputs are read
+
+
+def test_quantize_out_below_a_file(capsys, tmp_path, tiny_data):
+    (tmp_path / "f").write_text("x")
+    rc, _, err = call(capsys, "quantize", TINY, "--calib", str(tiny_data["npy"]), "--out", str(tmp_path / "f" / "o"))
+    assert rc == 1 and "is a file" in err and (tmp_path / "f").read_text() == "x"
 
 
 @pytest.mark.parametrize("args,code,needle", [
@@ -131,6 +183,9 @@ def test_eval_in_memory_and_errors(capsys, tmp_path, tiny_data):
     assert "W8A8 (simulated)" in stdout and "top1" not in stdout  # no labels in a .npy
     rc, _, err = call(capsys, "eval", TINY, "--data", str(tiny_data["npy"]), "--quantized", str(tmp_path))
     assert rc == 1 and "no .onnx file" in err
+    rc, stdout, err = call(capsys, "eval", TINY, "--data", str(tiny_data["npy"]), "--num-batches", "2",
+                           "--batch-size", "5")
+    assert rc == 0 and "on 10 samples" in stdout, err
 
 
 def test_bench_rows(capsys):
@@ -202,6 +257,7 @@ def test_quantize_mixed_precision_meets_the_size_budget(capsys, tmp_path, tiny_d
 
 @pytest.mark.parametrize("args,needle", [
     (["--size-budget", "1MB"], "add --mixed"),
+    (["--mixed", "w8a8"], "add --size-budget SIZE and/or --min-sqnr"),
     (["--mixed", "w3a3", "--size-budget", "1MB"], "expected recipe names"),
     (["--mixed", "w8a8", "--size-budget", "12 parsecs"], "cannot read size"),
     (["--mixed", "w8a8", "--size-budget", "10"], "smallest model"),
