@@ -159,3 +159,62 @@ def test_functional_conv_on_own_weights_becomes_a_layer_and_folds_bn():
     x = data[0]
     ref = F.relu6(F.conv2d(_aq(F.pad(x, (0, 1, 0, 1)), edges[0]), _wq(w), b, stride=2))
     torch.testing.assert_close(q(x), _aq(ref, layer.output_quantizer), rtol=0, atol=1e-5)
+
+
+class SharedFC(nn.Module):
+    """One Linear called twice; the second call reads a LayerNorm output (a float tensor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x):
+        a = self.fc(x)
+        return a, self.fc(self.norm(a))
+
+
+def test_shared_layer_quantizes_the_input_of_every_call():
+    torch.manual_seed(3)
+    model = SharedFC().eval()
+    data = [torch.randn(4, 8) for _ in range(3)]
+    q = lowbit.quantize(model, W8A8(), data, progress=False)
+    assert lowbit.decision_log(q).path == "graph"
+    names = sorted(r.name for r in lowbit.quant_table(q) if r.role != "weight")
+    assert names == ["fc.output", "norm.output", "x.output"]  # the LayerNorm output feeds an int8 Gemm
+    # reference: the two calls share the weight and the output quantizer; their inputs come from two
+    # different quantizers, so the bias stays float (no single s_x for the int32 bias)
+    w = _wq(model.fc.weight.detach())
+    x = torch.randn(4, 8)
+    a = _aq(F.linear(_aq(x, q.get_submodule("x_quant")), w, model.fc.bias), q.fc.output_quantizer)
+    h = _aq(model.norm(a), q.get_submodule("norm_quant"))
+    b = _aq(F.linear(h, w, model.fc.bias), q.fc.output_quantizer)
+    ya, yb = q(x)
+    torch.testing.assert_close(ya, a, rtol=0, atol=1e-5)
+    torch.testing.assert_close(yb, b, rtol=0, atol=1e-5)
+
+
+class InPlaceAdd(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1, bias=False)
+        self.b = nn.Conv2d(3, 4, 1, bias=False)
+
+    def forward(self, x):
+        h = self.a(x)
+        h.add_(self.b(x))  # the result is read through h, not through the add_ node
+        return h
+
+
+def test_in_place_add_quantized_join_feeds_later_uses():
+    torch.manual_seed(4)
+    model = InPlaceAdd().eval()
+    data = [torch.randn(2, 3, 4, 4) for _ in range(2)]
+    q = lowbit.quantize(model, W8A8(), data, progress=False)
+    adds = [m for m in q.modules() if isinstance(m, QuantAdd)]
+    assert len(adds) == 1
+    x = data[0]
+    xq = _aq(x, q.get_submodule("x_quant"))
+    ya = _aq(F.conv2d(xq, _wq(model.a.weight.detach())), q.a.output_quantizer)
+    yb = _aq(F.conv2d(xq, _wq(model.b.weight.detach())), q.b.output_quantizer)
+    torch.testing.assert_close(q(x), _aq(ya + yb, adds[0].output_quantizer), rtol=0, atol=1e-5)

@@ -66,3 +66,33 @@ def test_strict_raises_on_unexpected_skip():
     # excluding the layer explicitly satisfies strict
     q = lowbit.quantize(model, W8A8(), [torch.randn(1, 3, 6, 6)], progress=False, strict=True, exclude=("rnn", "bn"))
     assert lowbit.decision_log(q).get("rnn").by_user
+
+
+class _SamePad(nn.Conv2d):
+    def forward(self, x):
+        return nn.functional.conv2d(nn.functional.pad(x, (0, 1, 0, 1)), self.weight, self.bias)
+
+
+class BranchySubclass(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = _SamePad(3, 4, 2)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.conv(x).mean((2, 3))
+        if h.sum() > 0:
+            h = h * 2
+        return self.fc(h)
+
+
+def test_swap_logs_a_layer_subclass_with_its_own_forward():
+    model = BranchySubclass().eval()
+    data = [torch.randn(2, 3, 5, 5)]
+    q = lowbit.quantize(model, W8A8(), data, progress=False)
+    d = lowbit.decision_log(q).get("conv")
+    assert d is not None and not d.quantized and "own forward" in d.reason
+    assert type(q.conv) is _SamePad
+    torch.testing.assert_close(q.conv(data[0]), model.conv(data[0]), rtol=0, atol=0)  # its forward is kept
+    with pytest.raises(UnsupportedLayerError, match="conv"):
+        lowbit.quantize(model, W8A8(), data, progress=False, strict=True)

@@ -7,8 +7,6 @@ from torch import nn
 import lowbit
 from lowbit import EmptyCalibrationError, NonFiniteError, QuantSpec
 from lowbit.nn import TensorQuantizer, calibrating, quantizers
-from lowbit.ops import fake_quantize
-from lowbit.spec import compute_qparams
 
 
 class Tiny(nn.Module):
@@ -30,13 +28,21 @@ def test_calibrating_scope_sets_minmax_qparams_and_switches_on():
         outs = [m(b) for b in batches]
     # inside calibration the data passes unchanged (float activations)
     assert torch.equal(outs[0], m.fc(batches[0]))
+    # independent reference: uint8 affine over the range of all batches (zero included), int8 symmetric
+    # max|y| / 127 over the float outputs seen while calibrating, torch's own fake quantization
     allx = torch.cat(batches)
-    s, z = compute_qparams(m.q_in.spec, allx.min(), allx.max())
-    assert torch.equal(m.q_in.scale, s) and torch.equal(m.q_in.zero_point, z)
+    lo, hi = min(float(allx.min()), 0.0), max(float(allx.max()), 0.0)
+    s = (hi - lo) / 255
+    z = min(max(round(-lo / s), 0), 255)
+    torch.testing.assert_close(m.q_in.scale, torch.tensor(s), rtol=1e-6, atol=0)
+    assert int(m.q_in.zero_point) == z
+    s_out = float(torch.cat(outs).detach().abs().max()) / 127
+    torch.testing.assert_close(m.q_out.scale, torch.tensor(s_out), rtol=1e-6, atol=0)
+    assert int(m.q_out.zero_point) == 0
     y = m(batches[0])
-    ref_in = fake_quantize(batches[0], s, z, m.q_in.spec)
-    ref = fake_quantize(m.fc(ref_in), m.q_out.scale, m.q_out.zero_point, m.q_out.spec)
-    assert torch.equal(y, ref)
+    ref_in = torch.fake_quantize_per_tensor_affine(batches[0], float(m.q_in.scale), z, 0, 255)
+    ref = torch.fake_quantize_per_tensor_affine(m.fc(ref_in), float(m.q_out.scale), 0, -128, 127)
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-6)
     assert [n for n, _ in quantizers(m)] == ["q_in", "q_out"]
 
 
@@ -58,6 +64,11 @@ def test_per_channel_weight_quantizer_calibrate_now_matches_torch():
     q = TensorQuantizer(QuantSpec("int8", granularity="channel"), "w")
     q.calibrate_now(w)
     assert q.scale.shape == (6,)
+    ref_scale = w.abs().amax(dim=1) / 127  # symmetric per row: max|w| / 127
+    torch.testing.assert_close(q.scale, ref_scale, rtol=1e-6, atol=0)
+    assert torch.equal(q.zero_point, torch.zeros(6, dtype=torch.int32))
+    zp = torch.zeros(6, dtype=torch.int32)
+    torch.testing.assert_close(q(w), torch.fake_quantize_per_channel_affine(w, ref_scale, zp, 0, -128, 127), rtol=0, atol=1e-6)
     s = torch.exp2(torch.round(torch.log2(q.scale)))
     q.set_qparams(s)
     ref = torch.fake_quantize_per_channel_affine(w, s, torch.zeros(6, dtype=torch.int32), 0, -128, 127)
@@ -71,6 +82,16 @@ def test_dynamic_per_token_uses_each_batch_range():
     # row 0: scale 2/127; row 1: scale 100/127
     assert torch.allclose(y[0], torch.round(x[0] / (2 / 127)) * (2 / 127))
     assert torch.allclose(y[1], torch.round(x[1] / (100 / 127)) * (100 / 127))
+
+
+def test_switched_off_dynamic_quantizer_passes_data_through():
+    q = TensorQuantizer(QuantSpec("int8", symmetric=True, granularity="token", dynamic=True), "act")
+    x = torch.tensor([[0.3, -1.7, 0.01]])
+    q.set_mode(False, False)
+    assert torch.equal(q(x), x)  # off, as the export (which skips disabled quantizers) sees it
+    q.set_mode(False, True)
+    s = 1.7 / 127
+    torch.testing.assert_close(q(x), torch.fake_quantize_per_tensor_affine(x, s, 0, -128, 127), rtol=0, atol=1e-7)
 
 
 def test_errors_empty_calibration_and_nan():

@@ -65,6 +65,27 @@ def test_conv2d_grouped_and_depthwise(groups):
     torch.testing.assert_close(q(x), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "circular", "replicate"])
+def test_conv_dilation_stride_and_padding_modes(padding_mode):
+    torch.manual_seed(1)
+    fl = nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2, padding_mode=padding_mode)
+    q = QuantConv2d.from_float(fl, W8, name="conv")
+    expected, _ = ref_per_channel_int8(fl.weight.detach(), 0)
+    x = torch.randn(2, 4, 9, 9)
+    if padding_mode == "zeros":
+        ref = F.conv2d(x, expected, fl.bias, stride=2, padding=2, dilation=2, groups=2)
+    else:
+        ref = F.conv2d(F.pad(x, (2, 2, 2, 2), mode=padding_mode), expected, fl.bias, stride=2, dilation=2, groups=2)
+    torch.testing.assert_close(q(x), ref, rtol=1e-5, atol=1e-5)
+    fl1 = nn.Conv1d(4, 6, 3, padding=2, dilation=2, groups=2, padding_mode=padding_mode)
+    q1 = QuantConv1d.from_float(fl1, W8, name="c1")
+    x1 = torch.randn(2, 4, 12)
+    w1, _ = ref_per_channel_int8(fl1.weight.detach(), 0)
+    ref1 = (F.conv1d(x1, w1, fl1.bias, padding=2, dilation=2, groups=2) if padding_mode == "zeros"
+            else F.conv1d(F.pad(x1, (2, 2), mode=padding_mode), w1, fl1.bias, dilation=2, groups=2))
+    torch.testing.assert_close(q1(x1), ref1, rtol=1e-5, atol=1e-5)
+
+
 def test_conv1d_and_fused_relu_output_quantizer():
     torch.manual_seed(2)
     fl = nn.Conv1d(3, 4, 3)
@@ -135,6 +156,15 @@ def test_dynamic_weight_spec_is_refused():
 def test_from_float_wrong_type():
     with pytest.raises(UnsupportedLayerError, match="takes a Linear"):
         QuantLinear.from_float(nn.Conv2d(1, 1, 1), W8)
+
+
+def test_from_float_refuses_a_subclass_with_its_own_forward():
+    class SamePad(nn.Conv2d):
+        def forward(self, x):
+            return F.conv2d(F.pad(x, (0, 1, 0, 1)), self.weight, self.bias)
+
+    with pytest.raises(UnsupportedLayerError, match="stem: SamePad subclasses Conv2d with its own forward"):
+        QuantConv2d.from_float(SamePad(3, 4, 2), W8, name="stem")
 
 
 def test_dynamic_input_quantizer_uses_each_batch_range():

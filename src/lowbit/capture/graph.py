@@ -177,6 +177,13 @@ def _join_kind(node: fx.Node) -> str | None:
     return None
 
 
+def _in_place(node: fx.Node) -> bool:
+    """``x.add_(y)``, ``x += y`` ...: the op writes its result into its first argument."""
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    return node.op == "call_function" and node.target in (operator.iadd, operator.imul)
+
+
 def _is_passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), _PASS_MODULES)
@@ -198,7 +205,8 @@ def _spec_text(s: QuantSpec | None) -> str | None:
 
 
 def _free_name(gm: fx.GraphModule, base: str) -> str:
-    name, k = base.replace(".", "_"), 1
+    base = base.replace(".", "_")
+    name, k = base, 1
     while hasattr(gm, name):
         name, k = f"{base}_{k}", k + 1
     return name
@@ -210,6 +218,7 @@ class _GraphQuantizer:
         self.gm, self.planner, self.log, self.probe, self.edge_spec = gm, planner, log, probe, edge_spec
         self.quantized: set[fx.Node] = set()  # values that lie on a quantization grid
         self.edge_of: dict[fx.Node, fx.Node] = {}  # producer -> its edge-quantizer node
+        self.swapped: dict[str, QuantSpec | None] = {}  # layers swapped so far -> their static activation spec
 
     # ---------------------------------------------------------------- edges
     def _float_tensor(self, node) -> bool:
@@ -273,6 +282,9 @@ class _GraphQuantizer:
                 if type(mod) in QUANT_LAYERS:
                     self._layer(node, mod, call_counts.get(node.target, 1))
                     continue
+                if str(node.target) in self.swapped:  # a later call of a layer swapped at its first call
+                    self._layer_call(node, self.swapped[str(node.target)])
+                    continue
                 if isinstance(mod, QuantJoin | TensorQuantizer) or hasattr(mod, "weight_quantizer"):
                     continue
             kind = _join_kind(node)
@@ -314,13 +326,20 @@ class _GraphQuantizer:
             self.log.add(Decision(name, kind, False, str(e)))
             return
         _set_module(self.gm, name, qmod)
-        if static_act is not None and node.args and isinstance(node.args[0], fx.Node) and self._float_tensor(node.args[0]):
-            self.ensure_quantized(node.args[0], static_act)
-        if static_act is not None:
-            self.quantized.add(node)
+        self.swapped[name] = static_act
+        self._layer_call(node, static_act)
         reason = (f"fused {type(fused).__name__}" if fused is not None else "") + (
             f"; {res.source}" if res.source not in (type(self.planner.recipe).__name__,) else "")
         self.log.add(Decision(name, kind, True, reason.strip("; "), _spec_text(spec.weight), _spec_text(act)))
+
+    def _layer_call(self, node: fx.Node, static_act: QuantSpec | None) -> None:
+        """One call of a swapped layer (every call of a shared one): its float input gets the edge quantizer
+        an int8 backend needs, and its output (quantized by the layer) lies on a grid."""
+        if static_act is None:
+            return
+        if node.args and isinstance(node.args[0], fx.Node) and self._float_tensor(node.args[0]):
+            self.ensure_quantized(node.args[0], static_act)
+        self.quantized.add(node)
 
     def _unfuse(self, node: fx.Node, act: nn.Module) -> None:
         name = _free_name(self.gm, f"{node.name}_act")
@@ -375,11 +394,24 @@ class _GraphQuantizer:
             new = self.gm.graph.call_module(mod_name, call_args, call_kwargs)
         node.replace_all_uses_with(new)
         self.gm.graph.erase_node(node)
+        if _in_place(node) and call_args and isinstance(call_args[0], fx.Node):
+            self._redirect_later_uses(call_args[0], new)
         self.quantized.add(new)
         if self.probe is not None and node.name in self.probe.info:
             self.probe.info[new.name] = self.probe.info[node.name]
         reason = f"fused {type(fused).__name__}" if fused is not None else ""
         self.log.add(Decision(name, kind, True, reason, None, str(spec)))
+
+    def _redirect_later_uses(self, target: fx.Node, new: fx.Node) -> None:
+        """``target.add_(y)`` / ``target += y`` wrote the result into ``target``; the quantized join returns a
+        new tensor instead, so every use of ``target`` after the join reads the join's output."""
+        after, seen = [], False
+        for n in self.gm.graph.nodes:
+            if seen and target in n.all_input_nodes:
+                after.append(n)
+            seen = seen or n is new
+        for n in after:
+            n.replace_input_with(target, new)
 
     def _pool(self, node: fx.Node) -> None:
         spec = self.edge_spec

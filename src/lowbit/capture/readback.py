@@ -238,18 +238,20 @@ def weight_bytes(weight: torch.Tensor, wq) -> int:
 
 
 def quantized_weight_layers(qmodel: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``(name, module)`` of every module with a weight tensor and a ``TensorQuantizer`` for it
-    (``module.weight``, ``module.weight_quantizer``), in ``named_modules`` order."""
+    """``(name, module)`` of every module with a weight tensor and an enabled ``TensorQuantizer`` for it
+    (``module.weight``, ``module.weight_quantizer`` with ``quant_enabled``), in ``named_modules`` order."""
     for n, m in qmodel.named_modules():
-        if isinstance(getattr(m, "weight_quantizer", None), TensorQuantizer) and torch.is_tensor(getattr(m, "weight", None)):
+        wq = getattr(m, "weight_quantizer", None)
+        if isinstance(wq, TensorQuantizer) and bool(wq.quant_enabled) and torch.is_tensor(getattr(m, "weight", None)):
             yield n, m
 
 
 def deployed_size_bytes(qmodel: nn.Module) -> int:
     """Bytes a deployment of ``qmodel`` stores: each quantized weight by :func:`weight_bytes`; each
-    static activation quantizer's float32 scale (+ zero point for affine); every other parameter and
-    buffer (biases, norms, float layers) at its own dtype size, each tensor counted once. The quantizers'
-    state flags are not counted."""
+    enabled static activation quantizer's float32 scale (+ a ``ceil(bits / 8)``-byte zero point for
+    affine); every other parameter and buffer (biases, norms, float layers, weights whose quantizer is
+    switched off) at its own dtype size, each tensor counted once. The quantizers' state flags (and the
+    scales of switched-off quantizers) are not counted."""
     seen: set[int] = set()
     weight_quantizers: set[int] = set()
     total = 0
@@ -260,8 +262,9 @@ def deployed_size_bytes(qmodel: nn.Module) -> int:
     for m in qmodel.modules():
         if not isinstance(m, TensorQuantizer):
             continue
-        if id(m) not in weight_quantizers and m.spec.scaled and not m.spec.dynamic:
-            total += 4 * m.scale.numel() + (0 if m.spec.symmetric else m.scale.numel())
+        if id(m) not in weight_quantizers and bool(m.quant_enabled) and m.spec.scaled and not m.spec.dynamic:
+            zp_bytes = 0 if m.spec.symmetric else (m.spec.format.bits + 7) // 8
+            total += (4 + zp_bytes) * m.scale.numel()
         seen.update(id(t) for t in list(m.buffers(recurse=False)) + list(m.parameters(recurse=False)))
     for t in list(qmodel.parameters()) + list(qmodel.buffers()):
         if id(t) not in seen:

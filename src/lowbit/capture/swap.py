@@ -51,6 +51,12 @@ def quantize_modules(model: nn.Module, planner: Planner, log: DecisionLog) -> nn
                                                     "in an nn.Sequential); runs in float"))
             continue
         if type(mod) not in QUANT_LAYERS:
+            base = next((b for b in QUANT_LAYERS if isinstance(mod, b)), None)
+            if base is not None and type(mod).forward is not base.forward:  # e.g. a "same"-padding Conv2d
+                res = planner.resolve(name)
+                log.add(Decision(name, kind, False, res.source if res.explicit else (
+                    f"{kind} subclasses {base.__name__} with its own forward, which module swap cannot keep; runs "
+                    "in float (a model torch.fx can trace gets it quantized)"), by_user=res.explicit))
             continue
         res = planner.resolve(name, module=mod)
         spec = res.spec

@@ -220,7 +220,7 @@ class QuantLayerMixin(OutputSideMixin):
         """A quantized copy of float ``module`` sharing its parameters (same ``weight``/``bias`` objects).
 
         Args:
-            module: the float layer (exactly the float base class of ``cls``).
+            module: the float layer: the float base class of ``cls``, or a subclass that keeps its ``forward``.
             weight_spec: spec of the weight, or None to keep it float.
             input_spec: spec of the input (dynamic activation quantization, module-swap fallback).
             output_spec: spec of the output, applied after ``activation``.
@@ -230,6 +230,12 @@ class QuantLayerMixin(OutputSideMixin):
         base = next(k for k in cls.__mro__[1:] if issubclass(k, nn.Module) and not issubclass(k, QuantLayerMixin))
         if type(module) is not base and not isinstance(module, base):
             raise UnsupportedLayerError(f"{cls.__name__}.from_float takes a {base.__name__}, got {type(module).__name__}.")
+        if type(module).forward is not base.forward:  # the quantized class would silently drop that forward
+            raise UnsupportedLayerError(
+                f"{name}: {type(module).__name__} subclasses {base.__name__} with its own forward, which "
+                f"{cls.__name__} would replace; quantize it through lowbit.quantize (torch.fx turns its "
+                "F.conv/F.linear call into a plain layer) or exclude it."
+            )
         new = copy.copy(module)  # shares parameters and buffers; new object for the new class
         new.__dict__ = dict(module.__dict__)
         for key in ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks"):

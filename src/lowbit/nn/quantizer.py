@@ -163,8 +163,8 @@ class TensorQuantizer(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.follow(x.device)
-        if self.spec.dynamic:
-            return self._forward_dynamic(x)
+        if self.spec.dynamic:  # switched off (quant_enabled False): float, as for a static quantizer
+            return self._forward_dynamic(x) if bool(self.quant_enabled) else x
         if bool(self.observer_enabled):
             self.observer.update(x)
         if not bool(self.quant_enabled):
