@@ -44,6 +44,24 @@ def test_json_round_trip_is_exact(report_data):
     assert back.skipped == data.skipped and back.notes == data.notes
 
 
+def test_json_round_trip_keeps_non_finite_figures_and_numpy_ints():
+    rows = [ResultRow("float", "perplexity", 19.89, np.int64(270_000_000), 10.5),
+            ResultRow("W4A16", "perplexity", float("nan"), np.int64(70_000_000), float("inf"))]
+    lo, hi = np.array([-1.0, -np.inf, 0.0]), np.array([1.0, 2.0, np.nan])
+    data = ReportData(results=rows, weight_channel_ranges={"dw": (lo, hi)})
+    raw = _strict_loads(data.to_json())
+    assert raw["results"][1]["value"] == "nan" and raw["results"][1]["size_bytes"] == 70_000_000
+    assert raw["weight_channel_ranges"]["dw"] == {"min": [-1.0, "-inf", 0.0], "max": [1.0, 2.0, "nan"]}
+    back = ReportData.from_json(data.to_json())
+    assert back == data and math.isnan(back.results[1].value) and back.results[1].latency_ms == math.inf
+    np.testing.assert_array_equal(back.weight_channel_ranges["dw"][0], lo)
+    np.testing.assert_array_equal(back.weight_channel_ranges["dw"][1], hi)
+    assert len({rows[1], ResultRow.from_dict(rows[1].to_dict())}) == 1  # equal rows hash alike
+    changed = ReportData(results=[rows[0], ResultRow("W4A16", "perplexity", 25.0, 70_000_000, math.inf)],
+                         weight_channel_ranges={"dw": (lo, hi)})
+    assert changed != data
+
+
 def test_equality_sees_changes(report_data):
     other = make_report_data(seed=1)
     assert other != report_data
@@ -71,6 +89,11 @@ def test_validation_errors():
         ReportData(weight_channel_ranges={"dw": (np.zeros(3), np.zeros(4))})
     with pytest.raises(ConfigError, match="ResultRow"):
         ReportData(results=[("float", "top1", 0.9)])
+    with pytest.raises(ConfigError, match="two 'top1' figures for the variant 'W8A8'"):
+        ReportData(results=[ResultRow("W8A8", "top1", 0.87), ResultRow("W8A8", "top5", 0.9),
+                            ResultRow("W8A8", "top1", 0.86)])
+    with pytest.raises(ConfigError, match="finite"):
+        ActivationStats("x", [1, float("nan")], [0.0, 1.0, 2.0], {"minmax": (0, 1)}, "minmax")
 
 
 def test_from_json_rejects_foreign_text(report_data):

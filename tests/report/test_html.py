@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import math
 import re
 import struct
 
@@ -47,8 +48,11 @@ def test_report_contents(tmp_path, report_data):
     assert "first_last_float=True" in html and "<code>classifier</code>" in html
     assert "Latency measured on 2 CPU cores" in html
     assert "per-tensor kl)" in html
-    # self-contained: nothing fetched from elsewhere
+    # self-contained: nothing fetched from elsewhere (no link, script, CSS import or url(), no address at all)
+    text = _IMG.sub("", html)
     assert not re.search(r'(src|href)="(https?:)?//', html)
+    for needle in ("http://", "https://", "url(", "@import", "<link", "<script"):
+        assert needle not in text, needle
 
 
 def test_histograms_are_the_worst_by_sqnr():
@@ -66,6 +70,34 @@ def test_activation_sqnr_falls_back_to_layer_prefix():
     data = ReportData(activations=acts, layer_sqnr={"a": 30.0, "b": 10.0, "c": 20.0})
     shown = re.findall(r'alt="histogram of ([^"]+)"', render_report(data, max_histograms=2))
     assert shown == ["b.input", "c.output"]
+
+
+def test_nan_sqnr_counts_as_the_worst():
+    """A NaN SQNR (the quantized output is not finite) is the worst layer, not a dropped one."""
+    data = make_report_data(n_acts=6, n_layers=8)
+    broken = data.activations[4].name
+    acts = [ActivationStats(a.name, a.counts, a.edges, a.ranges, a.chosen,
+                            float("nan") if a.name == broken else a.sqnr_db) for a in data.activations]
+    data = ReportData(activations=acts, layer_sqnr={**data.layer_sqnr, "features.6.conv": float("nan")})
+    html = render_report(data, max_histograms=2, worst_layers=2)
+    by_sqnr = sorted((a for a in acts if a.name != broken), key=lambda a: a.sqnr_db)
+    assert re.findall(r'alt="histogram of ([^"]+)"', html) == [broken, by_sqnr[0].name]
+    worst = html[html.index("Lowest:"):html.index("</ul>", html.index("Lowest:"))]
+    assert re.findall(r"<code>([^<]+)</code>: ([^ ]+) dB", worst) == [("features.6.conv", "nan"),
+                                                                       ("features.3.conv", "7.25")]
+
+
+def test_sqnr_chart_keeps_nan_layers_when_it_drops_bars(monkeypatch):
+    from lowbit.report import plots
+
+    figs = []
+    monkeypatch.setattr(plots, "_png", lambda fig: figs.append(fig) or b"")
+    sqnr = {"l0": 30.0, "l1": float("nan"), "l2": 12.0, "l3": 25.0, "l4": float("-inf"), "l5": math.inf}
+    plots.layer_sqnr_png(sqnr, worst=["l1"], max_bars=3)
+    ax = figs[0].axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["l1", "l2", "l4"]  # the 3 lowest, model order
+    labels = sorted(t.get_text().strip() for t in ax.texts)
+    assert labels == ["-inf", "12.0", "nan"]
 
 
 def test_empty_report_renders_placeholders(tmp_path):

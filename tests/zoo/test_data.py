@@ -78,15 +78,85 @@ def test_image_folder_errors(tmp_path):
     (tmp_path / "a").mkdir()
     with pytest.raises(DataNotFoundError, match="no images"):
         data.image_folder(tmp_path)
+    (tmp_path / "a" / "x.tif").write_bytes(b"II*\0")  # a class whose files are all of an unread type
+    _save(tmp_path / "b" / "0.png", np.zeros((4, 4, 3)))
+    with pytest.raises(DataNotFoundError, match=r"holds 1 entries \('x.tif'"):
+        data.image_folder(tmp_path)
+
+
+def _class_of_pixel(ds, pre_scale=255):
+    """{label: pixel value} read back from the images (each test image is one constant value)."""
+    return sorted((y, round(float(x[0, 0, 0]) * pre_scale)) for x, y in (ds[i] for i in range(len(ds))))
+
+
+_RAW = Preprocess(resize=None, crop=None, mean=(0,) * 3, std=(1,) * 3)
+
+
+def test_image_folder_numeric_names_are_class_indices(tmp_path):
+    # as strings these sort "0" < "10" < "2" < "990": the sorted-position rule would label them 0, 1, 2, 3
+    for name in ("990", "0", "10", "2"):
+        _save(tmp_path / name / "a.png", np.full((4, 4, 3), int(name) % 256))
+    (tmp_path / ".ipynb_checkpoints").mkdir()  # hidden folders are not classes
+    ds = data.image_folder(tmp_path, _RAW)
+    assert _class_of_pixel(ds) == [(0, 0), (2, 2), (10, 10), (990, 990 % 256)]
+    assert ds.class_to_idx == {"0": 0, "10": 10, "2": 2, "990": 990}
+
+
+def test_image_folder_numeric_names_refuse_duplicates_and_mixtures(tmp_path):
+    _save(tmp_path / "7" / "a.png", np.zeros((4, 4, 3)))
+    _save(tmp_path / "007" / "a.png", np.zeros((4, 4, 3)))
+    with pytest.raises(ConfigError, match=r"\['007', '7'\] name the same class index"):
+        data.image_folder(tmp_path, _RAW)
+    (tmp_path / "007" / "a.png").rename(tmp_path / "7" / "b.png")
+    (tmp_path / "007").rename(tmp_path / "cat")
+    with pytest.raises(ConfigError, match="mixes class-index folders"):
+        data.image_folder(tmp_path, _RAW)
+
+
+def test_image_folder_wnid_subset_is_refused(tmp_path):
+    for i, wnid in enumerate(("n01440764", "n01443537")):  # ImageNet classes 0 and 1, but any two would do
+        _save(tmp_path / wnid / "a.png", np.full((4, 4, 3), i))
+    with pytest.raises(ConfigError, match="2 WordNet-id class folders .* not all 1000"):
+        data.image_folder(tmp_path, _RAW)
+    _save(tmp_path / "tench" / "a.png", np.zeros((4, 4, 3)))
+    with pytest.raises(ConfigError, match="mixes WordNet-id class folders"):
+        data.image_folder(tmp_path, _RAW)
+
+
+def test_image_folder_all_1000_wnids_use_the_sorted_index(tmp_path):
+    # wnid k is n{k:04d}0001 here, so its ImageNet-style index (position among 1000 sorted wnids) is k
+    for k in range(1000):
+        (tmp_path / f"n{k:04d}0001").mkdir()
+    for k in (0, 3, 990, 999):
+        _save(tmp_path / f"n{k:04d}0001" / "a.png", np.full((4, 4, 3), k % 256))
+    ds = data.image_folder(tmp_path, _RAW)
+    assert _class_of_pixel(ds) == [(0, 0), (3, 3), (990, 990 % 256), (999, 999 % 256)]
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    _save(tmp_path / "a" / "ok.png", np.zeros((4, 4, 3)))
+    (tmp_path / "a" / "zbroken.jpg").write_bytes(b"not a jpeg")
+    ds = data.image_folder(tmp_path, _RAW)
+    assert ds[0][1] == 0
+    with pytest.raises(ModelFileError, match=r"cannot read image .*zbroken\.jpg .*cannot identify image file"):
+        ds[1]
 
 
 def test_imagenet_samples_sorted_order_is_label(tmp_path, monkeypatch):
-    for name, v in (("n02_b.jpg", 2), ("n01_a.jpg", 1), ("n03_c.jpg", 3)):
-        _save(tmp_path / name, np.full((256, 300, 3), v * 60))
+    # 1000 files whose names sort in the order 999 - k: the label of file k's image must be its sorted position
+    for k in range(1000):
+        value = 120 if k == 998 else 0
+        shape = (256, 300, 3) if k == 998 else (1, 1, 3)
+        _save(tmp_path / f"n{999 - k:04d}_{k}.jpg", np.full(shape, value))
+    _save(tmp_path / "._n0000_apple_double.jpg", np.zeros((1, 1, 3)))  # macOS metadata: skipped
     monkeypatch.setenv("LOWBIT_IMAGENET_SAMPLES", str(tmp_path))
     ds = data.imagenet_samples()
-    assert [f.name for f in ds.files] == ["n01_a.jpg", "n02_b.jpg", "n03_c.jpg"] and ds.labels == [0, 1, 2]
+    assert len(ds) == 1000 and ds.labels == list(range(1000))
+    assert ds.files[1].name == "n0001_998.jpg"
     assert float(ds[1][0][0, 5, 5]) == pytest.approx((120 / 255 - 0.5) / 0.5, abs=2e-2)  # JPEG is lossy
+    (tmp_path / "n0999_0.jpg").unlink()  # 999 images: sorted position is no longer the class index
+    with pytest.raises(ConfigError, match="holds 999 images, not 1000"):
+        data.imagenet_samples()
     monkeypatch.setenv("LOWBIT_IMAGENET_SAMPLES", str(tmp_path / "absent"))
     with pytest.raises(DataNotFoundError, match="LOWBIT_IMAGENET_SAMPLES"):
         data.imagenet_samples()
@@ -140,6 +210,21 @@ def test_tensor_file_npy_npz(tmp_path):
     with pytest.raises(ModelFileError, match=".npy or .npz"):
         (tmp_path / "f.csv").write_text("1,2")
         data.tensor_file(tmp_path / "f.csv")
+
+
+def test_tensor_file_labels_must_be_whole_numbers(tmp_path):
+    x = np.zeros((3, 2), np.float32)
+    np.savez(tmp_path / "a.npz", x=x, y=np.array([2.0, 0.0, 999.0], np.float32))
+    yt = data.tensor_file(tmp_path / "a.npz").tensors[1]
+    assert yt.dtype == torch.int64 and yt.tolist() == [2, 0, 999]
+    for name, y, needle in (("b", [2.7, 0.0, 1.0], "1 of 3 labels are not whole numbers \\(e.g. 2.7\\)"),
+                            ("c", [0.0, np.nan, 0.5], "2 of 3 labels are not whole numbers")):
+        np.savez(tmp_path / f"{name}.npz", x=x, y=np.array(y))
+        with pytest.raises(ModelFileError, match=needle):
+            data.tensor_file(tmp_path / f"{name}.npz")
+    np.savez(tmp_path / "d.npz", x=x, y=np.array(["a", "b", "c"]))
+    with pytest.raises(ModelFileError, match="dtype <U1 are not class indices"):
+        data.tensor_file(tmp_path / "d.npz")
 
 
 def test_stsb_parse(tmp_path):

@@ -47,5 +47,8 @@ def test_errors(tmp_path):
     (tmp_path / "short").write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", 10) + b"\x00" * 9)
     with pytest.raises(ModelFileError, match="truncated"):
         read_idx(tmp_path / "short")
+    (tmp_path / "cut").write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">I", 10))  # 3 sizes announced, 1 there
+    with pytest.raises(ModelFileError, match="header of a 3-d array needs 16 bytes, the file holds 8"):
+        read_idx(tmp_path / "cut")
     with pytest.raises(ModelFileError, match="dtype"):
         write_idx(tmp_path / "c", np.zeros(3, dtype=np.uint16))

@@ -75,6 +75,7 @@ def _observe(qmodel: nn.Module, targets: list[tuple[str, TensorQuantizer]], data
     activation quantizers off feeding a new histogram observer with the quantizer's input."""
     sig = dict.fromkeys((p for p, _ in targets), 0.0)
     noise = dict.fromkeys(sig, 0.0)
+    calls = dict.fromkeys(sig, 0)
     observers = {p: HistogramObserver(q.spec.replace(calibrator=KL()), q.name) for p, q in targets if p in fresh}
     state = {"float": False}
 
@@ -85,6 +86,7 @@ def _observe(qmodel: nn.Module, targets: list[tuple[str, TensorQuantizer]], data
                 if path in observers:
                     observers[path].update(inp[0].detach())
                 return
+            calls[path] += 1
             sig[path] += float((x * x).sum())
             noise[path] += float(((x - out.detach().double()) ** 2).sum())
         return hook
@@ -106,8 +108,9 @@ def _observe(qmodel: nn.Module, targets: list[tuple[str, TensorQuantizer]], data
     finally:
         for h in handles:
             h.remove()
+    # a quantizer the data never reached has no SQNR (not inf: nothing was measured, it is not exact)
     sqnr = {p: (math.inf if noise[p] == 0 else (-math.inf if sig[p] == 0 else 10 * math.log10(sig[p] / noise[p])))
-            for p in sig}
+            for p in sig if calls[p]}
     return sqnr, observers
 
 
@@ -117,7 +120,8 @@ def activation_stats(qmodel: nn.Module, data: Iterable | None = None, *, num_bat
 
     ``ranges`` holds minmax / percentile / KL / MSE candidates (``(lo, hi)`` floats) and ``chosen`` the
     quantizer's calibrator; with ``data`` each entry also gets the quantizer's SQNR over at most
-    ``num_batches`` batches, and min/max-calibrated quantizers get a histogram (see the module doc).
+    ``num_batches`` batches (None for a quantizer those batches never reach), and min/max-calibrated
+    quantizers get a histogram (see the module doc).
     """
     targets = _activation_quantizers(qmodel)
     histo = {p for p, q in targets if isinstance(q.observer, HistogramObserver) and q.observer.num_batches}

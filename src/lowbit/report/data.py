@@ -43,6 +43,25 @@ def _dec(x: float | str | None) -> float | None:
     return float(x)  # float("inf"), float("-inf"), float("nan") parse the strings back
 
 
+def _enc_array(a: np.ndarray) -> list:
+    """A float array as a JSON list, non-finite entries as the strings of :func:`_enc`."""
+    return a.tolist() if np.isfinite(a).all() else [_enc(v) for v in a.tolist()]
+
+
+def _dec_array(values: Sequence[float | str]) -> np.ndarray:
+    return np.array([float(v) for v in values], dtype=np.float64)
+
+
+def _same_float(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def _hash_float(x: float | None) -> object:
+    return "nan" if x is not None and math.isnan(x) else x
+
+
 @dataclass(frozen=True)
 class ResultRow:
     """One measured figure of one model variant.
@@ -61,9 +80,20 @@ class ResultRow:
     size_bytes: int | None = None
     latency_ms: float | None = None
 
+    def __eq__(self, other: object) -> bool:  # nan == nan, so a NaN figure survives the JSON round trip
+        if not isinstance(other, ResultRow):
+            return NotImplemented
+        return (self.variant == other.variant and self.metric == other.metric and self.size_bytes == other.size_bytes
+                and _same_float(self.value, other.value) and _same_float(self.latency_ms, other.latency_ms))
+
+    def __hash__(self) -> int:
+        return hash((self.variant, self.metric, _hash_float(self.value), self.size_bytes,
+                     _hash_float(self.latency_ms)))
+
     def to_dict(self) -> dict[str, Any]:
         return {"variant": self.variant, "metric": self.metric, "value": _enc(self.value),
-                "size_bytes": self.size_bytes, "latency_ms": _enc(self.latency_ms)}
+                "size_bytes": None if self.size_bytes is None else int(self.size_bytes),  # numpy ints too
+                "latency_ms": _enc(self.latency_ms)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ResultRow:
@@ -98,6 +128,8 @@ class ActivationStats:
                 f"activation {self.name!r}: a histogram of {counts.size} bins needs {counts.size + 1} edges, "
                 f"got {edges.size}; pass the edges numpy.histogram / torch.histogram return."
             )
+        if not (np.isfinite(counts).all() and np.isfinite(edges).all()):
+            raise ConfigError(f"activation {self.name!r}: the histogram's counts and edges must be finite numbers.")
         if counts.size and (np.any(np.diff(edges) < 0) or np.any(counts < 0)):
             raise ConfigError(f"activation {self.name!r}: edges must increase and counts be non-negative.")
         ranges = {str(k): (float(v[0]), float(v[1])) for k, v in dict(self.ranges).items()}
@@ -118,23 +150,21 @@ class ActivationStats:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ActivationStats:
         ranges = {k: (_dec(v[0]), _dec(v[1])) for k, v in d["ranges"].items()}
-        return cls(d["name"], np.asarray(d["counts"]), np.asarray(d["edges"]), ranges, d["chosen"],
+        return cls(d["name"], _dec_array(d["counts"]), _dec_array(d["edges"]), ranges, d["chosen"],
                    _dec(d.get("sqnr_db")))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ActivationStats):
             return NotImplemented
-        return (self.name == other.name and self.chosen == other.chosen and self.ranges == other.ranges
+        return (self.name == other.name and self.chosen == other.chosen and _same_ranges(self.ranges, other.ranges)
                 and _same_float(self.sqnr_db, other.sqnr_db)
                 and np.array_equal(self.counts, other.counts) and np.array_equal(self.edges, other.edges))
 
     __hash__ = None  # type: ignore[assignment]  # holds arrays
 
 
-def _same_float(a: float | None, b: float | None) -> bool:
-    if a is None or b is None:
-        return a is b
-    return a == b or (math.isnan(a) and math.isnan(b))
+def _same_ranges(a: Mapping[str, tuple[float, float]], b: Mapping[str, tuple[float, float]]) -> bool:
+    return a.keys() == b.keys() and all(_same_float(a[k][0], b[k][0]) and _same_float(a[k][1], b[k][1]) for k in a)
 
 
 @dataclass(frozen=True)
@@ -183,9 +213,14 @@ class ReportData:
         set_(self, "skipped", tuple((str(a), str(b)) for a, b in self.skipped))
         notes = (self.notes,) if isinstance(self.notes, str) else tuple(self.notes)
         set_(self, "notes", tuple(str(n) for n in notes))
+        seen: set[tuple[str, str]] = set()
         for r in self.results:
             if not isinstance(r, ResultRow):
                 raise ConfigError(f"ReportData.results takes ResultRow objects, got {type(r).__name__}.")
+            if (r.variant, r.metric) in seen:  # the report has one cell per pair: a second value would be lost
+                raise ConfigError(f"ReportData.results has two {r.metric!r} figures for the variant {r.variant!r}; "
+                                  "give each (variant, metric) once (name repeated runs as different variants).")
+            seen.add((r.variant, r.metric))
         for a in self.activations:
             if not isinstance(a, ActivationStats):
                 raise ConfigError(f"ReportData.activations takes ActivationStats objects, got {type(a).__name__}.")
@@ -200,7 +235,7 @@ class ReportData:
             "results": [r.to_dict() for r in self.results],
             "activations": [a.to_dict() for a in self.activations],
             "layer_sqnr": {k: _enc(v) for k, v in self.layer_sqnr.items()},
-            "weight_channel_ranges": {k: {"min": lo.tolist(), "max": hi.tolist()}
+            "weight_channel_ranges": {k: {"min": _enc_array(lo), "max": _enc_array(hi)}
                                       for k, (lo, hi) in self.weight_channel_ranges.items()},
             "skipped": [list(s) for s in self.skipped],
             "notes": list(self.notes),
@@ -221,7 +256,7 @@ class ReportData:
             results=[ResultRow.from_dict(r) for r in d["results"]],
             activations=[ActivationStats.from_dict(a) for a in d["activations"]],
             layer_sqnr={k: _dec(v) for k, v in d["layer_sqnr"].items()},
-            weight_channel_ranges={k: (np.asarray(v["min"]), np.asarray(v["max"]))
+            weight_channel_ranges={k: (_dec_array(v["min"]), _dec_array(v["max"]))
                                    for k, v in d["weight_channel_ranges"].items()},
             skipped=[tuple(s) for s in d["skipped"]],
             notes=d["notes"],
@@ -258,7 +293,8 @@ class ReportData:
         if self.weight_channel_ranges.keys() != other.weight_channel_ranges.keys():
             return False
         return all(
-            np.array_equal(lo, other.weight_channel_ranges[k][0]) and np.array_equal(hi, other.weight_channel_ranges[k][1])
+            np.array_equal(lo, other.weight_channel_ranges[k][0], equal_nan=True)
+            and np.array_equal(hi, other.weight_channel_ranges[k][1], equal_nan=True)
             for k, (lo, hi) in self.weight_channel_ranges.items()
         )
 

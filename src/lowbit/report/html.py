@@ -108,10 +108,17 @@ def _act_sqnr(act: ActivationStats, layer_sqnr: dict[str, float]) -> float | Non
     return None
 
 
+def _worst_first(v: float | None) -> tuple[int, float]:
+    """Sort key: NaN (a broken output) first, then the SQNR ascending, then no SQNR (None) last."""
+    if v is None:
+        return (2, 0.0)
+    return (0, 0.0) if math.isnan(v) else (1, v)
+
+
 def _order_activations(data: ReportData) -> list[ActivationStats]:
-    """Worst SQNR first; quantizers with no SQNR keep their order after those with one."""
-    keyed = [(_act_sqnr(a, data.layer_sqnr), i, a) for i, a in enumerate(data.activations)]
-    keyed.sort(key=lambda t: (t[0] is None, t[0] if t[0] is not None else 0.0, t[1]))
+    """Worst SQNR first (NaN before any number); quantizers with no SQNR keep their order after those with one."""
+    keyed = [(_worst_first(_act_sqnr(a, data.layer_sqnr)), i, a) for i, a in enumerate(data.activations)]
+    keyed.sort(key=lambda t: (t[0], t[1]))
     return [a for _, _, a in keyed]
 
 
@@ -120,8 +127,8 @@ def render_report(data: ReportData, max_histograms: int = 12, worst_layers: int 
     if max_histograms < 0 or worst_layers < 0:
         raise ConfigError("max_histograms and worst_layers must be >= 0.")
     metrics, rows = _results_table(data)
-    finite_sqnr = sorted(((v, k) for k, v in data.layer_sqnr.items() if not math.isnan(v)))
-    worst = [(k, _num(v, 3)) for v, k in finite_sqnr[:worst_layers] if not math.isinf(v) or v < 0]
+    by_sqnr = sorted(data.layer_sqnr.items(), key=lambda kv: _worst_first(kv[1]))  # NaN (broken) first
+    worst = [(k, _num(v, 3)) for k, v in by_sqnr[:worst_layers] if not math.isinf(v) or v < 0]
     sqnr_png = (_b64(plots.layer_sqnr_png(data.layer_sqnr, [k for k, _ in worst]))
                 if data.layer_sqnr else None)
     ordered = _order_activations(data)

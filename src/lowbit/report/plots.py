@@ -88,11 +88,12 @@ def histogram_png(act: ActivationStats, width_in: float = 5.6, height_in: float 
 def layer_sqnr_png(layer_sqnr: Mapping[str, float], worst: Sequence[str] = (), max_bars: int = 60) -> bytes:
     """Horizontal bar per layer (model order, top to bottom) of its output SQNR in dB; the layers in
     ``worst`` red. With more than ``max_bars`` layers only the ``max_bars`` lowest are drawn (still in
-    model order). ``inf`` (exact layers) is drawn hatched at the right edge and labelled "exact"."""
+    model order). ``inf`` (exact layers) is drawn hatched at the right edge and labelled "exact"; NaN (a
+    non-finite output) counts as the lowest and is labelled "nan" at the left edge."""
     items = list(layer_sqnr.items())
     total = len(items)
     if total > max_bars:
-        keep = {k for k, _ in sorted(items, key=lambda kv: kv[1])[:max_bars]}
+        keep = {k for k, _ in sorted(items, key=lambda kv: (not math.isnan(kv[1]), kv[1]))[:max_bars]}
         items = [kv for kv in items if kv[0] in keep]
     names = [k for k, _ in items]
     vals = np.array([v for _, v in items], dtype=np.float64)
@@ -100,7 +101,7 @@ def layer_sqnr_png(layer_sqnr: Mapping[str, float], worst: Sequence[str] = (), m
     top = float(finite.max()) if finite.size else 10.0
     cap = top + max(5.0, 0.1 * abs(top))
     low = min(0.0, float(finite.min())) if finite.size else 0.0
-    shown = np.where(np.isposinf(vals), cap, np.where(np.isneginf(vals), low, vals))
+    shown = np.where(np.isposinf(vals), cap, np.where(np.isneginf(vals) | np.isnan(vals), low, vals))
     worst_set = set(worst)
     fig = Figure(figsize=(7.5, 1.3 + 0.21 * max(len(names), 3)), layout="constrained")
     ax = fig.add_subplot()
@@ -114,6 +115,8 @@ def layer_sqnr_png(layer_sqnr: Mapping[str, float], worst: Sequence[str] = (), m
             ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, " exact", va="center", fontsize=7)
         elif math.isfinite(v):
             ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {v:.1f}", va="center", fontsize=7)
+        else:  # nan or -inf: no bar to draw, say so
+            ax.text(low, bar.get_y() + bar.get_height() / 2, f" {v}", va="center", fontsize=7, color=_WORST)
     ax.set_yticks(y, names, fontsize=7)
     ax.set_ylim(len(names) - 0.5, -0.5)  # first layer on top, no empty margin rows
     ax.set_xlim(low, cap * 1.08)

@@ -9,7 +9,9 @@ set comes from, and every loader says how to get its data when it is missing.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,11 @@ from .transforms import EFFICIENTNET_LITE, FASHION, FASHION_MEAN, FASHION_STD, P
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
+IMAGENET_CLASSES = 1000
+_WNID = re.compile(r"n[0-9]{8}")
+_INDEX = re.compile(r"[0-9]+")
+
+log = logging.getLogger(__name__)
 
 
 class LabelledImages(Dataset):
@@ -41,11 +48,18 @@ class LabelledImages(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.preprocess(self.files[i]), self.labels[i]
+        try:
+            x = self.preprocess(self.files[i])
+        except OSError as e:  # PIL.UnidentifiedImageError, a truncated file: name the file
+            raise ModelFileError(f"cannot read image {self.files[i]} ({type(e).__name__}: {str(e)[:200]}); "
+                                 "remove or replace that file.") from e
+        return x, self.labels[i]
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """The image files of ``folder``, sorted; hidden files (``.name``, e.g. macOS ``._x.jpg``) are skipped."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def imagenet_samples(path: str | os.PathLike | None = None,
@@ -54,11 +68,18 @@ def imagenet_samples(path: str | os.PathLike | None = None,
 
     Folder: ``path``, else ``$LOWBIT_IMAGENET_SAMPLES``, else ``../shared/data/imagenet-samples``.
     Likely training-split images: use them for float-vs-quantized deltas, not absolute accuracy.
+    A folder with another number of images is refused (:class:`ConfigError`): sorted order is the class
+    index only for the full set; put a subset in an :func:`image_folder` with class-index subfolders.
     """
     folder = shared_data_dir("imagenet-samples", path, "LOWBIT_IMAGENET_SAMPLES")
     files = _images_in(folder)
     if not files:
         raise DataNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    if len(files) != IMAGENET_CLASSES:
+        raise ConfigError(
+            f"{folder} holds {len(files)} images, not {IMAGENET_CLASSES}: the sorted file order is the ImageNet "
+            f"class index only for the full set of one image per class. For a subset use an image folder with one "
+            f"subfolder per class named by its class index (<root>/990/<image>.jpg).")
     return LabelledImages(files, range(len(files)), preprocess)
 
 
@@ -85,26 +106,74 @@ def foolbox_images(kind: str = "imagenet", preprocess: Preprocess | None = None)
     return LabelledImages(files, labels, preprocess)
 
 
-def image_folder(root: str | os.PathLike, preprocess: Preprocess = EFFICIENTNET_LITE) -> LabelledImages:
-    """ImageNet layout: one subfolder per class; the sorted subfolder names give class indices 0..K-1.
+def _class_indices(root: Path, classes: list[str]) -> dict[str, int]:
+    """Folder name -> class index by the rules of :func:`image_folder` (``classes`` sorted)."""
+    numeric = [c for c in classes if _INDEX.fullmatch(c)]
+    wnids = [c for c in classes if _WNID.fullmatch(c)]
+    if numeric:
+        if len(numeric) != len(classes):
+            other = next(c for c in classes if c not in numeric)
+            raise ConfigError(
+                f"{root} mixes class-index folders ({numeric[0]!r} ...) with other names ({other!r} ...); name "
+                "every class folder by its class index (0, 1, ... as the model numbers its outputs) or none.")
+        index = {c: int(c) for c in classes}
+        if len(set(index.values())) != len(index):
+            dup = sorted(c for c in classes if list(index.values()).count(index[c]) > 1)
+            raise ConfigError(f"{root}: the class folders {dup} name the same class index; keep one folder per class.")
+        return index
+    if wnids:
+        if len(wnids) != len(classes):
+            other = next(c for c in classes if c not in wnids)
+            raise ConfigError(
+                f"{root} mixes WordNet-id class folders ({wnids[0]!r} ...) with other names ({other!r} ...); "
+                "give all 1000 ImageNet wnid folders, or name every class folder by its class index (0..999).")
+        if len(wnids) != IMAGENET_CLASSES:
+            raise ConfigError(
+                f"{root} has {len(wnids)} WordNet-id class folders ({wnids[0]!r} ...), not all {IMAGENET_CLASSES} "
+                "ImageNet classes: their sorted positions are not the ImageNet-1k class indices, and no offline "
+                "wnid -> index table is available to map them. Rename each folder to its class index "
+                "(n01440764 -> 0, n01443537 -> 1, ...), or add the missing classes' folders (they may be empty).")
+    return {c: k for k, c in enumerate(classes)}
 
-    Attribute ``classes`` (list of folder names) is set on the returned dataset.
+
+def image_folder(root: str | os.PathLike, preprocess: Preprocess = EFFICIENTNET_LITE) -> LabelledImages:
+    """ImageNet layout: one subfolder per class, ``<root>/<class>/<image>.jpg``. The label of a class folder:
+
+    * all folder names are integers (``0``, ``990``): the name is the class index, as written, so a folder
+      holding a few of a model's classes is labelled as the model numbers them;
+    * all names are WordNet ids (``n01440764``): there must be all 1000 ImageNet-1k classes, whose sorted order
+      is the standard class index (a subset is refused with :class:`ConfigError`: without a wnid table its
+      indices cannot be known; rename the folders to their class indices);
+    * any other names: the index of the name in sorted order, 0..K-1 (torchvision ``ImageFolder``'s rule).
+
+    Mixing integer or wnid names with other names is refused. Hidden folders and files (``.name``) are
+    skipped; an empty class folder only holds its place. Attributes ``classes`` (folder names, sorted) and
+    ``class_to_idx`` (name -> label) are set on the returned dataset.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataNotFoundError(f"image folder {root} does not exist")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataNotFoundError(f"{root} has no class subfolders; expected <root>/<class>/<image>.jpg")
+    class_to_idx = _class_indices(root, classes)
     files, labels = [], []
-    for k, name in enumerate(classes):
+    for name in classes:
         imgs = _images_in(root / name)
+        if not imgs:
+            others = [p.name for p in (root / name).iterdir() if not p.name.startswith(".")]
+            if others:
+                raise DataNotFoundError(
+                    f"the class folder {root / name} holds {len(others)} entries ({others[0]!r} ...) but no image "
+                    f"lowbit reads ({', '.join(IMAGE_SUFFIXES)}); convert them or move them out.")
+            log.debug("image_folder: class folder %s is empty", root / name)
         files += imgs
-        labels += [k] * len(imgs)
+        labels += [class_to_idx[name]] * len(imgs)
     if not files:
         raise DataNotFoundError(f"the class folders under {root} contain no images ({', '.join(IMAGE_SUFFIXES)})")
     ds = LabelledImages(files, labels, preprocess)
     ds.classes = classes
+    ds.class_to_idx = class_to_idx
     return ds
 
 
@@ -143,7 +212,9 @@ def tensor_file(path: str | os.PathLike) -> TensorDataset:
     """Load tensors for the CLI: a ``.npy`` file (inputs only) or a ``.npz`` with inputs under ``x`` or
     ``inputs`` and optional labels under ``y`` or ``labels`` (a ``.npz`` with one array: inputs).
 
-    Returns ``TensorDataset(x)`` or ``TensorDataset(x, y)``; floating arrays become float32.
+    Returns ``TensorDataset(x)`` or ``TensorDataset(x, y)``; floating inputs become float32, labels int64.
+    Labels must be whole numbers: a floating label array is accepted only when every value is one
+    (``2.0``), otherwise :class:`ModelFileError` (truncating ``2.7`` to class 2 would mislabel silently).
     """
     path = Path(path)
     if not path.is_file():
@@ -172,6 +243,17 @@ def tensor_file(path: str | os.PathLike) -> TensorDataset:
         return TensorDataset(xt)
     if len(y) != len(x):
         raise ModelFileError(f"{path}: {len(x)} inputs but {len(y)} labels")
+    y = np.asarray(y)
+    if y.dtype.kind in "fc":
+        whole = np.isfinite(y) & (y == np.round(y.real))
+        if not whole.all():
+            bad = y.reshape(-1)[~whole.reshape(-1)]
+            raise ModelFileError(
+                f"{path}: {bad.size} of {y.size} labels are not whole numbers (e.g. {bad[0].item()!r}); labels are class "
+                "indices: save them as integers (numpy.savez(path, x=inputs, y=labels.astype(numpy.int64))).")
+        y = y.real.astype(np.int64)
+    elif y.dtype.kind not in "iub":
+        raise ModelFileError(f"{path}: labels of dtype {y.dtype} are not class indices; save them as integers.")
     return TensorDataset(xt, torch.from_numpy(np.ascontiguousarray(y)).long())
 
 

@@ -39,6 +39,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     dtype = np.dtype(_DTYPES[raw[2]])
     ndim = raw[3]
     header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ModelFileError(f"{path}: the IDX header of a {ndim}-d array needs {header} bytes, the file holds "
+                             f"{len(raw)}; the file is truncated or corrupted")
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(raw) - header != expected:
