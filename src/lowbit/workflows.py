@@ -37,7 +37,6 @@ from .errors import (
     EmptyCalibrationError,
     ExportError,
     FileExistsRefusedError,
-    ModelFileError,
     ParityError,
     QuantizationError,
     ShapeMismatchError,
@@ -221,15 +220,11 @@ def _batches(ds: LoadedData, batch_size: int, num_batches: int | None, labels: b
     from .zoo.data import loader
 
     out = []
-    try:
-        for b in loader(ds.dataset, batch_size=batch_size):
-            check_finite(b[0], f"the inputs of batch {len(out)} of {ds.name}")
-            out.append((b[0], b[1]) if labels and len(b) > 1 else b[0])
-            if num_batches is not None and len(out) >= num_batches:
-                break
-    except OSError as e:  # PIL.UnidentifiedImageError, truncated files ...
-        raise ModelFileError(f"cannot read the data {ds.name}: {type(e).__name__}: {str(e)[:300]}; remove or "
-                             "replace that file.") from None
+    for b in loader(ds.dataset, batch_size=batch_size):  # an unreadable image: ModelFileError from the data set
+        check_finite(b[0], f"the inputs of batch {len(out)} of {ds.name}")
+        out.append((b[0], b[1]) if labels and len(b) > 1 else b[0])
+        if num_batches is not None and len(out) >= num_batches:
+            break
     if not out:
         raise EmptyCalibrationError(f"the data {ds.name} holds no samples; give at least one.")
     return out

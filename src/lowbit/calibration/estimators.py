@@ -28,15 +28,10 @@ def abs_counts(h: Histogram) -> torch.Tensor:
     return (h.hist[:, 0] + h.hist[:, 1]).double()
 
 
-def _clamp_to_data(h: Histogram, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both bounds (B,) clamped into the observed ``[min_val, max_val]``, so a clip interval that misses the
-    data (a constant tensor, a symmetric clip below a one-signed block) still gives ``lo <= hi``."""
-    return clamp_into(lo, h.min_val, h.max_val), clamp_into(hi, h.min_val, h.max_val)
-
-
-def clamp_into(v: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
-    """``min(max(v, mn), mx)`` in float32 (``mn <= mx``)."""
-    return torch.minimum(torch.maximum(v.float(), mn), mx)
+def clamp_to_data(h: Histogram, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both bounds (B,) clamped into the observed ``[min_val, max_val]`` (float32), so a clip interval that
+    misses the data (a constant tensor, a symmetric clip below a one-signed block) still gives ``lo <= hi``."""
+    return torch.clamp(lo.float(), h.min_val, h.max_val), torch.clamp(hi.float(), h.min_val, h.max_val)
 
 
 def quantile(counts: torch.Tensor, first_edge: torch.Tensor, width: torch.Tensor, q: float) -> torch.Tensor:
@@ -64,12 +59,12 @@ def percentile_range(h: Histogram, percentile: float, symmetric: bool) -> tuple[
     nb = h.num_bins
     if symmetric:
         t = quantile(abs_counts(h), torch.zeros_like(w), w, p)
-        return _clamp_to_data(h, -t, t)
+        return clamp_to_data(h, -t, t)
     counts = signed_counts(h)
     first = -nb * w
     hi = quantile(counts, first, w, p)
     lo = quantile(counts, first, w, 1.0 - p)
-    return _clamp_to_data(h, lo, hi)
+    return clamp_to_data(h, lo, hi)
 
 
 def _prefix(counts: torch.Tensor, centers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -120,7 +115,7 @@ def mse_range(h: Histogram, spec: QuantSpec, grid: int = 128) -> tuple[torch.Ten
     centers = (torch.arange(2 * nb, dtype=torch.float64)[None, :] - nb + 0.5) * w[:, None]
     if isinstance(fmt, BinaryFormat):
         best = (counts * centers.abs()).sum(1) / counts.sum(1).clamp(min=1e-300)
-        return _clamp_to_data(h, -best, best)
+        return clamp_to_data(h, -best, best)
     if not fmt.is_integer:
         amax = torch.maximum(h.min_val.abs(), h.max_val.abs()).double()
         return _mse_generic(h, fmt, counts, centers, amax, grid)
@@ -133,7 +128,7 @@ def mse_range(h: Histogram, spec: QuantSpec, grid: int = 128) -> tuple[torch.Ten
         err = _interval_error(pre, safe_w, nb, qmin * s, qmax * s, s)
         best = t.gather(1, err.argmin(dim=1, keepdim=True)).squeeze(1)
         best = torch.where(w > 0, best, torch.zeros_like(best))
-        return _clamp_to_data(h, -best, best)
+        return clamp_to_data(h, -best, best)
     lo_end = h.min_val.double().clamp(max=0)
     hi_end = h.max_val.double().clamp(min=0)
     i = torch.arange(grid + 1, dtype=torch.float64)
@@ -146,7 +141,7 @@ def mse_range(h: Histogram, spec: QuantSpec, grid: int = 128) -> tuple[torch.Ten
     err = _interval_error(pre, safe_w, nb, lo2, hi2, s)
     k = err.argmin(dim=1, keepdim=True)
     best_lo, best_hi = lo2.gather(1, k).squeeze(1), hi2.gather(1, k).squeeze(1)
-    return _clamp_to_data(h, best_lo, best_hi)
+    return clamp_to_data(h, best_lo, best_hi)
 
 
 def _mse_generic(h, fmt, counts, centers, amax, grid) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,4 +155,4 @@ def _mse_generic(h, fmt, counts, centers, amax, grid) -> tuple[torch.Tensor, tor
         s = (t / float(fmt.max_value)).clamp(min=1e-300)[:, :, None]
         err = (counts[b0:b0 + chunk, None, :] * (fmt.round(c / s) * s - c) ** 2).sum(-1)
         best[b0:b0 + chunk] = t.gather(1, err.argmin(dim=1, keepdim=True)).squeeze(1)
-    return _clamp_to_data(h, -best, best)
+    return clamp_to_data(h, -best, best)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import ConfigError
-from .estimators import clamp_into
+from .estimators import clamp_to_data
 
 if TYPE_CHECKING:
     from ..spec import QuantSpec
@@ -207,4 +207,4 @@ def kl_range(h: Histogram, spec: QuantSpec, start_bin: int = 128) -> tuple[torch
         sel = nonneg == flag
         if bool(sel.any()):
             t[sel] = kl_threshold(absh[sel], h.width[sel], kl_levels(spec, flag), start_bin)
-    return clamp_into(-t, h.min_val, h.max_val), clamp_into(t, h.min_val, h.max_val)
+    return clamp_to_data(h, -t, t)

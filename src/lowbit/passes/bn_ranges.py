@@ -79,10 +79,8 @@ class Moments:
     def range(self, num_std: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-tensor ``(lo, hi)``: ``mean +- num_std * std`` clipped into each channel's hard bounds, united
         over channels (a channel the clip always saturates, or a dead one, contributes its bound: ``lo <= hi``)."""
-        def clip(t: torch.Tensor) -> torch.Tensor:
-            return torch.minimum(torch.maximum(t, self.lo), self.hi)
-
-        lo, hi = clip(self.mean - num_std * self.std), clip(self.mean + num_std * self.std)
+        lo = torch.clamp(self.mean - num_std * self.std, self.lo, self.hi)
+        hi = torch.clamp(self.mean + num_std * self.std, self.lo, self.hi)
         return lo.min().float(), hi.max().float()
 
     def samples(self, k: int = 512) -> torch.Tensor:

@@ -106,27 +106,28 @@ def foolbox_images(kind: str = "imagenet", preprocess: Preprocess | None = None)
     return LabelledImages(files, labels, preprocess)
 
 
+def _refuse_mixed(root: Path, classes: list[str], named: list[str], kind: str, fix: str) -> None:
+    """ConfigError when some but not all of ``classes`` are ``named`` (integer or WordNet-id folder names)."""
+    if len(named) != len(classes):
+        other = next(c for c in classes if c not in named)
+        raise ConfigError(f"{root} mixes {kind} ({named[0]!r} ...) with other names ({other!r} ...); {fix}")
+
+
 def _class_indices(root: Path, classes: list[str]) -> dict[str, int]:
     """Folder name -> class index by the rules of :func:`image_folder` (``classes`` sorted)."""
     numeric = [c for c in classes if _INDEX.fullmatch(c)]
     wnids = [c for c in classes if _WNID.fullmatch(c)]
     if numeric:
-        if len(numeric) != len(classes):
-            other = next(c for c in classes if c not in numeric)
-            raise ConfigError(
-                f"{root} mixes class-index folders ({numeric[0]!r} ...) with other names ({other!r} ...); name "
-                "every class folder by its class index (0, 1, ... as the model numbers its outputs) or none.")
+        _refuse_mixed(root, classes, numeric, "class-index folders",
+                      "name every class folder by its class index (0, 1, ... as the model numbers its outputs) or none.")
         index = {c: int(c) for c in classes}
         if len(set(index.values())) != len(index):
             dup = sorted(c for c in classes if list(index.values()).count(index[c]) > 1)
             raise ConfigError(f"{root}: the class folders {dup} name the same class index; keep one folder per class.")
         return index
     if wnids:
-        if len(wnids) != len(classes):
-            other = next(c for c in classes if c not in wnids)
-            raise ConfigError(
-                f"{root} mixes WordNet-id class folders ({wnids[0]!r} ...) with other names ({other!r} ...); "
-                "give all 1000 ImageNet wnid folders, or name every class folder by its class index (0..999).")
+        _refuse_mixed(root, classes, wnids, "WordNet-id class folders",
+                      "give all 1000 ImageNet wnid folders, or name every class folder by its class index (0..999).")
         if len(wnids) != IMAGENET_CLASSES:
             raise ConfigError(
                 f"{root} has {len(wnids)} WordNet-id class folders ({wnids[0]!r} ...), not all {IMAGENET_CLASSES} "
