@@ -70,6 +70,28 @@ def test_int4_weight_only_packed_bit_exact_and_smaller():
     assert module_nbytes(c) < 0.25 * float_bytes  # 0.5 byte per weight + per-group scales
 
 
+def test_odd_in_features_packs_two_codes_per_byte_bit_exact():
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(37, 12)).eval()  # K odd: the last byte of each row holds one code
+    q = lowbit.quantize(m, lowbit.recipes.WeightOnly(4, keep_first_last_8bit=False), None, progress=False)
+    c = convert(q)
+    layer = c.get_submodule("0")
+    assert isinstance(layer, PackedWeightLinear) and layer.packed4
+    assert layer.weight_codes.shape == (12, 19)
+    assert int((layer.weight_codes[:, -1] >> 4).abs().sum()) == 0  # the padding nibble is zero
+    torch.testing.assert_close(layer.dequantized_weight(), q.get_submodule("0").quantized_weight(), rtol=0, atol=0)
+    x = torch.randn(4, 37)
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), q(x), rtol=0, atol=0)
+
+
+def test_pack_unpack_odd_length():
+    codes = torch.tensor([[1, 2, 3], [15, 0, 7]], dtype=torch.uint8)
+    packed = pack_int4(codes)
+    assert packed.tolist() == [[1 | 2 << 4, 3], [15, 7]]
+    assert torch.equal(unpack_int4(packed, 3), codes)
+
+
 def test_pack_unpack_round_trip():
     torch.manual_seed(0)
     codes = torch.randint(0, 16, (7, 10), dtype=torch.uint8)

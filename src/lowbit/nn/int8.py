@@ -47,16 +47,21 @@ def module_nbytes(module: nn.Module) -> int:
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Pack unsigned 4-bit codes (values 0..15, last dimension even) two per byte: ``byte = lo | hi << 4``
-    with ``lo`` the even column. ``(..., K)`` -> ``(..., K / 2)`` uint8."""
+    """Pack unsigned 4-bit codes (values 0..15) two per byte: ``byte = lo | hi << 4`` with ``lo`` the even
+    column. ``(..., K)`` -> ``(..., ceil(K / 2))`` uint8; an odd ``K`` gets a zero high nibble in its last byte
+    (pass ``K`` to :func:`unpack_int4` to drop it)."""
     c = codes.to(torch.uint8)
+    if c.shape[-1] % 2:
+        c = F.pad(c, (0, 1))
     return c[..., 0::2] | (c[..., 1::2] << 4)
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_int4`: ``(..., K / 2)`` uint8 -> ``(..., K)`` uint8 codes 0..15."""
+def unpack_int4(packed: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: ``(..., K2)`` uint8 -> ``(..., k)`` uint8 codes 0..15 (``k`` defaults
+    to ``2 * K2``; pass the original odd ``K`` to drop the padding nibble)."""
     lo, hi = packed & 0x0F, packed >> 4
-    return torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    u = torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    return u if k is None else u[..., :k]
 
 
 class _OutputSide(OutputSideMixin, nn.Module):
@@ -126,7 +131,7 @@ class PackedWeightLinear(_OutputSide):
         codes = quantize(layer.weight.detach().float(), wq.scale, wq.zero_point, spec).to(torch.int16)
         self.offset = -int(spec.format.min_value)  # store unsigned: code + offset in [0, 2^bits - 1]
         u = (codes + self.offset).to(torch.uint8)
-        self.packed4 = spec.format.bits <= 4 and self.in_features % 2 == 0
+        self.packed4 = spec.format.bits <= 4
         self.register_buffer("weight_codes", pack_int4(u) if self.packed4 else u)
         self.register_buffer("weight_scale", wq.scale.detach().float().clone())
         zp = wq.zero_point.detach().to(torch.int16) if not spec.symmetric else torch.zeros_like(wq.scale, dtype=torch.int16)
@@ -136,7 +141,7 @@ class PackedWeightLinear(_OutputSide):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight ``(N, K)`` the codes stand for (bit-exact with the simulation's)."""
-        u = unpack_int4(self.weight_codes) if self.packed4 else self.weight_codes
+        u = unpack_int4(self.weight_codes, self.in_features) if self.packed4 else self.weight_codes
         g = self.spec.granularity
         ub = to_blocks(u.float(), g)
         shape = (self.out_features, self.in_features)
