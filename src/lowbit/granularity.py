@@ -165,7 +165,9 @@ def reduce_blocks(x: torch.Tensor, granularity: Granularity, op: str) -> torch.T
 
 def broadcast_param(p: torch.Tensor, x_shape: tuple[int, ...], granularity: Granularity) -> torch.Tensor:
     """Expand a per-block parameter ``p`` (shape ``scale_shape(x_shape)``) to broadcast against the
-    :func:`to_blocks` view of a tensor of shape ``x_shape``: result shape ``(n0, 1, n1, 1, ...)``."""
+    :func:`to_blocks` view of a tensor of shape ``x_shape``: result shape ``(n0, 1, n1, 1, ...)``.
+    ``p`` may also be those values flattened (0-d or 1-d); a multi-dimensional ``p`` of another shape with the
+    same number of elements (a transposed group grid) raises :class:`ShapeMismatchError`."""
     x_shape = tuple(x_shape) or (1,)
     block = granularity.block_size(x_shape)
     n = [s // b for s, b in zip(x_shape, block)]
@@ -174,6 +176,12 @@ def broadcast_param(p: torch.Tensor, x_shape: tuple[int, ...], granularity: Gran
         raise ShapeMismatchError(
             f"quantization parameter has {p.numel()} elements but {granularity} on a tensor of shape "
             f"{x_shape} needs {expected}; was the quantizer calibrated on a tensor of another shape?"
+        )
+    if p.dim() > 1 and tuple(p.shape) != tuple(n):
+        raise ShapeMismatchError(
+            f"quantization parameter has shape {tuple(p.shape)} but {granularity} on a tensor of shape {x_shape} "
+            f"needs {tuple(n)} (or those {expected} values flattened); was it computed for a tensor of another "
+            "shape, e.g. the transposed weight?"
         )
     inter: list[int] = []
     for k in n:

@@ -224,6 +224,19 @@ def test_bad_inputs_raise_clear_errors():
     assert str(PerTensor()) == "per-tensor"
 
 
+def test_group_scales_of_a_transposed_grid_are_refused():
+    """A (16, 1) grid has as many scales as the (8, 2) grid of PerGroup(16) on an (8, 32) weight but maps them
+    to other blocks: refused, while the grid itself and its flattened values are taken."""
+    x = torch.randn(8, 32)
+    spec = QuantSpec("int8", symmetric=True, granularity=PerGroup(16))
+    scale = reduce_blocks(x, PerGroup(16), "absmax") / 127
+    zp = torch.zeros(8, 2, dtype=torch.int32)
+    ref = fake_quantize(x, scale, zp, spec)
+    torch.testing.assert_close(fake_quantize(x, scale.reshape(-1), zp.reshape(-1), spec), ref, rtol=0, atol=0)
+    with pytest.raises(ShapeMismatchError, match="transposed"):
+        fake_quantize(x, scale.reshape(16, 1), zp.reshape(16, 1), spec)
+
+
 @pytest.mark.parametrize("fmt,qmin,qmax", [("int8", -128, 127), ("uint8", 0, 255), ("int4", -8, 7)])
 def test_fake_quantize_value_does_not_depend_on_requires_grad(fmt, qmin, qmax):
     """With ``requires_grad`` the forward value is still exactly the fake-quantized value, also for outliers
