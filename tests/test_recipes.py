@@ -114,6 +114,26 @@ def test_planner_override_order_and_exclude():
     assert not p.resolve("features.1", LIN).explicit
 
 
+def test_a_key_that_names_a_layer_is_that_name_not_a_regex():
+    """"layer1.0" names a layer: it must not also catch "layer1x0" (which its regex reading fullmatches),
+    while a key that names nothing is still a regex and a name still covers the layers under it."""
+    names = ["layer1.0", "layer1.0.conv", "layer1x0", "fc"]
+    p = Planner(W8A8(exclude=("layer1.0",)), names)
+    assert p.resolve("layer1.0", CONV).spec.is_float and p.resolve("layer1.0.conv", CONV).spec.is_float
+    assert not p.resolve("layer1x0", CONV).spec.is_float
+    p = Planner(W8A8(exclude=(r"layer1.0\.conv|fc",)), names)
+    assert p.resolve("layer1.0.conv", CONV).spec.is_float and p.resolve("fc", LIN).spec.is_float
+    assert not p.resolve("layer1x0", CONV).spec.is_float
+    p = Planner(W8A8(overrides={"layer1.0": QuantSpec("int4", granularity="channel")}), names)
+    assert p.resolve("layer1x0", CONV).source == "W8A8"
+    # an exact name wins over a regex listed before it (the documented order: name, regex, type)
+    p = Planner(W8A8(overrides={r"layer1.*": QuantSpec("int4", granularity="channel"), "layer1.0.conv": None}), names)
+    assert p.resolve("layer1.0.conv", CONV).spec.is_float and p.resolve("layer1x0", CONV).spec.weight.format.name == "int4"
+    # the layer's own name wins over its container's, whatever the dict's order
+    p = Planner(W8A8(overrides={"layer1.0": None, "layer1.0.conv": QuantSpec("int4", granularity="channel")}), names)
+    assert p.resolve("layer1.0.conv", CONV).spec.weight.format.name == "int4" and p.resolve("layer1.0", CONV).spec.is_float
+
+
 def test_unknown_override_lists_close_matches():
     with pytest.raises(ConfigError, match=r"'clasifier'.*Did you mean: 'classifier'"):
         Planner(W8A8(overrides={"clasifier": None}), NAMES)

@@ -89,7 +89,9 @@ class Recipe:
     Args:
         exclude: layer names or regular expressions (full match) to keep float.
         overrides: ``{name | regex | layer type: QuantSpec | LayerSpec | Recipe | None}``; checked in
-            the order exact name, regex, type. A ``QuantSpec`` replaces the weight spec (or, for a
+            the order exact name (the layer's own, then its innermost container's), regex (the first
+            that matches, in the dict's order), type. A key that is the name of a layer is that name only,
+            not also a regex. A ``QuantSpec`` replaces the weight spec (or, for a
             join, the activation spec); ``None`` keeps the layer float.
         keep_first_last_8bit: give the first and last weighted layer (execution order) :class:`W8A8`
             weights (int8 per channel) when the recipe would give them something else.

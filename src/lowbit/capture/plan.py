@@ -2,7 +2,8 @@
 
 Keys of ``exclude`` and ``overrides`` are checked against the model before anything changes: a string
 is an exact module name (a container name covers everything under it) or a regular expression (full
-match); a key that matches nothing raises :class:`~lowbit.errors.ConfigError` listing the closest names
+match); a key that is the name of a layer or op is only that name (``"layer1.0"`` does not also match
+``"layer1x0"`` as the regex would); a key that matches nothing raises :class:`~lowbit.errors.ConfigError` listing the closest names
 (``difflib``), so a typo never silently quantizes the layer it meant to protect.
 """
 
@@ -31,7 +32,10 @@ class Resolved:
     explicit: bool = False
 
 
-def _compile(key: str) -> re.Pattern | None:
+def _compile(key: str, names: set[str]) -> re.Pattern | None:
+    """``key`` as a regular expression, or None where it is a name of the model or no valid regex."""
+    if key in names:
+        return None
     try:
         return re.compile(key)
     except re.error:
@@ -56,16 +60,16 @@ class Planner:
     def __init__(self, recipe: Recipe, names: list[str], weighted_order: list[str] | None = None) -> None:
         self.recipe = recipe
         self.names = [n for n in names if n]
-        self._exclude = [(k, _compile(k)) for k in recipe.exclude]
-        self._overrides = [(k, _compile(k) if isinstance(k, str) else None, v) for k, v in recipe.overrides.items()]
+        known = set(self.names)
+        self._exclude = [(k, _compile(k, known)) for k in recipe.exclude]
+        self._overrides = [(k, _compile(k, known) if isinstance(k, str) else None, v) for k, v in recipe.overrides.items()]
         self._check_keys()
         order = weighted_order or []
         self.first_last = {order[0], order[-1]} if (order and recipe.keep_first_last_8bit) else set()
 
     def _check_keys(self) -> None:
-        keys = [k for k, _ in self._exclude] + [k for k, _, _ in self._overrides if isinstance(k, str)]
-        for key in keys:
-            pattern = _compile(key)
+        keys = self._exclude + [(k, p) for k, p, _ in self._overrides if isinstance(k, str)]
+        for key, pattern in keys:
             if any(_name_matches(key, pattern, n) for n in self.names):
                 continue
             close = difflib.get_close_matches(key, self.names, n=5, cutoff=0.5)
@@ -85,10 +89,12 @@ class Planner:
             if _name_matches(key, pattern, name):
                 return Resolved(LayerSpec(), f"excluded by exclude={key!r}", True)
         value, source = None, None
-        for key, pattern, v in self._overrides:
-            if isinstance(key, str) and _name_matches(key, pattern, name):
-                value, source = v, f"override {key!r}"
-                break
+        named = [(k, v) for k, _, v in self._overrides if isinstance(k, str) and _name_matches(k, None, name)]
+        regex = [(k, v) for k, p, v in self._overrides if isinstance(k, str) and _name_matches(k, p, name)]
+        # the layer's own name, else its innermost named container, else the first regex that matches
+        hit = max(named, key=lambda kv: len(kv[0])) if named else (regex[0] if regex else None)
+        if hit is not None:
+            value, source = hit[1], f"override {hit[0]!r}"
         if source is None and module is not None:
             for key, _, v in self._overrides:
                 if isinstance(key, type) and isinstance(module, key):
