@@ -70,6 +70,19 @@ def test_image_folder_labels_and_values(tmp_path):
     assert values == pytest.approx([10, 11, 200, 201], abs=1e-4)
 
 
+def test_image_folder_reads_images_in_subfolders_of_a_class(tmp_path):
+    """Like torchvision's ImageFolder: images nested below a class folder belong to that class."""
+    _save(tmp_path / "cat" / "a.png", np.full((4, 4, 3), 1))
+    _save(tmp_path / "cat" / "indoor" / "b.png", np.full((4, 4, 3), 2))
+    _save(tmp_path / "cat" / "indoor" / "deep" / "c.png", np.full((4, 4, 3), 3))
+    _save(tmp_path / "cat" / ".thumbs" / "d.png", np.full((4, 4, 3), 99))  # hidden: skipped
+    _save(tmp_path / "dog" / "only_nested" / "e.png", np.full((4, 4, 3), 4))
+    ds = data.image_folder(tmp_path, _RAW)
+    assert _class_of_pixel(ds) == [(0, 1), (0, 2), (0, 3), (1, 4)]
+    assert [p.relative_to(tmp_path).as_posix() for p in ds.files] == [
+        "cat/a.png", "cat/indoor/b.png", "cat/indoor/deep/c.png", "dog/only_nested/e.png"]
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(DataNotFoundError, match="does not exist"):
         data.image_folder(tmp_path / "nope")

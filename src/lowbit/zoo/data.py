@@ -62,6 +62,16 @@ def _images_in(folder: Path) -> list[Path]:
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def _images_under(folder: Path) -> list[Path]:
+    """The image files anywhere below ``folder`` (a class folder may hold subfolders, as torchvision's
+    ``ImageFolder`` allows), sorted by path; hidden files and folders are skipped."""
+    found = []
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(top) / n for n in names if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(found)
+
+
 def imagenet_samples(path: str | os.PathLike | None = None,
                      preprocess: Preprocess = EFFICIENTNET_LITE) -> LabelledImages:
     """The 1000 ImageNet images, one per class; sorted file order is the class index 0..999.
@@ -147,7 +157,8 @@ def image_folder(root: str | os.PathLike, preprocess: Preprocess = EFFICIENTNET_
       indices cannot be known; rename the folders to their class indices);
     * any other names: the index of the name in sorted order, 0..K-1 (torchvision ``ImageFolder``'s rule).
 
-    Mixing integer or wnid names with other names is refused. Hidden folders and files (``.name``) are
+    Mixing integer or wnid names with other names is refused. The images of a class are all image files
+    below its folder, in subfolders too (sorted by path); hidden folders and files (``.name``) are
     skipped; an empty class folder only holds its place. Attributes ``classes`` (folder names, sorted) and
     ``class_to_idx`` (name -> label) are set on the returned dataset.
     """
@@ -160,9 +171,9 @@ def image_folder(root: str | os.PathLike, preprocess: Preprocess = EFFICIENTNET_
     class_to_idx = _class_indices(root, classes)
     files, labels = [], []
     for name in classes:
-        imgs = _images_in(root / name)
+        imgs = _images_under(root / name)
         if not imgs:
-            others = [p.name for p in (root / name).iterdir() if not p.name.startswith(".")]
+            others = [p.name for p in (root / name).rglob("*") if p.is_file() and not p.name.startswith(".")]
             if others:
                 raise DataNotFoundError(
                     f"the class folder {root / name} holds {len(others)} entries ({others[0]!r} ...) but no image "
