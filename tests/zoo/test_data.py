@@ -181,6 +181,12 @@ def test_foolbox_images_labels_from_names():
     assert len(ds) == 20 and ds.labels[:4] == [243, 559, 438, 990]
     fm = data.foolbox_images("fashionMNIST")
     assert fm.labels[:3] == [9, 2, 1] and fm[0][0].shape == (1, 28, 28)
+    # each set is normalized with its own training statistics (MNIST's digits are mostly black: mean 0.1307)
+    for kind, mean, std in (("mnist", 0.1307, 0.3081), ("fashionMNIST", 0.2860, 0.3530)):
+        ds = data.foolbox_images(kind)
+        with Image.open(ds.files[0]) as im:
+            raw = torch.from_numpy(np.asarray(im.convert("L"), dtype=np.float32) / 255)
+        torch.testing.assert_close(ds[0][0][0], (raw - mean) / std, rtol=0, atol=1e-6)
     with pytest.raises(ConfigError):
         data.foolbox_images("svhn")
 

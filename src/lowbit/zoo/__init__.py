@@ -34,7 +34,7 @@ from .models import (
     minilm,
     torchvision_model,
 )
-from .transforms import EFFICIENTNET_LITE, FASHION, IMAGENET, Preprocess
+from .transforms import EFFICIENTNET_LITE, FASHION, IMAGENET, MNIST, Preprocess
 
 __all__ = [
     "efficientnet_lite0", "fashion_cnn", "fashion_resnet", "minilm", "SentenceEncoder", "torchvision_model",
@@ -42,7 +42,7 @@ __all__ = [
     "LabelledImages", "SentencePairs", "loader", "calibration_batches", "imagenet_eval_and_calibration",
     "every_fourth_split",
     "halves_split",
-    "Preprocess", "EFFICIENTNET_LITE", "IMAGENET", "FASHION",
+    "Preprocess", "EFFICIENTNET_LITE", "IMAGENET", "FASHION", "MNIST",
     "EvalResult", "evaluate_classifier", "compare", "evaluate_sts", "compare_sts",
     "top1_accuracy", "mean_kl", "mean_cosine", "spearman", "model_size_bytes",
 ]

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from ..errors import ConfigError, DataNotFoundError, ModelFileError
 from .idx import read_idx
 from .paths import package_dir, shared_data_dir
-from .transforms import EFFICIENTNET_LITE, FASHION, FASHION_MEAN, FASHION_STD, Preprocess
+from .transforms import EFFICIENTNET_LITE, FASHION, FASHION_MEAN, FASHION_STD, MNIST, Preprocess
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
@@ -99,7 +99,8 @@ FOOLBOX_KINDS = ("imagenet", "cifar10", "cifar100", "mnist", "fashionMNIST")
 def foolbox_images(kind: str = "imagenet", preprocess: Preprocess | None = None) -> LabelledImages:
     """foolbox's 20 labelled sample images of one data set (label in the name: ``imagenet_03_990.jpg``).
 
-    Default preprocessing: :data:`EFFICIENTNET_LITE` for ImageNet, :data:`FASHION` for (Fashion-)MNIST,
+    Default preprocessing: :data:`EFFICIENTNET_LITE` for ImageNet, :data:`MNIST` / :data:`FASHION` (each
+    set's training mean and std) for MNIST / Fashion-MNIST,
     [0, 1] RGB for CIFAR. The 20 ImageNet images are disjoint from :func:`imagenet_samples`: a small
     calibration set. Needs ``pip install foolbox`` (only its data folder is used).
     """
@@ -111,7 +112,7 @@ def foolbox_images(kind: str = "imagenet", preprocess: Preprocess | None = None)
         raise DataNotFoundError(f"no {kind}_* images in {folder}; reinstall foolbox (`pip install foolbox`)")
     labels = [int(p.stem.rsplit("_", 1)[1]) for p in files]
     if preprocess is None:
-        preprocess = {"imagenet": EFFICIENTNET_LITE, "mnist": FASHION, "fashionMNIST": FASHION}.get(
+        preprocess = {"imagenet": EFFICIENTNET_LITE, "mnist": MNIST, "fashionMNIST": FASHION}.get(
             kind, Preprocess(resize=None, crop=None, mean=(0.0,) * 3, std=(1.0,) * 3))
     return LabelledImages(files, labels, preprocess)
 

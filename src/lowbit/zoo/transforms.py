@@ -85,3 +85,6 @@ IMAGENET = Preprocess(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 #: Fashion-MNIST 28x28 grayscale: the training set's pixel mean and std.
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 FASHION = Preprocess(resize=None, crop=None, mean=(FASHION_MEAN,), std=(FASHION_STD,), mode="L")
+#: MNIST digits 28x28 grayscale: the MNIST training set's pixel mean and std (torchvision's MNIST example).
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+MNIST = Preprocess(resize=None, crop=None, mean=(MNIST_MEAN,), std=(MNIST_STD,), mode="L")
