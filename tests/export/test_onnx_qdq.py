@@ -351,3 +351,25 @@ def test_signed_int4_weights_packed_two_per_byte_with_sign(tmp_path):
     with torch.no_grad():
         sim = q(x).numpy()
     np.testing.assert_allclose(run_ort(r.path, [x])[0], sim, rtol=0, atol=1e-6 * np.abs(sim).max())
+
+
+def test_a_file_failing_parity_is_named_and_left_for_inspection(qnet, calib, tmp_path, monkeypatch):
+    """verify_export's ParityError reaches the caller with the written file's path in the message."""
+    import lowbit.export.onnx_qdq as oq
+
+    def disagree(*args, **kwargs):
+        raise ParityError("ONNX Runtime disagrees with the simulated model: only 12.00% of 80 outputs ...")
+
+    monkeypatch.setattr(oq, "verify_export", disagree)
+    path = tmp_path / "bad.onnx"
+    with pytest.raises(ParityError, match=rf"12\.00% .* left at {path} for inspection.*do not deploy") as info:
+        export_onnx(qnet, calib[0], path)
+    assert path.is_file() and isinstance(info.value.__cause__, ParityError)
+    onnx.checker.check_model(str(path))
+
+
+@pytest.mark.parametrize("kwargs", [{"min_fraction": 1.5}, {"min_fraction": 0.0}, {"min_cosine": 2.0}])
+def test_impossible_parity_tolerances_are_refused(qnet, calib, tmp_path, kwargs):
+    with pytest.raises(ConfigError, match="min_fraction must be in"):
+        export_onnx(qnet, calib[0], tmp_path / "x.onnx", **kwargs)
+    assert not (tmp_path / "x.onnx").exists()

@@ -32,7 +32,7 @@ import onnx
 import torch
 from torch import nn
 
-from ..errors import ConfigError, EmptyCalibrationError, ExportError, QuantizationError
+from ..errors import ConfigError, EmptyCalibrationError, ExportError, ParityError, QuantizationError
 from ..nn.layers import QuantLayerMixin
 from ..nn.quantizer import TensorQuantizer
 from . import _ort_cpu
@@ -345,10 +345,14 @@ def export_onnx(
         ExportError: a quantizer ONNX cannot express (named), an untraceable model, a missing directory.
         FileExistsRefusedError: ``path`` exists and ``overwrite`` is False.
         EmptyCalibrationError: an uncalibrated quantizer.
-        ParityError: ORT disagrees with the simulation beyond the tolerance (see :func:`verify_parity`).
+        ParityError: ORT disagrees with the simulation beyond the tolerance (see :func:`verify_parity`); the
+            written file stays at ``path`` (the message says so) for inspection.
     """
     if target not in _ort_cpu.TARGETS:
         raise ConfigError(f"target must be one of {', '.join(map(repr, _ort_cpu.TARGETS))}, got {target!r}.")
+    if not 0.0 < min_fraction <= 1.0 or not -1.0 <= min_cosine <= 1.0:
+        raise ConfigError(f"min_fraction must be in (0, 1] and min_cosine in [-1, 1], got {min_fraction} and "
+                          f"{min_cosine}; they are the share of outputs within one step and a cosine similarity.")
     out_path = check_output_path(path, overwrite)
     inputs = as_input_tuple(example_inputs)
     _check_input_dtypes(inputs)
@@ -362,8 +366,12 @@ def export_onnx(
         return ExportResult(out_path, opset, None, None, n_bias)
     kernels = count_kernels(out_path)
     # in ORT's arithmetic (lowbit.nn.ort_arithmetic); dynamic quantizers stage by stage (verify_export)
-    parity = verify_export(qmodel, inputs, out_path, quantizers=[q for q, _ in pairs],
-                           min_fraction=min_fraction, min_cosine=min_cosine)
+    try:
+        parity = verify_export(qmodel, inputs, out_path, quantizers=[q for q, _ in pairs],
+                               min_fraction=min_fraction, min_cosine=min_cosine)
+    except ParityError as e:
+        raise ParityError(f"{e} The file is left at {out_path} for inspection; it does not compute what the "
+                          "simulation computes: do not deploy it.") from e
     return ExportResult(out_path, opset, kernels, parity, n_bias)
 
 
