@@ -163,3 +163,40 @@ def test_model_that_is_one_layer():
     s = inspect_model(nn.Linear(4, 3), torch.randn(2, 4))
     assert [(la.name, la.type, la.params, la.macs) for la in s.layers] == [("", "Linear", 15, 2 * 4 * 3)]
     assert s.total_macs == 24 and s.total_params == 15
+
+
+class PaddedConv(nn.Conv2d):
+    """A conv that owns its weight and a padding child (EfficientNet's Conv2dStaticSamePadding)."""
+
+    def __init__(self, cin, cout, k):
+        super().__init__(cin, cout, k, bias=False)
+        self.pad = nn.ZeroPad2d(k // 2)
+
+    def forward(self, x):
+        return super().forward(self.pad(x))
+
+
+class WithHead(nn.Module):
+    """Own parameter plus a child with FLOPs: the row counts only the module's own work."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x) @ torch.diag(self.scale)
+
+
+def test_modules_with_own_weights_and_children_get_a_row():
+    net = nn.Sequential(PaddedConv(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 2))
+    s = inspect_model(net, torch.randn(1, 3, 6, 6))
+    assert [la.name for la in s.layers] == ["0", "3"]
+    conv = s.layers[0]
+    assert conv.type == "PaddedConv" and conv.params == 8 * 3 * 9 and conv.macs == 6 * 6 * 8 * 3 * 9
+    assert s.total_macs == conv.macs + 8 * 6 * 6 * 2
+    h = inspect_model(WithHead(), torch.randn(5, 4))
+    rows = {la.name: la for la in h.layers}
+    assert set(rows) == {"", "fc"} and rows["fc"].macs == 5 * 4 * 3
+    assert rows[""].params == 3 and rows[""].macs == 5 * 3 * 3  # the (5, 3) @ (3, 3) product only
+    assert sum(la.macs for la in h.layers) == h.total_macs

@@ -182,13 +182,19 @@ def inspect_model(model: torch.nn.Module, example_inputs: Any) -> ModelSummary:
     # FlopCounterMode names modules "<RootClass>.<qualified name>" (torch.utils.module_tracker)
     root = type(model).__name__
 
+    def flops_of(name: str) -> int:  # the module's own call, its children's included
+        return int(sum(counts.get(f"{root}.{name}" if name else root, {}).values()))
+
     layers: list[LayerSummary] = []
     for name, mod in model.named_modules():
-        if any(True for _ in mod.children()):
+        children = [f"{name}.{c}" if name else c for c, _ in mod.named_children()]
+        own = list(mod.parameters(recurse=False))
+        # a row per leaf, and per module that holds weights of its own next to children (a conv subclass
+        # with a padding child, EfficientNet's Conv2dStaticSamePadding): its FLOPs less its children's
+        if children and not own:
             continue
         # a model that is itself one layer (nn.Linear) is its own only leaf, named "" and counted as root
-        flops = int(sum(counts.get(f"{root}.{name}" if name else root, {}).values()))
-        own = list(mod.parameters(recurse=False))
+        flops = flops_of(name) - sum(flops_of(c) for c in children)
         n_params = sum(p.numel() for p in own)
         if n_params == 0 and flops == 0:
             continue
