@@ -262,3 +262,23 @@ def test_tiny_bert_module_swap():
         out = q(**batch).last_hidden_state
         cos = F.cosine_similarity(ref.flatten(1), out.flatten(1)).min()
         assert float(cos) > 0.99
+
+
+def test_subpackages_and_errors_reachable_after_a_plain_import():
+    """In a fresh interpreter, ``import lowbit`` alone gives ``lowbit.distributed``, ``lowbit.runtime``, ... and
+    every error class the docs name at the top level (``lowbit.ParityError``)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import lowbit, lowbit.errors as E\n"
+        "assert 'lowbit.distributed' not in __import__('sys').modules\n"
+        "assert lowbit.distributed.int8_hook.__module__ == 'lowbit.distributed.comm_hooks'\n"
+        "assert lowbit.runtime.IntegerRuntime.__name__ == 'IntegerRuntime'\n"
+        "assert lowbit.zoo.foolbox_images and lowbit.workflows.run_quantize\n"
+        "errs = [n for n in dir(E) if isinstance(getattr(E, n), type) and issubclass(getattr(E, n), E.QuantizationError)]\n"
+        "assert all(getattr(lowbit, n) is getattr(E, n) and n in lowbit.__all__ for n in errs), errs\n"
+        "try:\n    lowbit.no_such_thing\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit('no error')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

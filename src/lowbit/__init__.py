@@ -7,9 +7,18 @@ from . import formats, recipes
 from .api import calibrate, decision_log, quantize
 from .capture.readback import format_quant_table, format_sqnr_table, layer_sqnr, quant_table
 from .errors import (
+    CaptureError,
     ConfigError,
+    DataNotFoundError,
+    DistributedError,
     EmptyCalibrationError,
+    ExportError,
+    FileExistsRefusedError,
+    MissingDependencyError,
+    ModelFileError,
+    NoBatchNormError,
     NonFiniteError,
+    ParityError,
     QuantizationError,
     ShapeMismatchError,
     UnsupportedLayerError,
@@ -26,11 +35,25 @@ from .spec import QuantSpec, compute_qparams
 
 __version__ = "0.1.0"
 
+# Subpackages that ``import lowbit`` does not load (torch.distributed, the integer runtime, the data sets, the
+# report): ``lowbit.distributed.int8_hook`` works after a plain ``import lowbit``, importing on first use.
+_LAZY_SUBMODULES = ("calibration", "distributed", "inspect", "loading", "report", "runtime", "workflows", "zoo")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
+
+
 __all__ = [
     "formats", "QuantSpec", "compute_qparams", "PerTensor", "PerChannel", "PerGroup", "PerToken",
     "quantize", "dequantize", "fake_quantize",
-    "QuantizationError", "ConfigError", "NonFiniteError", "EmptyCalibrationError", "ShapeMismatchError",
-    "UnsupportedLayerError",
+    "QuantizationError", "ConfigError", "NonFiniteError", "EmptyCalibrationError", "NoBatchNormError",
+    "ShapeMismatchError", "UnsupportedLayerError", "CaptureError", "ModelFileError", "FileExistsRefusedError",
+    "ExportError", "ParityError", "DistributedError", "MissingDependencyError", "DataNotFoundError",
     "recipes", "calibrate", "decision_log", "quant_table", "format_quant_table", "layer_sqnr", "format_sqnr_table",
     "TensorQuantizer", "calibrating", "quantizers", "DFQ", "AdaRoundConfig", "DistillConfig",
     "export_onnx", "export_onnx_float", "export_onnx_dynamic", "save", "load", "convert",

@@ -184,10 +184,16 @@ def convert(
     activations: Literal["dynamic", "none"] = "dynamic",
     inplace: bool = False,
 ) -> nn.Module:
-    """Replace every :class:`QuantLinear` by an integer-storing module that runs in PyTorch.
+    """Replace every :class:`QuantLinear` by an integer-storing module that runs in PyTorch; or, for a model
+    from :func:`lowbit.prepare_qat`, finish quantization-aware training.
+
+    A QAT model (``prepare_qat`` output, also wrapped in DDP) goes to :func:`lowbit.qat.convert.convert`:
+    BatchNorm folded into the convolutions, learned scales frozen, the result the same structure
+    :func:`lowbit.quantize` returns (export it with :func:`lowbit.export_onnx`); ``backend`` and
+    ``activations`` do not apply there.
 
     Args:
-        qmodel: a lowbit quantized model.
+        qmodel: a lowbit quantized model, or a QAT model.
         backend: only ``"torch"`` (``torch._int_mm``, CPU and CUDA).
         activations: ``"dynamic"``: int8 symmetric weights run as :class:`Int8Linear` (dynamic per-token
             int8 activations); ``"none"``: every layer weight-only (:class:`PackedWeightLinear`).
