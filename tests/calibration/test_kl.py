@@ -170,3 +170,11 @@ def test_signed_per_channel_range_equals_reference_threshold():
         assert float(hi[c]) == pytest.approx(min(t, float(xc.max())), rel=1e-6), c
         assert float(lo[c]) == pytest.approx(max(-t, float(xc.min())), rel=1e-6), c
     assert float(hi[1]) < 0.5 * float(x[:, 1].abs().max())  # the check is not vacuous: channel 1 is clipped
+
+
+def test_too_few_bins_for_the_levels_says_how_many_are_needed():
+    """int16 has 65536 levels (32768 on one side): the message names the bins it needs, not the 8-bit default."""
+    from lowbit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"at least 32768 histogram bins .* pass KL\(num_bins=32768\) or more"):
+        kl_divergences(torch.ones(1, 2048), levels=32768)

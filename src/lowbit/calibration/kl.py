@@ -105,8 +105,9 @@ def kl_divergences(hist: torch.Tensor, levels: int, start_bin: int = 128) -> tup
     start = max(start_bin, levels)
     if start > nb:
         raise ConfigError(
-            f"KL calibration needs at least {start} histogram bins for {levels} levels (got num_bins={nb}); "
-            "use num_bins >= 2048 (the TensorRT default) or fewer levels."
+            f"KL calibration needs at least {start} histogram bins for {levels} levels (got num_bins={nb}): "
+            f"pass KL(num_bins={start}) or more, or use it for formats of fewer levels (TensorRT's 2048 bins "
+            "serve 8-bit ones); for 16-bit activations min/max or percentile ranges are the usual choice."
         )
     i = torch.arange(start, nb + 1, dtype=torch.int64)  # (K,)
     zero = torch.zeros(n_blocks, 1, dtype=torch.float64)
