@@ -32,8 +32,9 @@ EPILOGS = {
   lowbit quantize efficientnet_lite0 --recipe w8a8 --data-free distilled --input-range=-1,1 \
       --distill-label-weight 50 --out out/lite0-free
 
-writes: model_int8.onnx (QDQ, checked in ONNX Runtime), model.safetensors + quant_spec.json,
-report.html, summary.json""",
+writes: model_int8.onnx (QDQ, checked in ONNX Runtime; model_quantized.onnx unless the activations are
+8-bit integers), model.safetensors + quant_spec.json, report.html, summary.json.
+latency: float and quantized both in ONNX Runtime; metrics: on the calibration data (see `lowbit eval`)""",
     "eval": """examples:
   lowbit eval efficientnet_lite0 --quantized out/lite0 --data imagenet-samples
   lowbit eval mymodels:build --data test.npz --recipe w8a8""",
@@ -228,7 +229,7 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
     print(f"\n{s.quantized} layer(s)/op(s) quantized, {len(s.skipped)} kept float"
           + "".join(f"\n  kept float: {n} ({r})" for n, r in s.skipped[:10]))
     for w in s.warnings:
-        print(f"warning: {w}", file=sys.stderr)
+        print(f"warning: {' '.join(w.split())}", file=sys.stderr)  # one line each, like errors
     print("\nwrote:\n" + "\n".join(f"  {k:10s} {v}" for k, v in s.files.items()))
     return 0
 

@@ -23,7 +23,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -285,7 +285,9 @@ def _float_rows(res, size: int, latency: float | None) -> list[ResultRow]:
 class Summary:
     """What ``lowbit quantize`` did. ``files`` maps a role (``"onnx"``, ``"checkpoint"``, ``"spec"``,
     ``"report"``, ``"summary"``) to the written path; ``results`` the measured rows; ``warnings`` anything
-    the user should read (an export that failed, a parity problem)."""
+    the user should read (an export that failed, a parity problem, a mixed-precision budget not met);
+    ``calibrator`` what set the activation ranges (``"kl"``, ``"data-free (bn ranges)"``); ``extra``'s
+    ``latency_basis`` / ``metrics_basis`` say how the figures were measured (printed under the table)."""
 
     model: str
     recipe: str
@@ -308,7 +310,11 @@ class Summary:
                 **self.extra}
 
     def table(self) -> str:
-        return format_rows(self.results, f"{self.model} - {self.recipe} ({self.calibrator})")
+        """The results table, titled ``MODEL - RECIPE (CALIBRATOR)`` (``MODEL - RECIPE data-free (...)``), then
+        the latency and metrics basis."""
+        basis = [self.extra[k] for k in ("latency_basis", "metrics_basis") if self.extra.get(k)]
+        cal = self.calibrator if self.calibrator.startswith("data-free") else f"({self.calibrator})"
+        return "\n".join([format_rows(self.results, f"{self.model} - {self.recipe} {cal}"), *basis])
 
 
 def _save_checkpoint(qmodel: nn.Module, out: Path, meta: dict[str, Any], example: torch.Tensor) -> tuple[Path, Path]:
@@ -337,6 +343,115 @@ def _check_data_free(mode: str, input_range, adaround: bool, mixed: bool) -> Non
                           "on the calibration data.")
 
 
+def _calibrator_label(calibrator: str, data_free: str | None, rec: R.Recipe) -> str:
+    """What set the activation ranges, for the table title and summary.json: the calibrator's name, or how a
+    data-free run got them (``--calibrator`` plays no part in BatchNorm ranges)."""
+    if data_free is None:
+        return calibrator
+    if rec.edge_spec() is None:
+        return "data-free (no static activation ranges)"
+    return "data-free (bn ranges)" if data_free == "bn" else f"data-free (distilled inputs, {calibrator})"
+
+
+def _run_batch(model: nn.Module, batches: list) -> tuple[torch.Tensor, bool]:
+    """The input that latency, ONNX export and the checkpoint's example use, and whether the batch size is
+    fixed: one sample, or the whole first batch when ``model`` fails on one sample although it ran on that
+    batch (a .pt2 exported without ``dynamic_shapes`` takes only its export batch size)."""
+    first = batches[0]
+    x = first[0] if isinstance(first, tuple) else first
+    if len(x) == 1:
+        return x, False
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    except Exception:  # the first batch ran (_check_fit): the batch size is part of the program
+        return x, True
+    return x[:1], False
+
+
+def _full_batches(batches: list, size: int, name: str) -> tuple[list, str]:
+    """The batches of exactly ``size`` samples (a fixed-batch model cannot run a shorter last batch) and a note."""
+    keep = [b for b in batches if len(b[0] if isinstance(b, tuple) else b) == size]
+    left = sum(len(b[0] if isinstance(b, tuple) else b) for b in batches) - size * len(keep)
+    return keep, (f"{name} takes batches of exactly {size} samples (exported without dynamic_shapes): latency and "
+                  f"ONNX export at batch {size}" + (f"; the last {left} sample(s) were left out" if left else ""))
+
+
+def _onnx_name(qmodel: nn.Module) -> str:
+    """``model_int8.onnx`` when every quantized activation (static edge or dynamic input) is an 8-bit integer,
+    else ``model_quantized.onnx`` (weight-only, int16 or fp8 activations, fp16/bf16 casts)."""
+    from .capture.readback import quant_table
+
+    acts = [r.spec.format for r in quant_table(qmodel) if r.role != "weight"]
+    return "model_int8.onnx" if acts and all(f.is_integer and f.bits == 8 for f in acts) else "model_quantized.onnx"
+
+
+@dataclass(frozen=True)
+class _Latency:
+    """Median ms per batch of ``batch`` samples: PyTorch eager fp32, and ONNX Runtime fp32 / quantized."""
+
+    batch: int
+    fixed: bool
+    eager: float
+    float_ort: float | None = None
+    quant_ort: float | None = None
+
+    def note(self, variant: str, exported: bool) -> str:
+        """The basis of the latency column: both figures in ONNX Runtime, the eager time as an extra."""
+        fixed = " (the batch size the model was exported with)" if self.fixed else ""
+        head = f"latency: batch {self.batch}{fixed}, median of 10 runs, {torch.get_num_threads()} thread(s); "
+        eager = f"PyTorch eager fp32 {self.eager:.2f} ms (not compared)"
+        if not exported:
+            return head + f"not measured in ONNX Runtime (--no-export); {eager}"
+        f = "fp32 in ONNX Runtime" if self.float_ort is not None else "fp32 not timed (no float ONNX)"
+        q = (f"{variant} in ONNX Runtime" if self.quant_ort is not None else f"{variant} not timed (no ONNX file)")
+        speed = (f"; ORT {variant} over ORT fp32: {self.float_ort / self.quant_ort:.2f}x"
+                 if self.float_ort and self.quant_ort else "")
+        return head + f"float {f}, {q}{speed}; {eager}"
+
+
+def _export_and_time(qmodel: nn.Module, float_model: nn.Module, x: torch.Tensor, onnx_path: Path, lat: _Latency,
+                     files: dict[str, str], notes: list[str], warnings: list[str]) -> _Latency:
+    """Write the quantized ONNX file (QDQ, checked in ONNX Runtime) and time it and the float model, both in
+    ONNX Runtime on ``x`` (the float model through a temporary fp32 export, as ``lowbit bench`` does). A
+    failed export is a warning: the checkpoint and report are still written."""
+    import tempfile
+
+    from .export import export_onnx, export_onnx_float
+
+    dynamic = not lat.fixed
+    q_lat = f_lat = None
+    try:
+        er = export_onnx(qmodel, x, onnx_path, overwrite=True, dynamic_batch=dynamic)
+        files["onnx"] = str(onnx_path)
+        if er.kernels is not None:
+            notes.append(f"ONNX: {er.kernels}")
+        if er.parity is not None:
+            notes.append(f"ONNX Runtime vs simulation: {er.parity.fraction_within:.4f} of outputs within one "
+                         f"step (max {er.parity.max_steps:.2f} steps)")
+        q_lat = _ort_latency(onnx_path, x, iters=10)
+    except ParityError as e:
+        files["onnx"] = str(onnx_path)
+        warnings.append(f"ONNX export written but ONNX Runtime disagrees with the simulation: {e}")
+    except (ExportError, QuantizationError) as e:
+        warnings.append(f"no ONNX file: {e}")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            fpath = export_onnx_float(float_model, x, Path(tmp) / "model_fp32.onnx", dynamic_batch=dynamic)
+            f_lat = _ort_latency(fpath, x, iters=10)
+    except QuantizationError as e:
+        warnings.append(f"float model not timed in ONNX Runtime (its fp32 export failed): {e}")
+    return replace(lat, float_ort=f_lat, quant_ort=q_lat)
+
+
+def _metrics_note(data_name: str, n: int, data_free: bool) -> str:
+    """Which data the float-vs-quantized metrics were measured on (``quantize`` takes no evaluation data)."""
+    what = ("the --calib data (not used to quantize: data-free)" if data_free else
+            "the calibration data (no separate evaluation data is given to quantize)")
+    return (f"metrics: measured on {what}, {n} samples of {data_name}; they show how far quantization moved the "
+            "outputs, not accuracy on held-out data (`lowbit eval MODEL --quantized DIR --data HELD_OUT`)")
+
+
 def run_quantize(
     model: str,
     *,
@@ -363,9 +478,11 @@ def run_quantize(
     distill_iters: int = 50,
     distill_label_weight: float = 0.0,
 ) -> Summary:
-    """Quantize MODEL with a preset and write ``model_int8.onnx`` (QDQ, checked in ONNX Runtime),
+    """Quantize MODEL with a preset and write ``model_int8.onnx`` (QDQ, checked in ONNX Runtime; named
+    ``model_quantized.onnx`` unless every quantized activation is an 8-bit integer),
     ``model.safetensors`` + ``quant_spec.json`` (the quantized-simulation state and every tensor's spec),
-    ``report.html`` and ``summary.json`` into ``out_dir``.
+    ``report.html`` and ``summary.json`` into ``out_dir``. No file is written before the model is
+    quantized, compared and the report's statistics are gathered, so a failure there leaves no partial output.
 
     With ``mixed`` (more preset names, less precise than ``recipe``), each layer gets one of ``recipe`` and
     ``mixed`` by :func:`lowbit.mixed_precision.search_mixed_precision` under ``size_budget`` (bytes or
@@ -379,14 +496,16 @@ def run_quantize(
 
     The float and quantized models are compared on the calibration batches (top-1 when the data has
     labels, else top-1 agreement and cosine), so the figures say how far quantization moved the outputs,
-    not how well the model generalises; use :func:`run_eval` on held-out data for that.
+    not how well the model generalises; use :func:`run_eval` on held-out data for that. Latency: both
+    models in ONNX Runtime (the float one through a temporary fp32 export), at batch 1, or at the batch
+    size of the data when the model takes only that one (a .pt2 exported without ``dynamic_shapes``; a
+    shorter last batch is then left out); PyTorch eager fp32 only as a labelled extra in the notes.
 
     Raises:
         FileExistsRefusedError: ``out_dir`` is not empty and ``overwrite`` is False (checked first).
         ConfigError / DataNotFoundError / ModelFileError: bad arguments, files or models.
     """
     from . import api
-    from .export import export_onnx
     from .report import write_report
     from .report.build import build_report_data
     from .zoo.evaluate import compare
@@ -405,12 +524,19 @@ def run_quantize(
     ds = _resolve_data(loaded, calib, "--calib")
     labelled = _batches(ds, batch_size, num_batches, labels=True)
     _check_fit(loaded.model, model, labelled, ds.name)
+    float_model = loaded.model
+    x_run, fixed = _run_batch(float_model, labelled)
+    notes: list[str] = []
+    if fixed:
+        labelled, note = _full_batches(labelled, len(x_run), model)
+        notes.append(note)
     calib_x = [b[0] if isinstance(b, tuple) else b for b in labelled]
     out = prepare_out_dir(out_dir, overwrite)  # after loading: the inputs may live in the folder it clears
-    float_model = loaded.model
     use = "calibration" if data_free is None else "comparison only (quantized data-free)"
-    notes: list[str] = [f"{use}: {sum(len(x) for x in calib_x)} samples from {ds.name} "
-                        f"({len(calib_x)} batch(es) of {batch_size})"]
+    notes.insert(0, f"{use}: {sum(len(x) for x in calib_x)} samples from {ds.name} "
+                    f"({len(calib_x)} batch(es) of {batch_size})")
+    warnings: list[str] = []
+    mixed_table = None
     dfq = dfq or data_free is not None
     passes = [name for name, on in (("dfq", dfq), ("adaround", adaround)) if on]
     if adaround and not any(s.format.is_integer for s in [rec.weight_spec(nn.Conv2d(1, 1, 1))] if s is not None):
@@ -418,8 +544,8 @@ def run_quantize(
     from .passes import DFQ, AdaRoundConfig
 
     if mixed or size_budget is not None or min_sqnr is not None:
-        rec = _mixed_recipe(float_model, rec, [make_recipe(m, calibrator) for m in mixed], calib_x, size_budget,
-                            min_sqnr, out, notes, progress)
+        rec, mixed_table = _mixed_recipe(float_model, rec, [make_recipe(m, calibrator) for m in mixed], calib_x,
+                                         size_budget, min_sqnr, notes, warnings, progress)
     dfq_config = DFQ() if dfq else False
     if data_free is not None:
         from .passes.distill import DistillConfig
@@ -429,7 +555,7 @@ def run_quantize(
                          if data_free == "distilled" else None)
     qmodel = api.quantize(
         float_model, rec, None if data_free else calib_x, progress=progress,
-        example_inputs=torch.zeros_like(calib_x[0][:1]) if data_free else None,  # shapes only: no data seen
+        example_inputs=torch.zeros_like(x_run) if data_free else None,  # shapes only: no data seen
         dfq=dfq_config,
         adaround=AdaRoundConfig(iters=adaround_iters, batch_size=min(32, len(calib_x[0])),
                                 granularity=adaround_granularity) if adaround else False,
@@ -444,64 +570,59 @@ def run_quantize(
     if plog is not None:
         notes.append(f"passes: {plog.summary()}")
     dlog = api.decision_log(qmodel)
-    warnings: list[str] = []
+    cal_label = _calibrator_label(calibrator, data_free, rec)
 
     res = compare(float_model, qmodel, labelled, progress=progress)
-    x1 = calib_x[0][:1]
-    f_lat = _torch_latency(float_model, x1, iters=10)
-    files: dict[str, str] = {}
-    q_lat = None
-    if export:
-        onnx_path = out / "model_int8.onnx" if rec.edge_spec() is not None else out / "model_quantized.onnx"
-        try:
-            er = export_onnx(qmodel, x1, onnx_path, overwrite=True)
-            files["onnx"] = str(onnx_path)
-            if er.kernels is not None:
-                notes.append(f"ONNX: {er.kernels}")
-            if er.parity is not None:
-                notes.append(f"ONNX Runtime vs simulation: {er.parity.fraction_within:.4f} of outputs within one "
-                             f"step (max {er.parity.max_steps:.2f} steps)")
-            q_lat = _ort_latency(onnx_path, x1, iters=10)
-        except ParityError as e:
-            files["onnx"] = str(onnx_path)
-            warnings.append(f"ONNX export written but ONNX Runtime disagrees with the simulation: {e}")
-        except (ExportError, QuantizationError) as e:
-            warnings.append(f"no ONNX file: {e}")
-    q_size = quantized_size_bytes(qmodel)
-    f_size = float_size_bytes(float_model)
+    # the report's analysis runs before any file is written, so that its failure leaves no partial output
+    data = build_report_data(qmodel, calib_x, model_name=model, recipe=rec, num_batches=min(4, len(calib_x)))
     variant = recipe.upper()
-    results = _float_rows(res, f_size, f_lat) + _metric_rows(variant, res, q_size, q_lat)
-    meta = {"model": model, "recipe": recipe, "calibrator": calibrator, "passes": passes, "data_free": data_free,
-            "input_shape": list(x1.shape[1:]), "lowbit_recipe": repr(rec)}
-    ckpt, spec_path = _save_checkpoint(qmodel, out, meta, x1)
+    files: dict[str, str] = {}
+    if mixed_table is not None:
+        (out / "mixed_precision.txt").write_text(mixed_table)
+    lat = _Latency(len(x_run), fixed, _torch_latency(float_model, x_run, iters=10))
+    if export:
+        lat = _export_and_time(qmodel, float_model, x_run, out / _onnx_name(qmodel), lat, files, notes, warnings)
+    results = (_float_rows(res, float_size_bytes(float_model), lat.float_ort)
+               + _metric_rows(variant, res, quantized_size_bytes(qmodel), lat.quant_ort))
+    meta = {"model": model, "recipe": recipe, "calibrator": cal_label, "passes": passes, "data_free": data_free,
+            "input_shape": list(x_run.shape[1:]), "lowbit_recipe": repr(rec)}
+    ckpt, spec_path = _save_checkpoint(qmodel, out, meta, x_run)
     files["checkpoint"], files["spec"] = str(ckpt), str(spec_path)
-    lat_note = ("latency: batch 1, float in PyTorch, " + (f"{variant} in ONNX Runtime" if q_lat else
-                f"{variant} not measured (no ONNX file)"))
-    data = build_report_data(qmodel, calib_x, results=results, model_name=model, recipe=rec,
-                             num_batches=min(4, len(calib_x)),
-                             notes=[*notes, lat_note, "metrics measured on the calibration data", *warnings])
+    basis = {"latency_basis": lat.note(variant, export),
+             "metrics_basis": _metrics_note(ds.name, sum(len(x) for x in calib_x), data_free is not None)}
+    data = replace(data, results=tuple(results), notes=(*data.notes, *notes, *basis.values(), *warnings))
     files["report"] = str(write_report(data, out / "report.html", overwrite=True))
-    summary = Summary(model, recipe, calibrator, str(out), files, tuple(results), len(dlog.quantized),
-                      tuple((d.name, d.reason) for d in dlog.skipped), tuple(passes), tuple(warnings),
-                      time.perf_counter() - t0, {"notes": notes})
     files["summary"] = str(out / "summary.json")
+    summary = Summary(model, recipe, cal_label, str(out), files, tuple(results), len(dlog.quantized),
+                      tuple((d.name, d.reason) for d in dlog.skipped), tuple(passes), tuple(warnings),
+                      time.perf_counter() - t0, {**basis, "notes": notes})
     (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=1, allow_nan=False, default=str))
     return summary
 
 
 def _mixed_recipe(model: nn.Module, first: R.Recipe, rest: list[R.Recipe], calib_x: list, size_budget: str | None,
-                  min_sqnr: float | None, out: Path, notes: list[str], progress: bool) -> R.Recipe:
+                  min_sqnr: float | None, notes: list[str], warnings: list[str],
+                  progress: bool) -> tuple[R.Recipe, str]:
+    """The per-layer recipe of :func:`lowbit.mixed_precision.search_mixed_precision` and the text of
+    ``mixed_precision.txt``; appends a note, and a warning when ``min_sqnr`` was not met (the model
+    closest to it is still produced)."""
     from .mixed_precision import search_mixed_precision
 
     if not rest:
         raise ConfigError("--size-budget / --min-sqnr choose between recipes: add --mixed RECIPE (e.g. --mixed w4-g32).")
     plan = search_mixed_precision(model, [first, *rest], calib_x, size_budget=size_budget, min_metric=min_sqnr,
                                   progress=progress)
-    (out / "mixed_precision.txt").write_text(plan.table() + "\n")
     counts = ", ".join(f"{k} x{v}" for k, v in plan.counts().items())
     notes.append(f"mixed precision: {counts}; {plan.size_bytes} bytes, output SQNR {plan.metric:.2f} dB on the "
                  f"calibration data" + ("" if plan.meets_budget else " (BUDGET NOT MET)"))
-    return plan.recipe
+    if not plan.meets_budget:
+        where, fix = ((f"at the most precise mix within --size-budget {size_budget}", "raise --size-budget or lower "
+                       "--min-sqnr") if size_budget is not None else
+                      (f"even with {type(first).__name__} on every layer", "lower --min-sqnr or use a more precise "
+                       "--recipe"))
+        warnings.append(f"BUDGET NOT MET: output SQNR {plan.metric:.2f} dB on the calibration data is below --min-sqnr "
+                        f"{min_sqnr:g} {where}; the model written is that mix ({plan.size_bytes} bytes): {fix}.")
+    return plan.recipe, plan.table() + "\n"
 
 
 # ------------------------------------------------------------------------------------------- eval

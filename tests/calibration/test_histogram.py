@@ -235,3 +235,17 @@ def test_tiny_negative_that_underflows_stays_negative():
     obs.update(torch.tensor([tiny, 32.0, -0.0]))
     assert int(obs.stats.hist[0, 1, 0]) == 1 and int(obs.stats.hist[0, 0, 0]) == 1  # -0.0 counts as >= 0
     assert int(obs.stats.hist[0, 0, 16]) == 1
+
+
+def test_candidate_ranges_leave_out_kl_where_the_bins_are_too_few():
+    """int16 needs 32768 bins per sign for KL's search; the 2048-bin histogram still gives the other three
+    ranges (the int8 observer on the same data gives all four, its KL within the data's range)."""
+    torch.manual_seed(0)
+    x = torch.randn(4096)
+    for fmt, levels, has_kl in (("int16", 32768, False), ("int8", 128, True)):
+        obs = HistogramObserver(QuantSpec(fmt, symmetric=True, calibrator="mse"), "t")
+        obs.update(x)
+        assert obs.kl_levels_and_bins() == (levels, 2048)
+        r = obs.candidate_ranges()
+        assert ("kl" in r) == has_kl and {"minmax", "percentile", "mse"} <= set(r)
+        assert float(r["minmax"][1]) == float(x.max()) and float(r["percentile"][1]) <= float(x.max())

@@ -283,22 +283,27 @@ def test_quantize_adaround_block_granularity(capsys, tmp_path, tiny_data):
     assert rc != 0 and "granularity" in err
 
 
-@pytest.mark.parametrize("mode,note", [("bn", "from the BatchNorm statistics, input range (-3.0, 3.0)"),
-                                       ("distilled", "inputs distilled from the BatchNorm statistics (3 steps")])
-def test_quantize_data_free(capsys, tmp_path, tiny_data, mode, note):
+@pytest.mark.parametrize("mode,note,label", [
+    ("bn", "from the BatchNorm statistics, input range (-3.0, 3.0)", "data-free (bn ranges)"),
+    ("distilled", "inputs distilled from the BatchNorm statistics (3 steps", "data-free (distilled inputs, kl)")])
+def test_quantize_data_free(capsys, tmp_path, tiny_data, mode, note, label):
     """--data-free quantizes without touching --calib: the data only feeds the comparison (the same ranges
-    whatever data is passed), and the summary says so."""
+    whatever data is passed), and the summary says so; the calibrator shown is what set the ranges (it
+    said "(minmax)" for BatchNorm ranges, and the --calibrator for distilled inputs)."""
     summaries = []
     for data in ("npy", "npz"):
         out = tmp_path / f"{mode}-{data}"
-        rc, _, err = call(capsys, "quantize", TINY, "--calib", str(tiny_data[data]), "--num-batches", "1",
-                          "--batch-size", "4", "--out", str(out), "--data-free", mode, "--input-range=-3,3",
-                          "--distill-iters", "3", "--no-export")
+        rc, stdout, err = call(capsys, "quantize", TINY, "--calib", str(tiny_data[data]), "--num-batches", "1",
+                               "--batch-size", "4", "--out", str(out), "--data-free", mode, "--input-range=-3,3",
+                               "--distill-iters", "3", "--calibrator", "kl", "--no-export")
         assert rc == 0, err
         summaries.append(json.loads((out / "summary.json").read_text()))
         spec = json.loads((out / "quant_spec.json").read_text())
-        assert spec["data_free"] == mode
+        assert spec["data_free"] == mode and spec["calibrator"] == label
+        assert stdout.splitlines()[0] == f"{TINY} - w8a8 {label}" and "(minmax)" not in stdout
+        assert "metrics: measured on the --calib data (not used to quantize: data-free)" in stdout
     s = summaries[0]
+    assert s["calibrator"] == label
     assert s["passes"] == ["dfq"]
     assert s["notes"][0].startswith("comparison only (quantized data-free): "), s["notes"]
     assert any(note in n for n in s["notes"]), s["notes"]

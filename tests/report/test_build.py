@@ -43,3 +43,31 @@ def test_quantizer_the_data_never_reaches_has_no_sqnr():
     only_a = {a.name: a.sqnr_db for a in activation_stats(q, pos)}
     assert only_a["a.input"] == pytest.approx(_sqnr_by_hand(by_name["a.input"], pos), rel=1e-9)
     assert only_a["b.input"] is None  # not measured; it used to read inf ("exact")
+
+
+@pytest.mark.parametrize("calibrator", ["minmax", "percentile"])
+def test_int16_activations_get_no_kl_range_and_a_note(calibrator):
+    """W8A16: 32768 levels per sign need at least 32768 histogram bins for KL, the histogram has 2048; the
+    report shows the other candidate ranges and says KL is n/a instead of failing (it raised ConfigError)."""
+    from lowbit.calibration.estimators import percentile_range
+    from lowbit.report.build import build_report_data
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    data = [torch.randn(16, 4) for _ in range(2)]
+    q = lowbit.quantize(model, recipes.W8A16(calibrator=calibrator), data, progress=False)
+    rd = build_report_data(q, data)
+    assert rd.activations and all(set(a.ranges) == {"minmax", "percentile", "mse"} for a in rd.activations)
+    first = next(a for a in rd.activations if a.name == "input_1.output")  # the model's input edge
+    x = torch.cat(data)
+    assert first.ranges["minmax"] == pytest.approx((float(x.min()), float(x.max())))
+    if calibrator == "percentile":  # the quantizer's own histogram: same percentile range as the estimator's
+        obs = dict(lowbit.quantizers(q))["input_1_quant"].observer
+        lo, hi = percentile_range(obs.stats, 99.99, True)
+        assert first.ranges["percentile"] == pytest.approx((float(lo), float(hi)))
+    notes = [n for n in rd.notes if n.startswith("KL: n/a for int16")]
+    assert len(notes) == 1 and "32768" in notes[0] and "2048" in notes[0], rd.notes
+    # an int8 model keeps its KL candidate and has no such note
+    q8 = lowbit.quantize(model, recipes.W8A8(), data, progress=False)
+    rd8 = build_report_data(q8, data)
+    assert all("kl" in a.ranges for a in rd8.activations) and not any(n.startswith("KL: n/a") for n in rd8.notes)

@@ -27,7 +27,7 @@ import torch
 from ..errors import ConfigError, NonFiniteError, ShapeMismatchError, check_finite
 from .base import Observer
 from .estimators import mse_range, percentile_range
-from .kl import kl_range
+from .kl import kl_levels, kl_range
 
 if TYPE_CHECKING:
     from ..spec import QuantSpec
@@ -330,17 +330,28 @@ class HistogramObserver(Observer):
     def _meta(self) -> dict:
         return {"num_blocks": self.stats.hist.shape[0], "num_bins": self.num_bins, "scale_shape": self.scale_shape}
 
+    def kl_levels_and_bins(self) -> tuple[int, int]:
+        """``(L, nb)``: the bins per sign TensorRT's KL search needs here (one per level of the |x| side, at
+        least ``start_bin``; :func:`~lowbit.calibration.kl.kl_levels`) and the bins per sign this histogram has.
+        KL is possible when ``L <= nb`` (int16 needs 32768, the default histogram has 2048)."""
+        signs = {bool(v) for v in (self.stats.min_val >= 0).reshape(-1).tolist()}  # per block, as kl_range
+        start = int(getattr(self.spec.calibrator, "start_bin", 128))
+        return max(start, *(kl_levels(self.spec, nonneg) for nonneg in signs)), self.stats.num_bins
+
     def candidate_ranges(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{"minmax", "percentile", "kl", "mse"}`` -> ``(min_val, max_val)`` in the scale shape, all from
-        the same histogram (percentile at ``spec.calibrator.percentile`` if set, else 99.99)."""
-        self.compute_range()  # raises EmptyCalibrationError when nothing was seen
+        the same histogram (percentile at ``spec.calibrator.percentile`` if set, else 99.99). ``"kl"`` is
+        left out where the histogram has too few bins for it (:meth:`kl_levels_and_bins`)."""
+        if self.num_batches == 0:
+            self.compute_range()  # raises EmptyCalibrationError, naming the tensor
         pct = float(getattr(self.spec.calibrator, "percentile", 99.99))
         start = int(getattr(self.spec.calibrator, "start_bin", 128))
         s = self.stats
+        levels, bins = self.kl_levels_and_bins()
         out = {
             "minmax": (s.min_val.clone(), s.max_val.clone()),
             "percentile": percentile_range(s, pct, self.spec.symmetric),
-            "kl": kl_range(s, self.spec, start_bin=start),
+            **({"kl": kl_range(s, self.spec, start_bin=start)} if levels <= bins else {}),
             "mse": mse_range(s, self.spec),
         }
         return {k: (lo.reshape(self.scale_shape), hi.reshape(self.scale_shape)) for k, (lo, hi) in out.items()}

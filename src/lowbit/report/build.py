@@ -5,7 +5,9 @@ What is read, and from where:
 * activation histograms and candidate ranges: each static activation quantizer's calibration observer.
   A histogram observer (KL / percentile / MSE calibrators) already holds the histogram and gives every
   estimator's range (:meth:`~lowbit.calibration.histogram.HistogramObserver.candidate_ranges`) from
-  the same statistics. Quantizers calibrated with min/max keep no histogram: their inputs are
+  the same statistics. KL is left out for a format with more levels than the histogram has bins per
+  sign (int16: 32768 levels, 2048 bins): TensorRT's search needs one bin per level at least, and the
+  report says so in a note instead of failing. Quantizers calibrated with min/max keep no histogram: their inputs are
   re-observed by a histogram observer over ``data`` with the activation quantizers passing data
   through and the weights quantized (the conditions of calibration), and the range the quantizer actually uses is added under its calibrator's name.
 * each activation quantizer's own SQNR ``10 log10(sum x^2 / sum (x - q(x))^2)`` over ``data``, and the
@@ -114,15 +116,9 @@ def _observe(qmodel: nn.Module, targets: list[tuple[str, TensorQuantizer]], data
     return sqnr, observers
 
 
-def activation_stats(qmodel: nn.Module, data: Iterable | None = None, *, num_batches: int | None = 4,
-                     max_bins: int = 256) -> list[ActivationStats]:
-    """One :class:`ActivationStats` per calibrated static activation quantizer of ``qmodel``, in module order.
-
-    ``ranges`` holds minmax / percentile / KL / MSE candidates (``(lo, hi)`` floats) and ``chosen`` the
-    quantizer's calibrator; with ``data`` each entry also gets the quantizer's SQNR over at most
-    ``num_batches`` batches (None for a quantizer those batches never reach), and min/max-calibrated
-    quantizers get a histogram (see the module doc).
-    """
+def _activation_stats(qmodel: nn.Module, data: Iterable | None, num_batches: int | None,
+                      max_bins: int) -> tuple[list[ActivationStats], dict[str, tuple[int, int]]]:
+    """:func:`activation_stats` and ``{format name: (levels, bins)}`` of the formats whose KL range was left out."""
     targets = _activation_quantizers(qmodel)
     histo = {p for p, q in targets if isinstance(q.observer, HistogramObserver) and q.observer.num_batches}
     sqnr: dict[str, float] = {}
@@ -130,12 +126,15 @@ def activation_stats(qmodel: nn.Module, data: Iterable | None = None, *, num_bat
     if data is not None:
         sqnr, fresh = _observe(qmodel, targets, data, num_batches, {p for p, _ in targets if p not in histo})
     out = []
+    no_kl: dict[str, tuple[int, int]] = {}
     for path, q in targets:
         obs = q.observer if path in histo else fresh.get(path)
         if obs is None or obs.num_batches == 0 or obs.stats is None or obs.stats.hist.shape[0] != 1:
             continue  # no data reached it, or not per tensor: nothing to draw
         ranges = {k: (float(lo.reshape(-1)[0]), float(hi.reshape(-1)[0]))
                   for k, (lo, hi) in obs.candidate_ranges().items()}
+        if "kl" not in ranges:
+            no_kl.setdefault(q.spec.format.name, obs.kl_levels_and_bins())
         chosen = q.spec.calibrator.name
         if chosen not in RANGE_METHODS and q.chosen_range is not None:
             lo, hi = q.chosen_range
@@ -144,7 +143,25 @@ def activation_stats(qmodel: nn.Module, data: Iterable | None = None, *, num_bat
             continue
         counts, edges = histogram_arrays(obs, max_bins)
         out.append(ActivationStats(q.name, counts, edges, ranges, chosen, sqnr.get(path)))
-    return out
+    return out, no_kl
+
+
+def activation_stats(qmodel: nn.Module, data: Iterable | None = None, *, num_batches: int | None = 4,
+                     max_bins: int = 256) -> list[ActivationStats]:
+    """One :class:`ActivationStats` per calibrated static activation quantizer of ``qmodel``, in module order.
+
+    ``ranges`` holds minmax / percentile / KL / MSE candidates (``(lo, hi)`` floats; no KL for a format of
+    more levels than the histogram has bins per sign, e.g. int16) and ``chosen`` the quantizer's
+    calibrator; with ``data`` each entry also gets the quantizer's SQNR over at most ``num_batches``
+    batches (None for a quantizer those batches never reach), and min/max-calibrated quantizers get a
+    histogram (see the module doc).
+    """
+    return _activation_stats(qmodel, data, num_batches, max_bins)[0]
+
+
+def _kl_notes(no_kl: dict[str, tuple[int, int]]) -> list[str]:
+    return [f"KL: n/a for {fmt} (its search needs at least {levels} histogram bins per sign, one per level; the "
+            f"histogram has {bins}): minmax, percentile and MSE ranges shown" for fmt, (levels, bins) in no_kl.items()]
 
 
 def _is_depthwise(m: nn.Module) -> bool:
@@ -201,13 +218,14 @@ def build_report_data(
     if data is not None:
         sqnr = {r.name: r.sqnr_db for r in layer_sqnr(None, qmodel, data, num_batches=num_batches)}
     skipped = [(d.name, d.reason) for d in dlog.skipped]
-    all_notes = [f"capture: {dlog.path} ({dlog.path_reason})", *dlog.notes, *notes]
+    activations, no_kl = _activation_stats(qmodel, data, num_batches, 256)
+    all_notes = [f"capture: {dlog.path} ({dlog.path_reason})", *dlog.notes, *_kl_notes(no_kl), *notes]
     return ReportData(
         title=title,
         model_name=model_name,
         recipe=str(recipe if recipe is not None else getattr(qmodel, "lowbit_recipe", "")),
         results=tuple(results),
-        activations=activation_stats(qmodel, data, num_batches=num_batches),
+        activations=activations,
         layer_sqnr=sqnr,
         weight_channel_ranges=weight_channel_ranges(qmodel),
         skipped=skipped,
