@@ -415,9 +415,7 @@ def _export_and_time(qmodel: nn.Module, float_model: nn.Module, x: torch.Tensor,
     """Write the quantized ONNX file (QDQ, checked in ONNX Runtime) and time it and the float model, both in
     ONNX Runtime on ``x`` (the float model through a temporary fp32 export, as ``lowbit bench`` does). A
     failed export is a warning: the checkpoint and report are still written."""
-    import tempfile
-
-    from .export import export_onnx, export_onnx_float
+    from .export import export_onnx
 
     dynamic = not lat.fixed
     q_lat = f_lat = None
@@ -435,13 +433,24 @@ def _export_and_time(qmodel: nn.Module, float_model: nn.Module, x: torch.Tensor,
         warnings.append(f"ONNX export written but ONNX Runtime disagrees with the simulation: {e}")
     except (ExportError, QuantizationError) as e:
         warnings.append(f"no ONNX file: {e}")
+    f_lat = _float_ort_latency(float_model, x, dynamic, warnings)
+    return replace(lat, float_ort=f_lat, quant_ort=q_lat)
+
+
+def _float_ort_latency(float_model: nn.Module, x: torch.Tensor, dynamic: bool, warnings: list[str]) -> float | None:
+    """Median ms of ``float_model`` on ``x`` in ONNX Runtime, through a temporary fp32 export (the baseline
+    a quantized ONNX file is compared with); None, and a warning, when the float export fails."""
+    import tempfile
+
+    from .export import export_onnx_float
+
     try:
         with tempfile.TemporaryDirectory() as tmp:
             fpath = export_onnx_float(float_model, x, Path(tmp) / "model_fp32.onnx", dynamic_batch=dynamic)
-            f_lat = _ort_latency(fpath, x, iters=10)
+            return _ort_latency(fpath, x, iters=10)
     except QuantizationError as e:
         warnings.append(f"float model not timed in ONNX Runtime (its fp32 export failed): {e}")
-    return replace(lat, float_ort=f_lat, quant_ort=q_lat)
+        return None
 
 
 def _metrics_note(data_name: str, n: int, data_free: bool) -> str:
@@ -634,9 +643,12 @@ class EvalSummary:
     quantized: str
     num_samples: int
     results: tuple[ResultRow, ...]
+    notes: tuple[str, ...] = ()
 
     def table(self) -> str:
-        return format_rows(self.results, f"{self.model} vs {self.quantized} on {self.num_samples} samples")
+        """The rows, then how latency and size were measured."""
+        return "\n".join([format_rows(self.results, f"{self.model} vs {self.quantized} on {self.num_samples} samples"),
+                          *self.notes])
 
 
 class _OrtModule(nn.Module):
@@ -679,8 +691,12 @@ def run_eval(
     ds = _resolve_data(loaded, data, "--data")
     batches = _batches(ds, batch_size, num_batches, labels=True)
     _check_fit(loaded.model, model, batches, ds.name)
+    x1, fixed = _run_batch(loaded.model, batches)
+    notes: list[str] = []
+    if fixed:
+        batches, note = _full_batches(batches, len(x1), model)
+        notes.append(note)
     xs = [b[0] if isinstance(b, tuple) else b for b in batches]
-    x1 = xs[0][:1]
     if quantized is not None:
         qdir = Path(quantized)
         if not qdir.is_dir():
@@ -693,6 +709,8 @@ def run_eval(
         q_size = onnx_files[0].stat().st_size
         variant = f"{qdir.name} (ONNX Runtime)"
         q_lat = _ort_latency(onnx_files[0], x1, iters=10)
+        notes.append(f"size: quantized = bytes of {onnx_files[0].name} (`lowbit quantize` prints the deployed "
+                     "weight bytes instead); float = fp32 parameters")
     else:
         rec = make_recipe(recipe, calibrator)
         qmodel = api.quantize(loaded.model, rec, xs[:8], progress=progress)
@@ -700,9 +718,14 @@ def run_eval(
         variant = f"{recipe.upper()} (simulated)"
         q_lat = None
     res = compare(loaded.model, qmodel, batches, progress=progress)
-    f_lat = _torch_latency(loaded.model, x1, iters=10)
+    warnings: list[str] = []
+    f_lat = _float_ort_latency(loaded.model, x1, not fixed, warnings)
+    notes.insert(0, f"latency: batch {len(x1)}, median of 10 runs, {torch.get_num_threads()} thread(s); float fp32 "
+                    "and the quantized file both in ONNX Runtime" + ("" if q_lat is not None else
+                    " (the simulated model is not timed: pass --quantized DIR)"))
+    notes += [f"warning: {w}" for w in warnings]
     rows = _float_rows(res, float_size_bytes(loaded.model), f_lat) + _metric_rows(variant, res, q_size, q_lat)
-    return EvalSummary(model, variant, res.num_samples, tuple(rows))
+    return EvalSummary(model, variant, res.num_samples, tuple(rows), tuple(notes))
 
 
 # ------------------------------------------------------------------------------------------- bench

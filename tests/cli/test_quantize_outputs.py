@@ -144,3 +144,40 @@ def test_min_sqnr_not_met_is_a_printed_warning(capsys, tmp_path, tiny_data, extr
     lines = [ln for ln in err.splitlines() if ln.startswith("warning: ")]
     assert lines == [f"warning: {s['warnings'][0]}"]
     assert "budget met: False" in (out / "mixed_precision.txt").read_text()
+
+
+def test_eval_times_float_and_quantized_both_in_onnx_runtime(capsys, tmp_path, tiny_data, monkeypatch):
+    """`lowbit eval --quantized DIR`: the float row's latency is ONNX Runtime fp32 (a temporary export), as the
+    quantized file's is (it set PyTorch eager against ORT int8); the notes say so and how size was counted."""
+    import lowbit.workflows as wf
+
+    out = tmp_path / "o"
+    rc, _, err = call(capsys, "quantize", TINY, "--calib", str(tiny_data["npy"]), "--num-batches", "1",
+                      "--batch-size", "4", "--out", str(out))
+    assert rc == 0, err
+    timed = []
+
+    def fake_ort(path, x, iters):
+        timed.append((path.name, len(x)))
+        return 6.0 if path.name == "model_fp32.onnx" else 2.0
+
+    monkeypatch.setattr(wf, "_ort_latency", fake_ort)
+    monkeypatch.setattr(wf, "_torch_latency", lambda *a, **k: pytest.fail("eval must not time PyTorch eager"))
+    s = wf.run_eval(TINY, data=str(tiny_data["npz"]), quantized=out, progress=False)
+    assert sorted(timed) == [("model_fp32.onnx", 1), ("model_int8.onnx", 1)]
+    assert [r.latency_ms for r in s.results if r.metric != "cosine"][:1] == [6.0]
+    assert {r.latency_ms for r in s.results if r.variant.startswith("o (")} == {2.0}
+    text = s.table()
+    assert "float fp32 and the quantized file both in ONNX Runtime" in text and "bytes of model_int8.onnx" in text
+
+
+def test_eval_of_a_fixed_batch_pt2(capsys, tmp_path, tiny_data):
+    """A .pt2 exported for batch 4 is evaluated and timed at batch 4 (it crashed timing batch 1)."""
+    from .tiny_models import tiny_net
+
+    path = tmp_path / "tiny_b4.pt2"
+    torch.export.save(torch.export.export(tiny_net(), (torch.randn(4, 3, 8, 8),)), str(path))
+    np.save(tmp_path / "x10.npy", np.load(tiny_data["npy"])[:10])
+    rc, stdout, err = call(capsys, "eval", str(path), "--data", str(tmp_path / "x10.npy"), "--batch-size", "4")
+    assert rc == 0, err
+    assert "on 8 samples" in stdout and "latency: batch 4" in stdout and "last 2 sample(s) were left out" in stdout
