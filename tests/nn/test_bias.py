@@ -88,8 +88,12 @@ def _swap_conv(bias_scale=0.3, in_spec=A8, w_spec=W8):
     return fl, q, x
 
 
-def test_conv_adds_the_int32_bias_the_export_stores():
-    fl, q, x = _swap_conv()
+@pytest.mark.parametrize("w_spec", [W8, QuantSpec("int4", symmetric=True, granularity="channel"),
+                                    QuantSpec("uint4", symmetric=False, granularity="channel")], ids=["int8", "int4", "uint4"])
+def test_conv_adds_the_int32_bias_the_export_stores(w_spec):
+    """Also with 4-bit weights: ONNX Runtime rounds such a Conv's float bias to int32 at s_x * s_w itself when its
+    input comes from a DequantizeLinear and its output goes to a QuantizeLinear, so the export stores it so."""
+    fl, q, x = _swap_conv(w_spec=w_spec)
     s_x, s_w = q.input_quantizer.scale, q.weight_quantizer.scale
     qb, s_b = np_int32_bias(fl.bias.detach().numpy(), s_x.numpy(), s_w.numpy())
     b_dep = torch.from_numpy(qb.astype(np.float32) * s_b)
@@ -116,13 +120,13 @@ def test_gradient_reaches_float_bias_straight_through():
     assert g_int.abs().sum() > 0
 
 
-@pytest.mark.parametrize("case", ["dynamic_input", "int4_weight", "group_weight", "no_input_q", "disabled"])
+@pytest.mark.parametrize("case", ["dynamic_input", "int2_weight", "group_weight", "no_input_q", "disabled"])
 def test_float_bias_where_the_export_keeps_it_float(case):
     in_spec, w_spec = A8, W8
     if case == "dynamic_input":
         in_spec = QuantSpec("uint8", symmetric=False, dynamic=True)
-    elif case == "int4_weight":
-        w_spec = QuantSpec("int4", symmetric=True, granularity="channel")
+    elif case == "int2_weight":
+        w_spec = QuantSpec("int2", symmetric=True, granularity="channel")
     elif case == "group_weight":
         w_spec = QuantSpec("int8", symmetric=True, granularity=lowbit.granularity.PerGroup(3, -1))
     elif case == "no_input_q":

@@ -7,7 +7,9 @@ An int8 backend (ONNX Runtime's QLinearConv / QGemm, TFLite, TensorRT ...) accum
     b_q = clamp(round_half_even(f64(b) / f64(s_b)), -2**31, 2**31 - 1)        (int32)
     b_deployed = b_q * s_b                                                    (what the backend adds)
 
-which differs from the float bias by up to ``s_b / 2``. :mod:`lowbit.nn.layers` adds ``b_deployed`` in
+which differs from the float bias by up to ``s_b / 2``. The same holds for 4-bit (int4 / uint4) weights on an
+int8 input: ONNX Runtime runs such a Conv / Gemm in float but rounds its bias this way itself when the layer's
+output is quantized, so lowbit stores it so. :mod:`lowbit.nn.layers` adds ``b_deployed`` in
 the simulation and :mod:`lowbit.export._qdq_graph` writes ``b_q``, both through :func:`int32_bias`, so
 they agree bit for bit.
 

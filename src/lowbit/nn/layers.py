@@ -93,7 +93,7 @@ __all__ = [
     "link_input_quantizer",
 ]
 
-_BIAS_WEIGHT_FORMATS = frozenset({"int8", "uint8", "int8_narrow"})  # stored as ONNX INT8 / UINT8
+_BIAS_WEIGHT_FORMATS = frozenset({"int8", "uint8", "int8_narrow", "int4", "uint4"})  # ONNX INT8 / UINT8 / INT4 / UINT4
 _BIAS_INPUT_FORMATS = frozenset({"int8", "uint8"})
 _INPUT_LINK = "_lowbit_input_quantizer"  # a plain attribute (not a submodule): the quantizer stays owned upstream
 
@@ -279,7 +279,8 @@ class QuantLayerMixin(OutputSideMixin):
 
     def int32_bias(self, bias: torch.Tensor | None, x_dim: int) -> Int32Bias | None:
         """The int32 bias the ONNX export stores for ``bias`` (module docstring), or None where it keeps it
-        float: no bias, an input or weight quantizer that is missing, disabled, dynamic, not int8/uint8,
+        float: no bias, an input or weight quantizer that is missing, disabled, dynamic, not int8/uint8 (the
+        weight may also be int4/uint4: ONNX Runtime rounds such a layer's float bias so itself),
         per-group or asymmetric-and-out-of-int32; a Linear on an input that is not 2-D (exported as
         MatMul + float Add); or a per-channel weight not along axis 0 whose bias needs a raised scale."""
         if bias is None:
