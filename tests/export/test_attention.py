@@ -212,8 +212,8 @@ def encoder_exports(tmp_path_factory):
     torch.manual_seed(0)
     model = TinyEncoder().eval()
     q = lowbit.quantize(model, lowbit.recipes.W8A8Dynamic(), example_inputs=_inputs(2), progress=False)
-    ort_cpu = export_onnx(q, _inputs(2), d / "q.ort.onnx", min_fraction=0.0)
-    qdq = export_onnx(q, _inputs(2), d / "q.qdq.onnx", min_fraction=0.0, target="qdq")
+    ort_cpu = export_onnx(q, _inputs(2), d / "q.ort.onnx")
+    qdq = export_onnx(q, _inputs(2), d / "q.qdq.onnx", target="qdq")
     return ort_cpu, qdq
 
 
@@ -285,7 +285,7 @@ def test_additive_mask_keeps_multiheadattention_for_int8_and_packs_float(tmp_pat
     x = torch.randn(2, T, D, generator=g)
     bias = torch.randn(2, 1, T, T, generator=g)
     q = lowbit.quantize(model, lowbit.recipes.W8A8Dynamic(), example_inputs=(x, bias), progress=False)
-    res = export_onnx(q, (x, bias), tmp_path / "q.onnx", min_fraction=0.0)
+    res = export_onnx(q, (x, bias), tmp_path / "q.onnx")
     ops = _ops(res.path)
     assert ops["MultiHeadAttention"] == 1 and ops["QAttention"] == 0 and ops["MatMulInteger"] == 4
     assert all(st.fraction_equal == 1.0 for st in res.parity.stages)

@@ -1,6 +1,8 @@
 """safetensors + JSON checkpoints: bit-exact round trips, no pickle, and every refusal."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -118,3 +120,21 @@ def test_static_rebuild_needs_example(qnet, small_net, tmp_path):
     p = save(qnet, tmp_path / "q.safetensors")  # no example_inputs stored
     with pytest.raises(ConfigError, match="example_inputs"):
         load(p, small_net)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_checkpoint_file_mode_follows_umask(qnet, tmp_path, umask):
+    """A checkpoint gets the mode a plain open() gives a new file (0o666 less the umask), as the ONNX files
+    do; safetensors alone writes 0600."""
+    old = os.umask(umask)
+    try:
+        p = save(qnet, tmp_path / "q.safetensors")
+        plain = tmp_path / "plain.bin"
+        plain.write_bytes(b"")
+        again = save(qnet, p, overwrite=True)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(p.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE(again.stat().st_mode) == 0o666 & ~umask
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["plain.bin", "q.safetensors"]  # no temporary left
+    assert read_metadata(p)["quantizers"]  # still a readable checkpoint

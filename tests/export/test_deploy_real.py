@@ -28,7 +28,7 @@ def effnet(tmp_path_factory):
     torch.manual_seed(0)
     q = lowbit.quantize(model, lowbit.recipes.W8A8(), calib, progress=False)
     path = tmp_path_factory.mktemp("real") / "effnet.int8.onnx"
-    res = export_onnx(q, calib[0], path, min_fraction=0.0)
+    res = export_onnx(q, calib[0], path)
     idx = np.linspace(0, len(data) - 1, 200).round().astype(int)  # the bench's --quick subset
     x = torch.stack([data[int(i)][0] for i in idx])
     sim, sim_ort, dep = [], [], []
@@ -91,7 +91,7 @@ def test_minilm_dynamic_int8_cosine(tmp_path, minilm_stsb):
     with torch.no_grad():
         ref = model(ids, mask).numpy()
     q = lowbit.quantize(model, lowbit.recipes.W8A8Dynamic(), example_inputs=(ids[:4], mask[:4]), progress=False)
-    res = export_onnx(q, (ids[:4], mask[:4]), tmp_path / "m.int8.onnx", min_fraction=0.0, min_cosine=0.99)
+    res = export_onnx(q, (ids[:4], mask[:4]), tmp_path / "m.int8.onnx", min_cosine=0.99)
     p_dyn = export_onnx_dynamic(model, (ids[:4], mask[:4]), tmp_path / "m.dyn.onnx")
     # every Linear of the 6 layers: q, k, v packed into one QAttention GEMM; o, ffn in, ffn out
     assert res.kernels.int8 == {"QAttention": 6, "DynamicQuantizeMatMul": 18} and res.kernels.n_float == 0

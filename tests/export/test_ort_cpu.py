@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
@@ -68,6 +69,36 @@ def test_stem_input_channels_padded_exactly(both_targets, tmp_path):
     np.testing.assert_array_equal(out, run_ort(ort_cpu.path, [x])[0])
 
 
+def _static_dims(v: onnx.ValueInfoProto) -> list[int | None]:
+    return [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+
+
+def test_padded_stem_leaves_no_stale_value_info(both_targets, capfd):
+    """The stem's weight codes grow from 3 to 4 input channels; the tracer's value_info of the weight's
+    DequantizeLinear output said (8, 3, 3, 3), so ONNX Runtime warned "Error merging shape info" on every
+    load and strict shape inference failed. Every value_info left agrees with ONNX shape inference, and
+    names a tensor the graph still has."""
+    path = both_targets[0].path
+    model = onnx.load(str(path))
+    bare = onnx.ModelProto()
+    bare.CopyFrom(model)
+    del bare.graph.value_info[:]
+    inferred = {v.name: _static_dims(v) for v in onnx.shape_inference.infer_shapes(bare).graph.value_info}
+    assert len(model.graph.value_info) > 0  # the entries still right are kept
+    for v in model.graph.value_info:
+        assert v.name in inferred, f"value_info of {v.name}, a tensor the graph no longer has"
+        mine, theirs = _static_dims(v), inferred[v.name]
+        assert len(mine) == len(theirs) and all(a is None or b is None or a == b for a, b in zip(mine, theirs)), v.name
+    producer = {o: n for n in model.graph.node for o in n.output}
+    stem = next(n for n in model.graph.node if n.op_type == "Conv" and producer[n.input[0]].input[0].endswith("_codes")
+                and producer[producer[n.input[0]].input[0]].op_type == "Pad")
+    assert inferred[stem.input[1]] == [8, 4, 3, 3]
+    onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    capfd.readouterr()
+    ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # ORT's default log level shows warnings
+    assert "MergeShapeInfo" not in capfd.readouterr().err
+
+
 def test_no_padding_for_grouped_or_aligned_convs(tmp_path):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 6, 1), nn.Conv2d(6, 4, 1)).eval()
@@ -121,13 +152,15 @@ def test_dynamic_linear_as_matmul_integer_fuses_the_bias(dynamic_block, tmp_path
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
 
 
-def test_matmul_integer_form_against_numpy(tmp_path):
-    """One Linear on (batch, tokens, features), traced as MatMul + Add: ORT's output of the rewritten
-    graph = s_x s_w (q_x - z_x) q_w^T + b, with the ONNX DynamicQuantizeLinear formula computed in numpy."""
+@pytest.mark.parametrize("shape", [(2, 3, 16), (6, 16)], ids=["3d-matmul", "2d-gemm"])
+def test_matmul_integer_form_against_numpy(tmp_path, shape):
+    """One Linear on (batch, tokens, features), traced as MatMul + Add, or on (batch, features), traced as
+    Gemm: ORT's output of the rewritten graph = s_x s_w (q_x - z_x) q_w^T + b, with the ONNX
+    DynamicQuantizeLinear formula computed in numpy."""
     torch.manual_seed(1)
     lin = nn.Linear(16, 8).eval()
     model = nn.Sequential(lin).eval()  # quantize() swaps children
-    x = torch.randn(2, 3, 16)
+    x = torch.randn(*shape)
     q = lowbit.quantize(model, lowbit.recipes.W8A8Dynamic(), example_inputs=x, progress=False)
     r = export_onnx(q, x, tmp_path / "lin.onnx")
     g = onnx.load(str(r.path)).graph
@@ -142,6 +175,30 @@ def test_matmul_integer_form_against_numpy(tmp_path):
     q_x = np.clip(np.rint(xf / s_x) + z_x, 0, 255)
     ref = float(s_x) * s_w * ((q_x - z_x) @ w_codes) + lin.bias.detach().numpy().astype(np.float64)
     np.testing.assert_allclose(run_ort(r.path, [x])[0], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_dynamic_linear_on_2d_input_runs_integer_kernels(tmp_path):
+    """An MLP on (batch, features): each Linear is traced as a Gemm, which ORT ran in float after
+    DequantizeLinear (0 integer kernels). Written as MatMulInteger + bias Add like the 3-D case, both Linears
+    become DynamicQuantizeMatMul with the bias inside, and ORT equals the simulation in ORT's arithmetic."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
+    x = torch.randn(8, 64)
+    q = lowbit.quantize(mlp, lowbit.recipes.W8A8Dynamic(), example_inputs=x, progress=False)
+    ort_cpu = export_onnx(q, x, tmp_path / "mlp.ort.onnx")
+    qdq = export_onnx(q, x, tmp_path / "mlp.qdq.onnx", target="qdq")
+    raw = collections.Counter(n.op_type for n in onnx.load(str(ort_cpu.path)).graph.node)
+    assert raw["MatMulInteger"] == 2 and raw["Gemm"] == 0 and raw["DequantizeLinear"] == 0
+    assert ort_cpu.kernels.n_int8 == 2 and ort_cpu.kernels.n_float == 0  # one per Linear
+    assert qdq.kernels.n_int8 == 0 and qdq.kernels.n_float == 2  # the plain QDQ Gemm: float in ORT
+    assert _biases_in_int8_kernels(_optimized(ort_cpu.path, tmp_path)) == [True, True]
+    assert ort_cpu.parity.max_steps == 0.0 and all(s.max_steps == 0.0 for s in ort_cpu.parity.stages)
+    x2 = torch.randn(5, 64)  # another batch size: the batch dimension stays dynamic
+    with lowbit.nn.ort_arithmetic(q), torch.no_grad():
+        sim = q(x2).numpy()
+    a, b = run_ort(ort_cpu.path, [x2])[0], run_ort(qdq.path, [x2])[0]
+    np.testing.assert_array_equal(a, sim)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
 
 
 def test_unknown_target_refused(qnet, calib, tmp_path):
@@ -185,7 +242,7 @@ def test_equalized_relu6_clips_codes_after_the_quantizer(tmp_path):
                         progress=False)
     assert sum(isinstance(m, ChannelClip) for m in q.modules()) == 2
     res = export_onnx(q, calib[0], tmp_path / "cle.onnx")
-    plain = export_onnx(q, calib[0], tmp_path / "cle.qdq.onnx", target="qdq", min_fraction=0.0)
+    plain = export_onnx(q, calib[0], tmp_path / "cle.qdq.onnx", target="qdq")
     g = onnx.load(str(res.path)).graph
     producer = {o: n for n in g.node for o in n.output}
     inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}

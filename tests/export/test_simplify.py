@@ -332,3 +332,90 @@ def test_failed_opset_attempt_prints_no_torchscript_graph(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "opset 17" in out.stdout and "Torch IR graph" not in out.stdout + out.stderr
+
+
+def _two_pads_model() -> onnx.ModelProto:
+    """x -> Pad -> Q -> DQ -> Relu -> Pad -> Q -> DQ -> y: two zero Pads of float tensors before a quantizer,
+    with the tracer-style value_info of the padded codes (the shapes before the rewrite)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 5, 6])
+    inits = [numpy_helper.from_array(np.array([0, 0, 1, 0, 0, 0, 0, 2], np.int64), "pads_a"),
+             numpy_helper.from_array(np.array([0, 0, 0, 1, 0, 0, 1, 0], np.int64), "pads_b"),
+             numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(7, np.uint8), "z"),
+             numpy_helper.from_array(np.array(0.02, np.float32), "s2"), numpy_helper.from_array(np.array(0, np.uint8), "z2")]
+    nodes = [helper.make_node("Pad", ["x", "pads_a"], ["p1"], name="pad1"),
+             helper.make_node("QuantizeLinear", ["p1", "s", "z"], ["q1"], name="q1"),
+             helper.make_node("DequantizeLinear", ["q1", "s", "z"], ["d1"], name="dq1"),
+             helper.make_node("Relu", ["d1"], ["r"], name="relu"),
+             helper.make_node("Pad", ["r", "pads_b"], ["p2"], name="pad2"),
+             helper.make_node("QuantizeLinear", ["p2", "s2", "z2"], ["q2"], name="q2"),
+             helper.make_node("DequantizeLinear", ["q2", "s2", "z2"], ["y"], name="dq2")]
+    value_info = [helper.make_tensor_value_info("q1", TensorProto.UINT8, [1, 2, 4, 5]),
+                  helper.make_tensor_value_info("q2", TensorProto.UINT8, [1, 2, 5, 6])]
+    graph = helper.make_graph(nodes, "g", [x], [y], inits, value_info=value_info)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=9)
+
+
+def test_quantize_before_pad_rewrites_every_pattern(tmp_path):
+    """Two Pad -> Q -> DQ patterns in one graph: both move (the second used to fail with "... is not in list":
+    the node list was rewritten after the first, leaving the maps' nodes detached copies), the graph stays
+    topological, the codes' value_info of the padded shape is gone, and ORT's output is unchanged."""
+    model = _two_pads_model()
+    xv = np.random.default_rng(0).normal(size=(1, 2, 3, 3)).astype(np.float32)
+    before = run_ort(make_session_from(model, tmp_path / "a.onnx"), [xv])[0]
+    assert sp.quantize_before_pad(model) == 2
+    assert [n.name for n in model.graph.node] == ["q1", "dq1", "pad1", "relu", "q2", "dq2", "pad2"]
+    assert model.graph.node[0].input[0] == "x" and model.graph.node[6].output[0] == "y"
+    assert not any(v.name in ("q1", "q2") for v in model.graph.value_info)
+    onnx.checker.check_model(model)
+    onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    after = run_ort(make_session_from(model, tmp_path / "b.onnx"), [xv])[0]
+    assert before.shape == (1, 2, 5, 6)
+    np.testing.assert_array_equal(after, before)
+
+
+class WeightOnlyPadNet(nn.Module):
+    """EfficientNet-Lite's expand -> ReLU6 -> static padding -> depthwise, twice. With the expand convs
+    weight-only (what mixed precision picks for them), each ReLU6 output is float, so the depthwise conv's input
+    quantizer sees ``Pad -> QuantizeLinear``: two such patterns for quantize_before_pad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pw1, self.pad1, self.dw1 = nn.Conv2d(4, 8, 1), nn.ZeroPad2d(1), nn.Conv2d(8, 8, 3, groups=8)
+        self.pw2, self.pad2 = nn.Conv2d(8, 8, 1), nn.ZeroPad2d((0, 1, 0, 1))
+        self.dw2 = nn.Conv2d(8, 8, 3, stride=2, groups=8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.dw1(self.pad1(nn.functional.relu6(self.pw1(x))))
+        y = self.dw2(self.pad2(nn.functional.relu6(self.pw2(y))))
+        return self.fc(nn.functional.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_weight_only_layers_before_padding_export(tmp_path, bits):
+    """A mixed-precision model whose weight-only layers feed zero padding (EfficientNet-Lite0 with
+    ``--mixed w4`` failed to export): every Pad moves onto the codes, the depthwise convs run as QLinearConv,
+    and ORT computes what the simulation computes (in ORT's arithmetic), on the export's batch and a new one."""
+    torch.manual_seed(0)
+    net = WeightOnlyPadNet().eval()
+    calib = [torch.randn(4, 4, 12, 12) for _ in range(2)]
+    wo = lowbit.recipes.WeightOnly(bits=bits)
+    q = lowbit.quantize(net, lowbit.recipes.W8A8(overrides={"pw1": wo, "pw2": wo}), calib, progress=False)
+    r = export_onnx(q, calib[0], tmp_path / "mixed.onnx")
+    g = onnx.load(str(r.path)).graph
+    producer = {o: n for n in g.node for o in n.output}
+    pads = [n for n in g.node if n.op_type == "Pad"]
+    assert len(pads) == 2 and all(producer[p.input[0]].op_type == "DequantizeLinear" for p in pads)
+    assert not any(n.op_type == "Clip" for n in g.node)  # each ReLU6 now right before a saturating quantizer
+    # the depthwise convs and the head; with 8-bit weights also pw2, whose input and output are quantized
+    assert r.kernels.int8 == {"QLinearConv": 3 if bits == 8 else 2, "QGemm": 1}
+    assert r.parity.fraction_within == 1.0
+    torch.manual_seed(5)
+    x = torch.randn(16, 4, 12, 12)
+    with lowbit.nn.ort_arithmetic(q), torch.no_grad():
+        sim = q(x).numpy()
+    steps = np.abs(run_ort(r.path, [x])[0] - sim) / float(q.fc.output_quantizer.scale)
+    # lowbit writes pw2's int32 bias at s_x * s_w itself, for 4-bit weights too, as the simulation computes it
+    # (with a float bias ORT rounds it so on its own when a DQ-fed Conv feeds a QuantizeLinear: 94 % exact)
+    assert steps.max() == 0.0

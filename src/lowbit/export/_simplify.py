@@ -35,13 +35,44 @@ _KEEP = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 _NP_QRANGE = {TensorProto.UINT8: (0, 255), TensorProto.INT8: (-128, 127)}
 
 
-def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    """``{tensor name: nodes that read it}`` (a node reading a tensor twice is listed twice)."""
+def consumers(graph: onnx.GraphProto | list[onnx.NodeProto]) -> dict[str, list[onnx.NodeProto]]:
+    """``{tensor name: nodes that read it}`` of a graph or a node list (a node reading a tensor twice is
+    listed twice)."""
     out: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
+    for n in graph.node if isinstance(graph, onnx.GraphProto) else graph:
         for i in n.input:
             out.setdefault(i, []).append(n)
     return out
+
+
+def producers(nodes: list[onnx.NodeProto]) -> dict[str, onnx.NodeProto]:
+    """``{tensor name: the node that writes it}`` of a node list."""
+    return {o: n for n in nodes for o in n.output}
+
+
+def position(nodes: list[onnx.NodeProto], node: onnx.NodeProto) -> int:
+    """Index of ``node`` itself (the same Python object) in ``nodes``. ``list.index`` compares protobuf
+    messages by value, so it would find an equal copy or fail on a renamed node."""
+    return next(i for i, n in enumerate(nodes) if n is node)
+
+
+def write_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
+    """Make ``nodes`` the graph's node list. The repeated field stores *copies*: every node object taken
+    from the graph before (in ``nodes``, a producer or consumer map) is detached afterwards, and editing
+    it no longer changes the graph. So a rewrite edits a plain list of the graph's nodes and writes it once,
+    at the end."""
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def drop_value_info(graph: onnx.GraphProto, names: set[str]) -> None:
+    """Remove the ``value_info`` of the tensors ``names`` (a rewrite changed their shape: ONNX Runtime would
+    warn "Error merging shape info" on loading and shape inference in strict mode would fail; the runtime
+    infers the right shape without it)."""
+    keep = [v for v in graph.value_info if v.name not in names]
+    if len(keep) != len(graph.value_info):
+        del graph.value_info[:]
+        graph.value_info.extend(keep)
 
 
 def splice_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto], insert_before: dict[int, list[onnx.NodeProto]],
@@ -55,8 +86,17 @@ def splice_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto], insert_bef
         out += insert_before.get(id(n), [])
         if id(n) not in drop:
             out.append(n)
-    del model.graph.node[:]
-    model.graph.node.extend(out)
+    write_nodes(model.graph, out)
+
+
+def remove_orphan_value_info(model: onnx.ModelProto) -> int:
+    """Drop the ``value_info`` of tensors no node writes any more (removed or renamed by a rewrite).
+    Returns the count."""
+    graph = model.graph
+    produced = {o for n in graph.node for o in n.output}
+    orphans = {v.name for v in graph.value_info if v.name not in produced}
+    drop_value_info(graph, orphans)
+    return len(orphans)
 
 
 def fold_constants(model: onnx.ModelProto, max_elements: int = 1 << 16) -> int:
@@ -176,42 +216,56 @@ def pad_fills_with_zero(node: onnx.NodeProto, graph: onnx.GraphProto) -> bool:
     return node.op_type == "Pad" and _pad_is_zero_constant(node, {t.name: t for t in graph.initializer})
 
 
+def _pad_quantize_dequantize(pad: onnx.NodeProto, producer: dict[str, onnx.NodeProto],
+                              cons: dict[str, list[onnx.NodeProto]], inits: dict[str, onnx.TensorProto],
+                              outputs: set[str]) -> tuple[onnx.NodeProto, onnx.NodeProto] | None:
+    """``(Q, DQ)`` when ``pad`` is a zero Pad of a float tensor (not a DequantizeLinear output) read only by
+    a constant-parameter QuantizeLinear, whose only reader is a DequantizeLinear; else None."""
+    if pad.op_type != "Pad" or pad.output[0] in outputs or not _pad_is_zero_constant(pad, inits):
+        return None
+    src = producer.get(pad.input[0])
+    if src is not None and src.op_type == "DequantizeLinear":
+        return None
+    users = cons.get(pad.output[0], [])
+    if len(users) != 1 or users[0].op_type != "QuantizeLinear":
+        return None
+    q = users[0]
+    dqs = cons.get(q.output[0], [])
+    if len(dqs) != 1 or dqs[0].op_type != "DequantizeLinear" or not all(i in inits for i in q.input[1:]):
+        return None
+    return q, dqs[0]
+
+
 def quantize_before_pad(model: onnx.ModelProto) -> int:
     """``x -> Pad(0) -> QuantizeLinear -> DQ`` (float x) becomes ``x -> QuantizeLinear -> DQ -> Pad``: the
     padded border is ``0 = DQ(z)`` either way, so the values are identical and the Pad moves onto the
-    quantized side (ORT then pads codes; the integer runtime can execute it). Returns the count."""
+    quantized side (ORT then pads codes; the integer runtime can execute it). The codes now have the
+    unpadded shape, so their ``value_info`` is dropped. Returns the count."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    cons = consumers(graph)
     outputs = {o.name for o in graph.output}
-    count = 0
-    for pad in list(graph.node):
-        if pad.op_type != "Pad" or pad.output[0] in outputs or not _pad_is_zero_constant(pad, inits):
+    nodes = list(graph.node)
+    producer, cons = producers(nodes), consumers(nodes)
+    reshaped: set[str] = set()
+    for pad in [n for n in nodes if n.op_type == "Pad"]:
+        match = _pad_quantize_dequantize(pad, producer, cons, inits, outputs)
+        if match is None:
             continue
-        src = producer.get(pad.input[0])
-        if src is not None and src.op_type == "DequantizeLinear":
-            continue
-        users = cons.get(pad.output[0], [])
-        if len(users) != 1 or users[0].op_type != "QuantizeLinear":
-            continue
-        q = users[0]
-        dqs = cons.get(q.output[0], [])
-        if len(dqs) != 1 or dqs[0].op_type != "DequantizeLinear" or not all(i in inits for i in q.input[1:]):
-            continue
-        dq = dqs[0]
+        q, dq = match
         # new order: x -> Q -> DQ -> Pad; the Pad now writes the DQ's old output name
         x, dq_out = pad.input[0], dq.output[0]
         q.input[0] = x
         dq.output[0] = f"{dq_out}_prepad"
         pad.input[0] = dq.output[0]
         pad.output[0] = dq_out
-        nodes = [n for n in graph.node if n is not pad]
-        nodes.insert(nodes.index(dq) + 1, pad)
-        del graph.node[:]
-        graph.node.extend(nodes)
-        count += 1
-    return count
+        reshaped.add(q.output[0])
+        nodes.pop(position(nodes, pad))
+        nodes.insert(position(nodes, dq) + 1, pad)
+        producer, cons = producers(nodes), consumers(nodes)  # the names moved between nodes
+    if reshaped:
+        write_nodes(graph, nodes)
+        drop_value_info(graph, reshaped)
+    return len(reshaped)
 
 
 def _q_params(q: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[np.float32, int, int] | None:
@@ -243,10 +297,11 @@ def drop_clamp_before_quantize(model: onnx.ModelProto) -> int:
     same fusion, and the integer runtime needs ``op -> Q`` adjacency. Returns the count."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    cons = consumers(graph)
+    nodes = list(graph.node)
+    cons = consumers(nodes)
     outputs = {o.name for o in graph.output}
-    drop = []
-    for n in graph.node:
+    drop: set[int] = set()
+    for n in nodes:
         if n.op_type not in ("Clip", "Relu") or n.output[0] in outputs:
             continue
         users = cons.get(n.output[0], [])
@@ -266,9 +321,9 @@ def drop_clamp_before_quantize(model: onnx.ModelProto) -> int:
         if hi is not None and _quantize_scalar(hi, s, z, qmin, qmax) != qmax:
             continue
         users[0].input[0] = n.input[0]
-        drop.append(n)
-    for n in drop:
-        graph.node.remove(n)
+        drop.add(id(n))
+    if drop:
+        write_nodes(graph, [n for n in nodes if id(n) not in drop])
     return len(drop)
 
 
@@ -349,7 +404,8 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
 
 __all__ = [
     "fold_constants", "fold_static_shapes", "batch_reshape_to_constant", "remove_dead_nodes", "quantize_before_pad",
-    "drop_clamp_before_quantize", "constants_to_initializers", "pad_fills_with_zero", "consumers",
+    "drop_clamp_before_quantize", "constants_to_initializers", "pad_fills_with_zero", "consumers", "producers",
+    "position", "write_nodes", "drop_value_info", "remove_orphan_value_info",
 ]
 
 

@@ -30,7 +30,7 @@ from ..granularity import PerChannel, PerGroup, PerTensor, PerToken
 from ..nn.quantizer import TensorQuantizer, place_quantizers, quantizers
 from ..nn.root import set_root_attr
 from ..spec import QuantSpec
-from ._io import check_output_path
+from ._io import check_output_path, write_replacing
 
 log = logging.getLogger("lowbit")
 
@@ -123,9 +123,7 @@ def save(qmodel: nn.Module, path: str | os.PathLike, *, overwrite: bool = False,
 
         meta["example_inputs"] = [{"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
                                   for t in as_input_tuple(example_inputs)]
-    tmp = out.with_name(out.name + ".lowbit-tmp")
-    save_file(state, str(tmp), metadata={_KEY: json.dumps(meta)})
-    os.replace(tmp, out)
+    write_replacing(out, lambda tmp: save_file(state, str(tmp), metadata={_KEY: json.dumps(meta)}))
     return out
 
 

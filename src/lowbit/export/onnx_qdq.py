@@ -38,7 +38,7 @@ from ..nn.quantizer import TensorQuantizer
 from . import _ort_cpu
 from . import _qdq_graph as qg
 from . import _simplify as sp
-from ._io import check_output_path
+from ._io import check_output_path, write_replacing
 from .verify import KernelCount, ParityReport, count_kernels, verify_export
 
 log = logging.getLogger("lowbit")
@@ -246,9 +246,7 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:  # a bug of ours, not the user's: keep the details
         raise ExportError(f"the exported graph failed the ONNX checker: {e}") from e
-    tmp = path.with_name(path.name + ".lowbit-tmp")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
+    write_replacing(path, lambda tmp: onnx.save(model, str(tmp)))
 
 
 def _write_qdq(qmodel: nn.Module, inputs: tuple[torch.Tensor, ...], out_path: Path, opset: int | None,
@@ -283,15 +281,16 @@ def _write_qdq(qmodel: nn.Module, inputs: tuple[torch.Tensor, ...], out_path: Pa
     _simplify(model)
     qg.resolve_identity_initializers(model)
     qg.remove_noop_casts(model)
+    sp.quantize_before_pad(model)  # first: moving a Pad can put a Relu / Clip right before a QuantizeLinear
     sp.drop_clamp_before_quantize(model)
     sp.clamp_to_max_min_before_wide_quantize(model)
-    sp.quantize_before_pad(model)
     qg.requantize_compute_inputs(model)
     n_bias = qg.quantize_biases(model)
     if target == "ort-cpu":
         log.info("lowbit: ONNX Runtime CPU rewrites: %s", _ort_cpu.optimize_for_ort_cpu(model, _feeds(inputs)))
         sp.remove_dead_nodes(model)
     qg.remove_unused_initializers(model)
+    sp.remove_orphan_value_info(model)
     qg.set_opset(model, opset)
     _save(model, out_path)
     log.info("lowbit: wrote %s (opset %d, %d quantizers, %d int32 biases)", out_path, opset, len(entries), n_bias)
@@ -403,6 +402,7 @@ def export_onnx_float(
         log.info("lowbit: ONNX Runtime CPU rewrites (float): %s", _ort_cpu.optimize_float_for_ort_cpu(graph, _feeds(inputs)))
         sp.remove_dead_nodes(graph)
     qg.remove_unused_initializers(graph)
+    sp.remove_orphan_value_info(graph)
     _save(graph, out_path)
     return out_path
 
