@@ -584,7 +584,7 @@ def run_quantize(
     res = compare(float_model, qmodel, labelled, progress=progress)
     # the report's analysis runs before any file is written, so that its failure leaves no partial output
     data = build_report_data(qmodel, calib_x, model_name=model, recipe=rec, num_batches=min(4, len(calib_x)))
-    variant = recipe.upper()
+    variant = recipe.upper() if mixed_table is None else "+".join(n.upper() for n in (recipe, *mixed)) + " mixed"
     files: dict[str, str] = {}
     if mixed_table is not None:
         (out / "mixed_precision.txt").write_text(mixed_table)

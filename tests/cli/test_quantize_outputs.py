@@ -144,6 +144,7 @@ def test_min_sqnr_not_met_is_a_printed_warning(capsys, tmp_path, tiny_data, extr
     lines = [ln for ln in err.splitlines() if ln.startswith("warning: ")]
     assert lines == [f"warning: {s['warnings'][0]}"]
     assert "budget met: False" in (out / "mixed_precision.txt").read_text()
+    assert [r["variant"] for r in s["results"]][-1].startswith("W8A8+W4 mixed")  # not plain "W8A8"
 
 
 def test_eval_times_float_and_quantized_both_in_onnx_runtime(capsys, tmp_path, tiny_data, monkeypatch):
