@@ -265,7 +265,8 @@ def fuse_attention(model: onnx.ModelProto, example_feeds: dict[str, np.ndarray] 
     ``B`` can differ from the example; ``MultiHeadAttention`` checks the mask shape again at run time.
 
     Example:
-        >>> n = fuse_attention(onnx_model)  # doctest: +SKIP  (all-MiniLM-L6-v2: 6)
+        >>> n = fuse_attention(onnx_model)  # doctest: +SKIP
+        >>> # all-MiniLM-L6-v2: n == 6
     """
     m = _Matcher(model)
     found = []

@@ -132,7 +132,8 @@ class IntegerRuntime:
 
     >>> rt = IntegerRuntime("model.qdq.onnx")                                  # doctest: +SKIP
     >>> out = rt.run({"input": x})                     # {output name: np.ndarray}  # doctest: +SKIP
-    >>> out, codes = rt.run_with_intermediates({"input": x})   # codes of every QuantizeLinear output
+    >>> out, codes = rt.run_with_intermediates({"input": x})  # doctest: +SKIP
+    >>> # codes: of every QuantizeLinear output
     """
 
     def __init__(self, model: onnx.ModelProto | str | Path, requant: RequantMode = "float") -> None:
