@@ -368,7 +368,7 @@ def test_a_file_failing_parity_is_named_and_left_for_inspection(qnet, calib, tmp
     onnx.checker.check_model(str(path))
 
 
-@pytest.mark.parametrize("kwargs", [{"min_fraction": 1.5}, {"min_fraction": 0.0}, {"min_cosine": 2.0}])
+@pytest.mark.parametrize("kwargs", [{"min_fraction": 1.5}, {"min_fraction": -0.1}, {"min_cosine": 2.0}])
 def test_impossible_parity_tolerances_are_refused(qnet, calib, tmp_path, kwargs):
     with pytest.raises(ConfigError, match="min_fraction must be in"):
         export_onnx(qnet, calib[0], tmp_path / "x.onnx", **kwargs)

@@ -325,7 +325,8 @@ def export_onnx(
         verify: load in ORT (CPU provider), compare outputs in output quantization steps and count the
             integer kernels in ORT's optimized graph.
         dynamic_batch: make dimension 0 of inputs and outputs symbolic.
-        min_fraction: the parity tolerance: at least this fraction of outputs within one output step.
+        min_fraction: the parity tolerance: at least this fraction of outputs within one output step (0:
+            report the parity in the result, never raise).
         min_cosine: for outputs without a quantization scale (float), the alternative tolerance: every
             row's cosine similarity to the simulation at least this (see :func:`verify_parity`).
         target: ``"ort-cpu"`` (default) also applies the exact rewrites of :mod:`._ort_cpu` that make ONNX
@@ -349,9 +350,10 @@ def export_onnx(
     """
     if target not in _ort_cpu.TARGETS:
         raise ConfigError(f"target must be one of {', '.join(map(repr, _ort_cpu.TARGETS))}, got {target!r}.")
-    if not 0.0 < min_fraction <= 1.0 or not -1.0 <= min_cosine <= 1.0:
-        raise ConfigError(f"min_fraction must be in (0, 1] and min_cosine in [-1, 1], got {min_fraction} and "
-                          f"{min_cosine}; they are the share of outputs within one step and a cosine similarity.")
+    if not 0.0 <= min_fraction <= 1.0 or not -1.0 <= min_cosine <= 1.0:
+        raise ConfigError(f"min_fraction must be in [0, 1] and min_cosine in [-1, 1], got {min_fraction} and "
+                          f"{min_cosine}; they are the share of outputs within one step and a cosine similarity "
+                          "(min_fraction=0: report the parity, never raise).")
     out_path = check_output_path(path, overwrite)
     inputs = as_input_tuple(example_inputs)
     _check_input_dtypes(inputs)
