@@ -373,3 +373,12 @@ def test_impossible_parity_tolerances_are_refused(qnet, calib, tmp_path, kwargs)
     with pytest.raises(ConfigError, match="min_fraction must be in"):
         export_onnx(qnet, calib[0], tmp_path / "x.onnx", **kwargs)
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_parity_report_prints_one_line(exported):
+    from lowbit.export.verify import ParityReport
+
+    rep = ParityReport(max_steps=1.0, fraction_within=0.998, top1_agreement=1.0, n=4000, min_cosine=0.99991)
+    assert str(rep) == ("99.80% of 4000 outputs within one step (max 1.00 steps), top-1 agreement 1.0000, "
+                        "lowest row cosine 0.99991")
+    assert "\n" not in str(exported.parity) and "outputs within one step" in str(exported.parity)

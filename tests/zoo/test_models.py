@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -73,6 +74,9 @@ def test_train_save_load_roundtrip(tmp_path, monkeypatch):
     monkeypatch.setattr(tf, "fashion_mnist", tiny)
     trained, res = tf.train_fashion("fashion_cnn", tf.TrainConfig(epochs=1, batch_size=30), progress=False)
     assert res.path == tmp_path / "fashion" / "fashion_cnn.safetensors" and res.path.is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert res.path.stat().st_mode & 0o777 == 0o666 & ~umask  # a plain file's mode (safetensors alone writes 0600)
     loaded = models.fashion_cnn()
     x = tiny("test").tensors[0]
     torch.testing.assert_close(loaded(x), trained(x), rtol=0, atol=0)

@@ -133,6 +133,18 @@ class ParityReport:
     stages: tuple[StageParity, ...] = ()
     free_running: ParityReport | None = None
 
+    def __str__(self) -> str:
+        """One line: ``99.80 % of 4000 outputs within one step (max 1.00 steps), top-1 agreement 1.0000 ...``."""
+        parts = [f"{self.fraction_within:.2%} of {self.n} outputs within one step (max {self.max_steps:.2f} steps)"]
+        if self.top1_agreement is not None:
+            parts.append(f"top-1 agreement {self.top1_agreement:.4f}")
+        if self.min_cosine is not None:
+            parts.append(f"lowest row cosine {self.min_cosine:.5f}")
+        worst = self.worst_stage
+        if worst is not None:
+            parts.append(f"{len(self.stages)} dynamic stages, worst {worst.name} {worst.fraction_within:.2%}")
+        return ", ".join(parts)
+
     @property
     def worst_stage(self) -> StageParity | None:
         """The dynamic stage with the fewest codes within one step (None without dynamic stages)."""

@@ -89,10 +89,13 @@ def train_fashion(name: str, config: TrainConfig = TrainConfig(), save: bool = T
     if save:
         from safetensors.torch import save_file
 
+        from ..export._io import write_replacing
+
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {k: str(v) for k, v in asdict(config).items()}
         meta.update(test_top1=f"{top1:.4f}", train_seconds=f"{seconds:.1f}", architecture=name)
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        write_replacing(path, lambda tmp: save_file(state, str(tmp), metadata=meta))  # the umask's mode, not 0600
         log.info("%s: test top-1 %.4f, %.0f s; saved %s", name, top1, seconds, path)
     return model, TrainResult(name, path, top1, seconds, config)
 
