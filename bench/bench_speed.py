@@ -338,13 +338,17 @@ def _rows(name: str, b: int, t: dict[str, list[float]], alone: dict[str, list[fl
 
 
 def main() -> None:
+    global THREADS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="ResNet-18 and MobileNetV2 at batch 1 only")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--models", nargs="*", default=None, help="subset, e.g. MobileNetV2 MiniLM (default: all)")
     ap.add_argument("--profile", action="store_true",
                     help="also ORT's per-node kernel times by op type, ORT fp32 vs lowbit int8 (each session alone)")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="intra-op threads of every session and of PyTorch (default 2, the figures in docs)")
     args = ap.parse_args()
+    THREADS = args.threads
     logging.basicConfig(level=logging.ERROR)  # ORT quantization tool logs advice per bias at WARNING
     torch.set_num_threads(THREADS)
     batches = (1,) if args.quick else (1, 32)
