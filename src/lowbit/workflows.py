@@ -230,12 +230,16 @@ def _batches(ds: LoadedData, batch_size: int, num_batches: int | None, labels: b
     return out
 
 
+def _inputs(batch) -> torch.Tensor:
+    """The input tensor of a :func:`_batches` entry (``x``, or ``(x, y)`` with labels)."""
+    return batch[0] if isinstance(batch, tuple) else batch
+
+
 def _check_fit(model: nn.Module, name: str, batches: list, data_name: str) -> None:
     """Run ``model`` on the first batch: a ShapeMismatchError that says what to fix when the data does not fit
     the model (shape, dtype, a .pt2 exported for a fixed batch size), and a ConfigError for labels that are
     not class indices of the model's output (then top-1 would silently be 0)."""
-    first = batches[0]
-    x = first[0] if isinstance(first, tuple) else first
+    x = _inputs(batches[0])
     try:
         with torch.no_grad():
             out = model(x)
@@ -357,8 +361,7 @@ def _run_batch(model: nn.Module, batches: list) -> tuple[torch.Tensor, bool]:
     """The input that latency, ONNX export and the checkpoint's example use, and whether the batch size is
     fixed: one sample, or the whole first batch when ``model`` fails on one sample although it ran on that
     batch (a .pt2 exported without ``dynamic_shapes`` takes only its export batch size)."""
-    first = batches[0]
-    x = first[0] if isinstance(first, tuple) else first
+    x = _inputs(batches[0])
     if len(x) == 1:
         return x, False
     try:
@@ -371,8 +374,8 @@ def _run_batch(model: nn.Module, batches: list) -> tuple[torch.Tensor, bool]:
 
 def _full_batches(batches: list, size: int, name: str) -> tuple[list, str]:
     """The batches of exactly ``size`` samples (a fixed-batch model cannot run a shorter last batch) and a note."""
-    keep = [b for b in batches if len(b[0] if isinstance(b, tuple) else b) == size]
-    left = sum(len(b[0] if isinstance(b, tuple) else b) for b in batches) - size * len(keep)
+    keep = [b for b in batches if len(_inputs(b)) == size]
+    left = sum(len(_inputs(b)) for b in batches) - size * len(keep)
     return keep, (f"{name} takes batches of exactly {size} samples (exported without dynamic_shapes): latency and "
                   f"ONNX export at batch {size}" + (f"; the last {left} sample(s) were left out" if left else ""))
 
@@ -539,7 +542,7 @@ def run_quantize(
     if fixed:
         labelled, note = _full_batches(labelled, len(x_run), model)
         notes.append(note)
-    calib_x = [b[0] if isinstance(b, tuple) else b for b in labelled]
+    calib_x = [_inputs(b) for b in labelled]
     out = prepare_out_dir(out_dir, overwrite)  # after loading: the inputs may live in the folder it clears
     use = "calibration" if data_free is None else "comparison only (quantized data-free)"
     notes.insert(0, f"{use}: {sum(len(x) for x in calib_x)} samples from {ds.name} "
@@ -696,7 +699,7 @@ def run_eval(
     if fixed:
         batches, note = _full_batches(batches, len(x1), model)
         notes.append(note)
-    xs = [b[0] if isinstance(b, tuple) else b for b in batches]
+    xs = [_inputs(b) for b in batches]
     if quantized is not None:
         qdir = Path(quantized)
         if not qdir.is_dir():

@@ -56,10 +56,14 @@ class LabelledImages(Dataset):
         return x, self.labels[i]
 
 
+def _is_image_name(name: str) -> bool:
+    """An image file lowbit reads (:data:`IMAGE_SUFFIXES`), not hidden (``.name``, e.g. macOS ``._x.jpg``)."""
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+
 def _images_in(folder: Path) -> list[Path]:
-    """The image files of ``folder``, sorted; hidden files (``.name``, e.g. macOS ``._x.jpg``) are skipped."""
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+    """The image files of ``folder`` (:func:`_is_image_name`), sorted."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and _is_image_name(p.name))
 
 
 def _images_under(folder: Path) -> list[Path]:
@@ -68,7 +72,7 @@ def _images_under(folder: Path) -> list[Path]:
     found = []
     for top, dirs, names in os.walk(folder, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [Path(top) / n for n in names if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES]
+        found += [Path(top) / n for n in names if _is_image_name(n)]
     return sorted(found)
 
 
