@@ -355,3 +355,21 @@ def test_save_and_load_cuda_model(tmp_path):
         assert torch.equal(quantizer_state(loaded_cpu)[k], v), k
     with torch.no_grad():
         assert sqnr_db(y_ref, loaded_cpu(x)) > 40.0
+
+
+def test_ptq_forward_on_device_makes_no_host_sync():
+    """A quantized model's eval forward never waits for the GPU (a sync per quantizer flag read made a
+    ResNet-18 W8A8 forward 271 syncs; tests/nn/test_host_syncs.py counts the same on the CPU)."""
+    data = _on(_images(2), DEVICE)
+    q = lowbit.quantize(_cnn().to(DEVICE), recipes.W8A8(), data, data[0], progress=False).eval()
+    with torch.no_grad():
+        ref = q(data[0])
+        if ON_GPU:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")  # any sync raises
+        try:
+            out = q(data[0])
+        finally:
+            if ON_GPU:
+                torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(out, ref)

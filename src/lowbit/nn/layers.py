@@ -71,7 +71,7 @@ from ..errors import UnsupportedLayerError
 from ..granularity import PerChannel, PerGroup, PerTensor
 from ..spec import QuantSpec
 from .bias import Int32Bias, int32_bias, rerounded_weight_codes
-from .quantizer import TensorQuantizer
+from .quantizer import TensorQuantizer, buffer_flag
 from .requant import ORT_MODE_ATTR, ort_qlinear_add, ort_requantized_output
 
 __all__ = [
@@ -106,8 +106,20 @@ def link_input_quantizer(layer: nn.Module, quantizer: TensorQuantizer | list[Ten
     layer.__dict__[_INPUT_LINK] = quantizer
 
 
+def _tensors_key(*tensors: torch.Tensor) -> tuple:
+    """(data pointer, version, device) of each tensor: equal keys mean unchanged values. ``(None,)`` when
+    a tensor has no version counter (an inference tensor): such a value is not cached."""
+    key = []
+    for t in tensors:
+        try:
+            key += [t.data_ptr(), t._version, t.device]
+        except RuntimeError:
+            return (None,)
+    return tuple(key)
+
+
 def _static_int_quantizer(q, formats: frozenset[str]) -> bool:
-    return (isinstance(q, TensorQuantizer) and bool(q.quant_enabled) and not q.spec.dynamic
+    return (isinstance(q, TensorQuantizer) and buffer_flag(q, "quant_enabled") and not q.spec.dynamic
             and q.spec.format.name in formats and q.is_calibrated and q.lsq_offset is None)
 
 
@@ -262,7 +274,7 @@ class QuantLayerMixin(OutputSideMixin):
             return wq(self.weight)  # training (QAT): no cache, gradients flow through the STE
         # Inference: the fake-quantized weight only changes when the weight or the qparams do.
         key = (self.weight.data_ptr(), self.weight._version, wq.scale.data_ptr(), wq.scale._version,
-               wq.zero_point.data_ptr(), wq.zero_point._version, bool(wq.quant_enabled), "forward" in wq.__dict__)
+               wq.zero_point.data_ptr(), wq.zero_point._version, buffer_flag(wq, "quant_enabled"), "forward" in wq.__dict__)
         cache = self.__dict__.get("_lowbit_wcache")
         if cache is None or cache[0] != key:
             cache = (key, wq(self.weight).detach())
@@ -293,8 +305,18 @@ class QuantLayerMixin(OutputSideMixin):
         if iq.scale.numel() != 1 or (isinstance(self, nn.Linear) and x_dim != 2):
             return None
         out_axis = self.weight_quantizer.spec.granularity.axis % self.weight.dim() if wq.scale.numel() > 1 else 0
-        return int32_bias(bias, iq.scale, wq.scale, self.weight.numel() // max(bias.numel(), 1),
-                          None if wq.spec.symmetric else wq.zero_point, out_axis)
+        # Cached like the fake-quantized weight: the int32 bias (a few dozen small ops and a host sync)
+        # only changes when the bias, a scale or the weight zero point does. It is computed from detached
+        # values, so the cache is also right in training (the gradient passes straight through).
+        key = _tensors_key(bias, iq.scale, wq.scale, wq.zero_point) + (out_axis, id(iq))
+        cache = self.__dict__.get("_lowbit_bcache")
+        if key[0] is not None and cache is not None and cache[0] == key:
+            return cache[1]
+        res = int32_bias(bias, iq.scale, wq.scale, self.weight.numel() // max(bias.numel(), 1),
+                         None if wq.spec.symmetric else wq.zero_point, out_axis)
+        if key[0] is not None:
+            self.__dict__["_lowbit_bcache"] = (key, res)
+        return res
 
     def deployed_weight_and_bias(self, w: torch.Tensor, bias: torch.Tensor | None,
                                  x_dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -19,6 +19,7 @@ same for a whole model explicitly (used by ``lowbit.load``).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -30,11 +31,40 @@ from ..granularity import reduce_blocks
 from ..ops import _GradScale, fake_quantize, fake_quantize_lsq
 from ..spec import SCALE_EPS, QuantSpec, compute_qparams
 
-__all__ = ["TensorQuantizer", "calibrating", "quantizers", "place_quantizers", "DYNAMIC_QPARAMS_ATTR"]
+__all__ = ["TensorQuantizer", "calibrating", "quantizers", "place_quantizers", "buffer_flag", "DYNAMIC_QPARAMS_ATTR"]
 
 DYNAMIC_QPARAMS_ATTR = "_lowbit_dynamic_qparams"
 """Instance attribute where a dynamic quantizer keeps the ``(scale, zero_point)`` of the last batch it
 quantized (not a buffer: it is per batch, not state); :mod:`lowbit.nn.requant` reads it to recover the codes."""
+
+_FLAGS: dict[int, tuple[weakref.ref, int, bool]] = {}
+"""``id(tensor) -> (weak reference, version, value)`` for :func:`buffer_flag`. Kept outside the modules, so
+``copy.deepcopy`` and pickling never copy an entry onto another tensor; an entry leaves with its tensor."""
+
+
+def buffer_flag(module: nn.Module, name: str) -> bool:
+    """``bool(module.<name>)`` for a 0-d flag buffer, without a device-to-host sync on every call.
+
+    ``bool()`` of a CUDA tensor waits for the GPU; read on every forward of every quantizer, the flags
+    were most of the host syncs of a CUDA step (271 per PTQ ResNet-18 forward). The value is cached per
+    tensor object and its version counter: every in-place write (``fill_``, ``copy_``,
+    ``load_state_dict``, DDP's buffer broadcast) bumps the version, and ``.to(device)``, a reassignment or
+    a deep copy makes a new tensor, so a changed flag is read again. Inference tensors (made under
+    ``torch.inference_mode``) have no version counter: those are read every time.
+    """
+    t = module._buffers[name]
+    try:
+        version = t._version
+    except RuntimeError:  # an inference tensor
+        return bool(t)
+    key = id(t)
+    hit = _FLAGS.get(key)
+    if hit is not None and hit[0]() is t and hit[1] == version:
+        return hit[2]
+    value = bool(t)
+    ref = hit[0] if hit is not None and hit[0]() is t else weakref.ref(t, lambda _, key=key: _FLAGS.pop(key, None))
+    _FLAGS[key] = (ref, version, value)
+    return value
 
 
 class TensorQuantizer(nn.Module):
@@ -79,7 +109,7 @@ class TensorQuantizer(nn.Module):
 
     @property
     def is_calibrated(self) -> bool:
-        return bool(self.initialized)
+        return buffer_flag(self, "initialized")
 
     # ---------------------------------------------------------------- modes
     def set_mode(self, observe: bool, quantize: bool) -> TensorQuantizer:
@@ -125,7 +155,8 @@ class TensorQuantizer(nn.Module):
         self.reset_observer()
         self.observer.update(x)
         self.compute_qparams()
-        self.quant_enabled.fill_(True)
+        if not buffer_flag(self, "quant_enabled"):  # a write bumps the version: the cached flag is read again
+            self.quant_enabled.fill_(True)
 
     def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> None:
         """Set the quantization parameters directly (e.g. from a checkpoint or another tool)."""
@@ -141,7 +172,8 @@ class TensorQuantizer(nn.Module):
         else:
             self.scale = scale.detach().to(device, torch.float32).clone()
         self.zero_point = zp.detach().to(device, torch.int32).clone()
-        self.initialized.fill_(True)
+        if not self.is_calibrated:  # written once: a write on every QAT step would cost a read (sync) each
+            self.initialized.fill_(True)
 
     # ---------------------------------------------------------------- LSQ
     def enable_lsq(self, learn_offset: bool = False) -> TensorQuantizer:
@@ -163,21 +195,23 @@ class TensorQuantizer(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.follow(x.device)
+        quantizing = buffer_flag(self, "quant_enabled")
         if self.spec.dynamic:  # switched off (quant_enabled False): float, as for a static quantizer
-            return self._forward_dynamic(x) if bool(self.quant_enabled) else x
-        if bool(self.observer_enabled):
+            return self._forward_dynamic(x) if quantizing else x
+        observing = buffer_flag(self, "observer_enabled")
+        if observing:
             self.observer.update(x)
-        if not bool(self.quant_enabled):
+        if not quantizing:
             return x
-        if self.needs_calibration and not bool(self.initialized):
-            if bool(self.observer_enabled):  # QAT observer phase: quantize with the running range
+        if self.needs_calibration and not self.is_calibrated:
+            if observing:  # QAT observer phase: quantize with the running range
                 self.compute_qparams()
             else:
                 raise EmptyCalibrationError(
                     f"{self.name}: quantization is on but no range was calibrated; run calibration data "
                     "through the model inside `with lowbit.calibrating(model):` first."
                 )
-        elif bool(self.observer_enabled) and self.needs_calibration:
+        elif observing and self.needs_calibration:
             self.compute_qparams()
         if self.learnable:
             with torch.no_grad():  # an optimizer step can push a learned scale to or below 0 (as torch's

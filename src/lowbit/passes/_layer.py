@@ -20,11 +20,15 @@ def in_channel_groups(layer: nn.Module) -> int:
 
 
 def scale_out_channels(layer: nn.Module, s: torch.Tensor) -> None:
-    """``W[o] /= s[o]``, ``b[o] /= s[o]`` (Conv/Linear, output channels on weight axis 0)."""
+    """``W[o] /= s[o]``, ``b[o] /= s[o]`` (Conv/Linear, output channels on weight axis 0).
+
+    In place under ``no_grad`` rather than through ``.data``: that bumps the tensors' version counters,
+    which the quantized layers' caches (fake-quantized weight, int32 bias) are keyed on."""
     w = layer.weight
-    w.data.div_(s.to(w.dtype).reshape(-1, *([1] * (w.dim() - 1))))
-    if layer.bias is not None:
-        layer.bias.data.div_(s.to(w.dtype))
+    with torch.no_grad():
+        w.div_(s.to(w.dtype).reshape(-1, *([1] * (w.dim() - 1))))
+        if layer.bias is not None:
+            layer.bias.div_(s.to(w.dtype))
 
 
 def _in_view(layer: nn.Module, w: torch.Tensor) -> torch.Tensor:
@@ -43,8 +47,9 @@ def scale_in_channels(layer: nn.Module, s: torch.Tensor) -> None:
     """Multiply every weight of input channel ``c`` by ``s[c]`` (grouped and depthwise convs included)."""
     w = layer.weight
     g = in_channel_groups(layer)
-    v = _in_view(layer, w.data) * s.to(w.dtype).reshape(g, 1, -1, 1)
-    w.data.copy_(v.reshape(w.shape))
+    with torch.no_grad():  # not .data: the version counter must move (scale_out_channels)
+        v = _in_view(layer, w.detach()) * s.to(w.dtype).reshape(g, 1, -1, 1)
+        w.copy_(v.reshape(w.shape))
 
 
 def out_channel_absmax(layer: nn.Module) -> torch.Tensor:

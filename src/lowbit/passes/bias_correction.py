@@ -73,7 +73,8 @@ def correct_layer_bias(layer: nn.Module, spec: QuantSpec, input_mean: torch.Tens
 def _sub_bias(layer: nn.Module, shift: torch.Tensor) -> None:
     if layer.bias is None:
         layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype, device=layer.weight.device))
-    layer.bias.data.sub_(shift.to(layer.bias.dtype))
+    with torch.no_grad():  # not .data: the version counter must move (the layers' int32-bias cache)
+        layer.bias.sub_(shift.to(layer.bias.dtype))
 
 
 def _input_mean(model: nn.Module, link: Link) -> tuple[torch.Tensor | None, str]:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.layers import QuantConv1d, QuantConv2d, QuantLayerMixin, QuantLinear
+from ..nn.quantizer import buffer_flag
 
 __all__ = ["ConvBnMixin", "QuantConvBn1d", "QuantConvBn2d", "QuantLinearBn1d", "CONV_BN_TYPES", "fuse_bn"]
 
@@ -73,7 +74,7 @@ class ConvBnMixin:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._pre(x)
-        if self.training and not bool(self.bn_frozen):
+        if self.training and not buffer_flag(self, "bn_frozen"):
             t = self._bn_factor()
             y = self._op(x, self.quantized_weight(), None)
             view = (1, -1) + (1,) * (y.dim() - 2)
