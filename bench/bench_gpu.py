@@ -16,11 +16,9 @@ with CUDA events (after warm-up):
    traffic (one float32 read + one write per element), plus the fraction of elements on which they agree
    (torch multiplies by ``1 / scale``, lowbit divides, as ONNX Runtime does: they can differ at ties).
 
-4. Host syncs: a ResNet-18 (random weights) W8A8 QAT training step (STE, observers on; forward,
-   cross-entropy, backward, SGD step) and a forward of the PTQ model in eval mode, batch ``QAT_BATCH``
-   at 224 x 224, against the float model: ms per step and the device-to-host synchronizations per step
-   (``torch.cuda.set_sync_debug_mode``: each sync is a warning, counted), as shipped and with lowbit's
-   NaN/Inf checks (``lowbit.errors.check_finite``) replaced by a no-op, to show what those checks cost.
+4. Step overhead (``bench/bench_step_overhead.py`` on CUDA): a ResNet-18 (random weights) W8A8 QAT
+   training step and PTQ eval forward against the float model, batch ``QAT_BATCH`` at 224 x 224: ms,
+   aten ops and host syncs per step, with lowbit's NaN/Inf checks on and patched off.
 
     PYTHONPATH=src python3 bench/bench_gpu.py          # about 20-40 s on an H100
     PYTHONPATH=src python3 bench/bench_gpu.py --quick  # fewer repeats
@@ -32,11 +30,14 @@ Prints markdown. Exits with a message (status 1) when no CUDA device is present.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_step_overhead import step_table, time_ms  # noqa: E402
 
 DEV = "cuda"
 DIM, TOKENS, FQ_SHAPE, MS = 4096, (1, 2048), (4096, 16384), (16, 256, 4096)
@@ -52,25 +53,7 @@ def _smoke() -> None:
 
 def _timeit(fn, reps: int, warmup: int = 3) -> float:
     """Median milliseconds of ``fn()`` over ``reps`` runs, each timed with its own pair of CUDA events."""
-    for _ in range(warmup):
-        fn()
-    if DEV == "cpu":
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-        return statistics.median(times)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return time_ms(fn, torch.device(DEV), reps, warmup)
 
 
 def gemm_table(reps: int) -> list[str]:
@@ -178,82 +161,11 @@ def fake_quant_table(reps: int) -> list[str]:
     ]
 
 
-def _count_syncs(fn) -> int | None:
-    """Device-to-host synchronizations during one ``fn()`` (CUDA's sync debug mode warns on each one)."""
-    import warnings
-
-    if DEV != "cuda":
-        return None
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
-
-
-def _syncs(fn) -> str:
-    n = _count_syncs(fn)
-    return "-" if n is None else str(n)
 
 
 def qat_sync_table(reps: int) -> list[str]:
-    import contextlib
-    from unittest import mock
-
-    import torchvision
-
-    import lowbit
-    from lowbit import recipes
-
-    torch.manual_seed(0)
-    torch.backends.cudnn.benchmark = True
-    g = torch.Generator(device=DEV).manual_seed(3)
-    x = torch.randn(QAT_BATCH, 3, QAT_SIZE, QAT_SIZE, device=DEV, generator=g)
-    y = torch.randint(0, 1000, (QAT_BATCH,), device=DEV, generator=g)
-    float_model = torchvision.models.resnet18(num_classes=1000).to(DEV)
-    qat = lowbit.prepare_qat(float_model, recipes.W8A8(), [x], x, progress=False)
-    ptq = lowbit.quantize(float_model.eval(), recipes.W8A8(), [x], x, progress=False).eval()
-    float_model.train()
-
-    def train_step(model, opt):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    def checks_off():
-        # every module that imported check_finite by name, so the patch reaches all its call sites
-        stack = contextlib.ExitStack()
-        for mod in ("lowbit.errors", "lowbit.spec", "lowbit.nn.quantizer", "lowbit.calibration.base",
-                    "lowbit.calibration.histogram"):
-            stack.enter_context(mock.patch(f"{mod}.check_finite", lambda *a, **k: None))
-        return stack
-
-    opt_f = torch.optim.SGD(float_model.parameters(), lr=1e-4)
-    opt_q = torch.optim.SGD(qat.parameters(), lr=1e-4)
-    rows = [f"ResNet-18 (random weights), batch {QAT_BATCH}, {QAT_SIZE} x {QAT_SIZE}, W8A8 "
-            f"({sum(1 for _ in lowbit.nn.quantizers(qat))} quantizers in the QAT model).", "",
-            "| step | NaN/Inf checks | ms per step | host syncs per step | vs float |", "|---|---|---:|---:|---:|"]
-    t_float = _timeit(lambda: train_step(float_model, opt_f), reps)
-    rows.append(f"| float train step | - | {t_float:.2f} | {_syncs(lambda: train_step(float_model, opt_f))} | 1.00x |")
-    for label, ctx in (("as shipped", contextlib.nullcontext), ("off (patched)", checks_off)):
-        with ctx():
-            t = _timeit(lambda: train_step(qat, opt_q), reps)
-            n = _syncs(lambda: train_step(qat, opt_q))
-        rows.append(f"| W8A8 QAT train step (STE, observers on) | {label} | {t:.2f} | {n} | {t / t_float:.2f}x |")
-    with torch.inference_mode():
-        float_model.eval()
-        t_float_fwd = _timeit(lambda: float_model(x), reps)
-        rows.append(f"| float eval forward | - | {t_float_fwd:.2f} | {_syncs(lambda: float_model(x))} | 1.00x |")
-        t = _timeit(lambda: ptq(x), reps)
-        rows.append(f"| W8A8 PTQ eval forward (fake quant) | as shipped | {t:.2f} | {_syncs(lambda: ptq(x))} "
-                    f"| {t / t_float_fwd:.2f}x |")
-    return rows
-
+    """The fourth table: ``bench_step_overhead.step_table`` on this device."""
+    return step_table(torch.device(DEV), QAT_BATCH, QAT_SIZE, reps)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -278,7 +190,7 @@ def main() -> None:
     print("\n".join(linear_stack_table(reps)), "\n", flush=True)
     print("## Fake quantization throughput\n")
     print("\n".join(fake_quant_table(reps)), "\n", flush=True)
-    print("## Host syncs in QAT and PTQ steps\n")
+    print("## Step overhead: QAT and PTQ against float\n")
     print("\n".join(qat_sync_table(reps)), "\n")
     print(f"Total wall time {time.perf_counter() - t0:.1f} s.")
 

@@ -62,10 +62,19 @@ class DistributedError(QuantizationError, RuntimeError):
 
 
 def check_finite(x, name: str) -> None:
-    """Raise :class:`NonFiniteError` naming ``name`` if tensor ``x`` holds NaN or Inf."""
+    """Raise :class:`NonFiniteError` naming ``name`` if tensor ``x`` holds NaN or Inf.
+
+    One pass over ``x``: ``torch.aminmax`` propagates NaN and keeps ``±inf``, and ``lo * 0 + hi * 0`` is 0
+    exactly when both are finite (NaN otherwise, never an overflow), so the full tensor is read once
+    (``isfinite(x).all()`` read it five times; on a GPU, QAT calls this twice per quantizer and step).
+    Counting the NaN and Inf values for the message happens only on failure.
+    """
     import torch
 
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    if not x.is_floating_point() or x.numel() == 0:
+        return
+    lo, hi = torch.aminmax(x.detach())
+    if not bool(lo * 0 + hi * 0 == 0):
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())
         raise NonFiniteError(
