@@ -23,6 +23,7 @@ from lowbit.distributed.sync import (
     quantizer_state,
 )
 from lowbit.errors import DistributedError
+from lowbit.nn.quantizer import buffer_flag, quantizers
 from lowbit.qat import convert, prepare_qat
 from lowbit.recipes import W8A8
 
@@ -96,6 +97,17 @@ def _worker(rank: int, init_method: str, folder: str) -> None:
             result["mismatch_caught"] = False
         except DistributedError:
             result["mismatch_caught"] = True
+        # DDP's buffer broadcast writes rank 0's flags into the other ranks without moving their version
+        # counters: a flag read must follow the buffer there (buffer_flag does not cache under DDP)
+        ddp = nn.parallel.DistributedDataParallel(qat)
+        x = torch.randn(4, 1, 8, 8)
+        ddp(x)
+        q = next(q for _, q in quantizers(qat) if not q.is_weight)
+        assert buffer_flag(q, "quant_enabled")
+        if rank == 0:
+            q.quant_enabled.fill_(False)
+        ddp(x)
+        result["flag_after_broadcast"] = (bool(q.quant_enabled), buffer_flag(q, "quant_enabled"))
         torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
     finally:
         shutdown()
@@ -148,6 +160,11 @@ def test_qat_under_ddp_keeps_ranks_identical_and_matches_single_process(ranks, s
 @pytest.mark.distributed
 def test_mismatched_ranks_are_reported(ranks):
     assert all(r["mismatch_caught"] for r in ranks)
+
+
+@pytest.mark.distributed
+def test_flag_reads_follow_ddp_buffer_broadcast(ranks):
+    assert [r["flag_after_broadcast"] for r in ranks] == [(False, False)] * len(ranks)
 
 
 @pytest.mark.distributed

@@ -23,6 +23,7 @@ import weakref
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..calibration import Observer, make_observer
@@ -47,12 +48,19 @@ def buffer_flag(module: nn.Module, name: str) -> bool:
 
     ``bool()`` of a CUDA tensor waits for the GPU; read on every forward of every quantizer, the flags
     were most of the host syncs of a CUDA step (271 per PTQ ResNet-18 forward). The value is cached per
-    tensor object and its version counter: every in-place write (``fill_``, ``copy_``,
-    ``load_state_dict``, DDP's buffer broadcast) bumps the version, and ``.to(device)``, a reassignment or
-    a deep copy makes a new tensor, so a changed flag is read again. Inference tensors (made under
+    tensor object and its version counter: every in-place tensor op (``fill_``, ``copy_``,
+    ``load_state_dict``) bumps the version, and ``.to(device)``, a reassignment or a deep copy makes a new
+    tensor, so a changed flag is read again. Inference tensors (made under
     ``torch.inference_mode``) have no version counter: those are read every time.
+
+    Not cached under ``torch.distributed`` with more than one rank: DDP's buffer broadcast writes rank 0's
+    values into the other ranks' buffers without moving their version counters (measured with gloo), so
+    a cached flag there could differ from the buffer. Writes through ``.data`` are not seen either; set
+    flags with ``set_mode`` / ``fill_`` / ``load_state_dict``.
     """
     t = module._buffers[name]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return bool(t)
     try:
         version = t._version
     except RuntimeError:  # an inference tensor
