@@ -23,8 +23,9 @@ from lowbit.distributed.sync import (
     quantizer_state,
 )
 from lowbit.errors import DistributedError
+from lowbit.nn.bias import int32_bias
 from lowbit.nn.quantizer import buffer_flag, quantizers
-from lowbit.qat import convert, prepare_qat
+from lowbit.qat import convert, freeze_observers, prepare_qat
 from lowbit.recipes import W8A8
 
 from .._gloo import run_ranks, shutdown
@@ -108,6 +109,19 @@ def _worker(rank: int, init_method: str, folder: str) -> None:
             q.quant_enabled.fill_(False)
         ddp(x)
         result["flag_after_broadcast"] = (bool(q.quant_enabled), buffer_flag(q, "quant_enabled"))
+        # the same for a scale read through the Linear's int32-bias cache (observers frozen, so the
+        # scale tensor stays and the broadcast writes into it)
+        q.quant_enabled.fill_(True)
+        freeze_observers(qat)
+        fc = qat.get_submodule("5")
+        ddp(x)
+        cached = fc.int32_bias(fc.bias, 2).codes.clone()
+        if rank == 0:
+            fc.bias_input_quantizer().scale.mul_(2)
+        ddp(x)
+        fresh = int32_bias(fc.bias, fc.bias_input_quantizer().scale, fc.weight_quantizer.scale, fc.in_features)
+        result["bias_after_broadcast"] = (torch.equal(fc.int32_bias(fc.bias, 2).codes, fresh.codes),
+                                          torch.equal(fresh.codes, cached))
         torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
     finally:
         shutdown()
@@ -165,6 +179,8 @@ def test_mismatched_ranks_are_reported(ranks):
 @pytest.mark.distributed
 def test_flag_reads_follow_ddp_buffer_broadcast(ranks):
     assert [r["flag_after_broadcast"] for r in ranks] == [(False, False)] * len(ranks)
+    # (the int32 bias from the cache equals a fresh one, and rank 0's doubled scale reached every rank)
+    assert [r["bias_after_broadcast"] for r in ranks] == [(True, False)] * len(ranks)
 
 
 @pytest.mark.distributed

@@ -71,7 +71,7 @@ from ..errors import UnsupportedLayerError
 from ..granularity import PerChannel, PerGroup, PerTensor
 from ..spec import QuantSpec
 from .bias import Int32Bias, int32_bias, rerounded_weight_codes
-from .quantizer import TensorQuantizer, buffer_flag
+from .quantizer import TensorQuantizer, buffer_flag, version_counters_trusted
 from .requant import ORT_MODE_ATTR, ort_qlinear_add, ort_requantized_output
 
 __all__ = [
@@ -108,7 +108,10 @@ def link_input_quantizer(layer: nn.Module, quantizer: TensorQuantizer | list[Ten
 
 def _tensors_key(*tensors: torch.Tensor) -> tuple:
     """(data pointer, version, device) of each tensor: equal keys mean unchanged values. ``(None,)`` when
-    a tensor has no version counter (an inference tensor): such a value is not cached."""
+    a tensor has no version counter (an inference tensor) or version counters cannot be trusted
+    (:func:`~lowbit.nn.quantizer.version_counters_trusted`): such a value is not cached."""
+    if not version_counters_trusted():
+        return (None,)
     key = []
     for t in tensors:
         try:
@@ -273,8 +276,10 @@ class QuantLayerMixin(OutputSideMixin):
         if torch.is_grad_enabled() and (self.weight.requires_grad or wq.learnable):
             return wq(self.weight)  # training (QAT): no cache, gradients flow through the STE
         # Inference: the fake-quantized weight only changes when the weight or the qparams do.
-        key = (self.weight.data_ptr(), self.weight._version, wq.scale.data_ptr(), wq.scale._version,
-               wq.zero_point.data_ptr(), wq.zero_point._version, buffer_flag(wq, "quant_enabled"), "forward" in wq.__dict__)
+        key = _tensors_key(self.weight, wq.scale, wq.zero_point) + (buffer_flag(wq, "quant_enabled"),
+                                                                     "forward" in wq.__dict__)
+        if key[0] is None:
+            return wq(self.weight).detach()
         cache = self.__dict__.get("_lowbit_wcache")
         if cache is None or cache[0] != key:
             cache = (key, wq(self.weight).detach())

@@ -32,7 +32,8 @@ from ..granularity import reduce_blocks
 from ..ops import _GradScale, fake_quantize, fake_quantize_lsq
 from ..spec import SCALE_EPS, QuantSpec, compute_qparams
 
-__all__ = ["TensorQuantizer", "calibrating", "quantizers", "place_quantizers", "buffer_flag", "DYNAMIC_QPARAMS_ATTR"]
+__all__ = ["TensorQuantizer", "calibrating", "quantizers", "place_quantizers", "buffer_flag", "version_counters_trusted",
+           "DYNAMIC_QPARAMS_ATTR"]
 
 DYNAMIC_QPARAMS_ATTR = "_lowbit_dynamic_qparams"
 """Instance attribute where a dynamic quantizer keeps the ``(scale, zero_point)`` of the last batch it
@@ -41,6 +42,14 @@ quantized (not a buffer: it is per batch, not state); :mod:`lowbit.nn.requant` r
 _FLAGS: dict[int, tuple[weakref.ref, int, bool]] = {}
 """``id(tensor) -> (weak reference, version, value)`` for :func:`buffer_flag`. Kept outside the modules, so
 ``copy.deepcopy`` and pickling never copy an entry onto another tensor; an entry leaves with its tensor."""
+
+
+def version_counters_trusted() -> bool:
+    """Whether an unchanged version counter means an unchanged tensor, which the caches keyed on them
+    (:func:`buffer_flag`, the quantized layers' weight and int32-bias caches) rely on. False under
+    ``torch.distributed`` with more than one rank: DDP's buffer broadcast writes rank 0's buffers into the
+    other ranks in place without moving their version counters (seen with gloo)."""
+    return not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
 
 
 def buffer_flag(module: nn.Module, name: str) -> bool:
@@ -59,7 +68,7 @@ def buffer_flag(module: nn.Module, name: str) -> bool:
     flags with ``set_mode`` / ``fill_`` / ``load_state_dict``.
     """
     t = module._buffers[name]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if not version_counters_trusted():
         return bool(t)
     try:
         version = t._version
