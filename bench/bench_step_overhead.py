@@ -111,22 +111,20 @@ def step_table(device: torch.device, batch: int, size: int, reps: int) -> list[s
             f"{device.type}{f', {torch.get_num_threads()} thread(s)' if device.type == 'cpu' else ''}.", "",
             "| step | NaN/Inf checks | ms | vs float | aten ops | host syncs |", "|---|---|---:|---:|---:|---:|"]
 
-    def row(label, checks, fn, base):
+    def row(label, checks, fn, base=None) -> float:
+        """Time and count ``fn``, append its row; ``base`` None: the float row (1.00x) of its kind."""
         t = time_ms(fn, device, reps)
         ops, syncs = count_ops(fn)
-        rows.append(f"| {label} | {checks} | {t:.2f} | {t / base:.2f}x | {ops} | {syncs} |")
+        rows.append(f"| {label} | {checks} | {t:.2f} | {t / (base or t):.2f}x | {ops} | {syncs} |")
+        return t
 
-    t_train = time_ms(lambda: train_step(float_model, opt_f), device, reps)
-    ops, syncs = count_ops(lambda: train_step(float_model, opt_f))
-    rows.append(f"| float train step | - | {t_train:.2f} | 1.00x | {ops} | {syncs} |")
+    t_train = row("float train step", "-", lambda: train_step(float_model, opt_f))
     row("W8A8 QAT train step (STE, observers on)", "on", lambda: train_step(qat, opt_q), t_train)
     with _checks_off():
         row("W8A8 QAT train step (STE, observers on)", "off (patched)", lambda: train_step(qat, opt_q), t_train)
     float_model.eval()
     with torch.inference_mode():
-        t_fwd = time_ms(lambda: float_model(x), device, reps)
-        ops, syncs = count_ops(lambda: float_model(x))
-        rows.append(f"| float eval forward | - | {t_fwd:.2f} | 1.00x | {ops} | {syncs} |")
+        t_fwd = row("float eval forward", "-", lambda: float_model(x))
     with torch.no_grad():
         row("W8A8 PTQ eval forward (fake quant)", "-", lambda: ptq(x), t_fwd)
     return rows

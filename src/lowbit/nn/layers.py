@@ -121,6 +121,18 @@ def _tensors_key(*tensors: torch.Tensor) -> tuple:
     return tuple(key)
 
 
+def _cached(module: nn.Module, attr: str, key: tuple, compute):
+    """``compute()``, kept in ``module.__dict__[attr]`` under ``key`` (from :func:`_tensors_key`) and
+    returned again while the key is unchanged; never kept when the key starts with None."""
+    if key[0] is None:
+        return compute()
+    hit = module.__dict__.get(attr)
+    if hit is None or hit[0] != key:
+        hit = (key, compute())
+        module.__dict__[attr] = hit
+    return hit[1]
+
+
 def _static_int_quantizer(q, formats: frozenset[str]) -> bool:
     return (isinstance(q, TensorQuantizer) and buffer_flag(q, "quant_enabled") and not q.spec.dynamic
             and q.spec.format.name in formats and q.is_calibrated and q.lsq_offset is None)
@@ -278,13 +290,7 @@ class QuantLayerMixin(OutputSideMixin):
         # Inference: the fake-quantized weight only changes when the weight or the qparams do.
         key = _tensors_key(self.weight, wq.scale, wq.zero_point) + (buffer_flag(wq, "quant_enabled"),
                                                                      "forward" in wq.__dict__)
-        if key[0] is None:
-            return wq(self.weight).detach()
-        cache = self.__dict__.get("_lowbit_wcache")
-        if cache is None or cache[0] != key:
-            cache = (key, wq(self.weight).detach())
-            self.__dict__["_lowbit_wcache"] = cache
-        return cache[1]
+        return _cached(self, "_lowbit_wcache", key, lambda: wq(self.weight).detach())
 
     def _pre(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
@@ -314,14 +320,9 @@ class QuantLayerMixin(OutputSideMixin):
         # only changes when the bias, a scale or the weight zero point does. It is computed from detached
         # values, so the cache is also right in training (the gradient passes straight through).
         key = _tensors_key(bias, iq.scale, wq.scale, wq.zero_point) + (out_axis, id(iq))
-        cache = self.__dict__.get("_lowbit_bcache")
-        if key[0] is not None and cache is not None and cache[0] == key:
-            return cache[1]
-        res = int32_bias(bias, iq.scale, wq.scale, self.weight.numel() // max(bias.numel(), 1),
-                         None if wq.spec.symmetric else wq.zero_point, out_axis)
-        if key[0] is not None:
-            self.__dict__["_lowbit_bcache"] = (key, res)
-        return res
+        return _cached(self, "_lowbit_bcache", key, lambda: int32_bias(
+            bias, iq.scale, wq.scale, self.weight.numel() // max(bias.numel(), 1),
+            None if wq.spec.symmetric else wq.zero_point, out_axis))
 
     def deployed_weight_and_bias(self, w: torch.Tensor, bias: torch.Tensor | None,
                                  x_dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
