@@ -103,6 +103,16 @@ def _positive(text: str) -> int:
     return v
 
 
+def _probability(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
+    return v
+
+
 def _model_args(p: argparse.ArgumentParser, shape: bool = True) -> None:
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--weights", metavar="FILE", help="state_dict to load into MODEL (.pt/.pth/.safetensors)")
@@ -158,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--adaround-granularity", choices=("layer", "block"), default="layer",
                    help="AdaRound unit: each layer alone (default) or each block's layers jointly on the block's "
                         "output (BRECQ; blocks = children of Sequential/ModuleList containers)")
+    q.add_argument("--adaround-qdrop", type=_probability, default=0.0, metavar="P",
+                   help="AdaRound: during reconstruction keep each quantized activation's float value with "
+                        "probability P (QDrop; default 0 = off, 0.5 as in the paper)")
     q.add_argument("--mixed", type=_name_list, default=[], metavar="RECIPE[,RECIPE]",
                    help="mixed precision: less precise recipes each layer may take instead of --recipe, chosen by "
                         "measured sensitivity (needs --size-budget and/or --min-sqnr)")
@@ -221,7 +234,8 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
 
     s = run_quantize(a.model, out_dir=a.out, recipe=a.recipe, calibrator=a.calibrator, calib=a.calib,
                      num_batches=a.num_batches, batch_size=a.batch_size, dfq=a.dfq, adaround=a.adaround,
-                     adaround_iters=a.adaround_iters, adaround_granularity=a.adaround_granularity, overwrite=a.overwrite, weights=a.weights,
+                     adaround_iters=a.adaround_iters, adaround_granularity=a.adaround_granularity,
+                     adaround_qdrop=a.adaround_qdrop, overwrite=a.overwrite, weights=a.weights,
                      input_shape=a.input_shape, export=not a.no_export, mixed=a.mixed, size_budget=a.size_budget,
                      min_sqnr=a.min_sqnr, data_free=a.data_free, input_range=a.input_range,
                      distill_iters=a.distill_iters, distill_label_weight=a.distill_label_weight)

@@ -477,6 +477,7 @@ def run_quantize(
     adaround: bool = False,
     adaround_iters: int = 200,
     adaround_granularity: str = "layer",
+    adaround_qdrop: float = 0.0,
     overwrite: bool = False,
     weights: str | None = None,
     input_shape: tuple[int, ...] | None = None,
@@ -565,13 +566,16 @@ def run_quantize(
         dfq_config = DFQ(input_range=input_range, act_range="std" if data_free == "bn" else "distilled",
                          distill=DistillConfig(iters=distill_iters, label_weight=distill_label_weight)
                          if data_free == "distilled" else None)
+    ada_config = AdaRoundConfig(iters=adaround_iters, batch_size=min(32, len(calib_x[0])),
+                                granularity=adaround_granularity, qdrop_prob=adaround_qdrop) if adaround else False
     qmodel = api.quantize(
         float_model, rec, None if data_free else calib_x, progress=progress,
         example_inputs=torch.zeros_like(x_run) if data_free else None,  # shapes only: no data seen
-        dfq=dfq_config,
-        adaround=AdaRoundConfig(iters=adaround_iters, batch_size=min(32, len(calib_x[0])),
-                                granularity=adaround_granularity) if adaround else False,
+        dfq=dfq_config, adaround=ada_config,
     )
+    if ada_config:
+        notes.append(f"adaround: {ada_config.iters} iterations per {ada_config.granularity}, batch "
+                     f"{ada_config.batch_size}, QDrop {ada_config.qdrop_prob:g}")
     if data_free is not None:
         how = ("the BatchNorm statistics" if data_free == "bn" else
                f"{dfq_config.distill.num_samples} inputs distilled from the BatchNorm statistics "

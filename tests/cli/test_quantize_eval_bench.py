@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from .conftest import TINY, call, run_cli
 
@@ -281,6 +282,25 @@ def test_quantize_adaround_block_granularity(capsys, tmp_path, tiny_data):
     rc, _, err = call(capsys, "quantize", TINY, "--calib", str(tiny_data["npy"]), "--out", str(tmp_path / "p"),
                       "--adaround", "--adaround-granularity", "row")
     assert rc != 0 and "granularity" in err
+
+
+def test_quantize_adaround_qdrop(capsys, tmp_path, tiny_data):
+    """--adaround-qdrop reaches AdaRoundConfig.qdrop_prob (the note is made from the config that ran, and the
+    learned rounding differs from the run without QDrop); a value outside [0, 1] is refused."""
+    weights = {}
+    for p in ("0", "0.5"):
+        out = tmp_path / f"o{p}"
+        rc, _, err = call(capsys, "quantize", TINY, "--calib", str(tiny_data["npy"]), "--num-batches", "1",
+                          "--batch-size", "4", "--out", str(out), "--adaround", "--adaround-iters", "20",
+                          "--adaround-qdrop", p, "--no-export")
+        assert rc == 0, err
+        notes = json.loads((out / "summary.json").read_text())["notes"]
+        assert f"adaround: 20 iterations per layer, batch 4, QDrop {float(p):g}" in notes, notes
+        weights[p] = load_file(out / "model.safetensors")
+    assert any(not torch.equal(weights["0"][k], weights["0.5"][k]) for k in weights["0"]), "QDrop changed nothing"
+    rc, _, err = call(capsys, "quantize", TINY, "--calib", str(tiny_data["npy"]), "--out", str(tmp_path / "p"),
+                      "--adaround", "--adaround-qdrop", "1.5")
+    assert rc != 0 and "probability in [0, 1]" in err
 
 
 @pytest.mark.parametrize("mode,note,label", [
