@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
 
+import lowbit
 from lowbit import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 from lowbit.capture.plan import Planner
 from lowbit.errors import ConfigError
@@ -12,6 +14,7 @@ from lowbit.recipes import (
     BF16,
     FP8,
     FP16,
+    W4A8,
     W4A16,
     W8A8,
     W8A16,
@@ -150,6 +153,36 @@ def test_keep_first_last_8bit():
     assert first.format.name == "int8" and first.granularity == PerChannel(0)
     assert p.resolve("features.1", CONV).spec.weight.format.name == "uint4"
     assert p.resolve("classifier", LIN).spec.weight.format.name == "int8"
+
+
+def test_w4a8_specs_and_its_grid_in_closed_form():
+    """W4A8: uint4 per channel with a zero point, uint8 activations, first/last layer int8 weights; after
+    quantize, each channel's 16 codes span [min(w, 0), max(w, 0)]: code 0 at the channel's minimum and code
+    15 at its maximum (scale = (max - min) / 15, zero point round(-min / scale))."""
+    r = W4A8()
+    mid = r.layer_spec(CONV)
+    assert str(mid.weight) == "uint4 affine per-channel(axis=0) minmax"
+    assert str(mid.activation) == "uint8 affine per-tensor minmax"
+    assert str(W4A8(symmetric=True, calibrator="kl").layer_spec(CONV).activation) == "uint8 affine per-tensor kl"
+    assert W4A8(symmetric=True).layer_spec(CONV).weight.format.name == "int4"
+    p = Planner(r, NAMES, ["features.0", "features.1", "classifier"])
+    assert p.resolve("features.0", CONV).spec.weight.format.name == "int8"
+    assert p.resolve("features.1", CONV).spec.weight.format.name == "uint4"
+    assert p.resolve("classifier", LIN).spec.weight.format.name == "int8"
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4))
+    model(torch.randn(1, 3, 8, 8))
+    q = lowbit.quantize(model, r, [torch.randn(4, 3, 8, 8)])
+    layer, w = q.get_submodule("2"), model[2].weight.detach()
+    wq = layer.weight_quantizer
+    lo, hi = w.amin((1, 2, 3)).clamp(max=0), w.amax((1, 2, 3)).clamp(min=0)
+    scale = (hi - lo) / 15
+    torch.testing.assert_close(wq.scale.flatten(), scale, rtol=1e-6, atol=0)
+    assert torch.equal(wq.zero_point.flatten().float(), torch.round(-lo / scale))
+    codes = torch.round(layer.quantized_weight() / scale.view(-1, 1, 1, 1)) + wq.zero_point.view(-1, 1, 1, 1)
+    assert codes.amin((1, 2, 3)).eq(0).all() and codes.amax((1, 2, 3)).eq(15).all()
+    assert q.get_submodule("0").weight_quantizer.spec.format.name == "int8"
 
 
 def test_layer_spec_for_unknown_module_is_float():

@@ -57,6 +57,8 @@ RECIPE_NAMES: dict[str, str] = {
     "w8a8": "int8 per-channel weights, uint8 per-tensor static activations (calibrated)",
     "w8a8-dynamic": "int8 per-channel weights, activations quantized per batch (Linear layers only)",
     "w8a16": "int8 per-channel weights, int16 activations",
+    "w4a8": "uint4 per-channel weights with a zero point (first/last layer int8), uint8 static activations; "
+            "add --adaround",
     "w4a16": "weight-only int4, groups of 128 input channels (affine)",
     "w4-g32": "weight-only int4, groups of 32 input channels (affine)",
     "w4": "weight-only int4 per output channel (affine), first/last layer int8",
@@ -81,6 +83,7 @@ def make_recipe(name: str, calibrator: str = "minmax") -> R.Recipe:
         "w8a8": lambda: R.W8A8(calibrator=calibrator),
         "w8a8-dynamic": lambda: R.W8A8Dynamic(),
         "w8a16": lambda: R.W8A16(calibrator=calibrator),
+        "w4a8": lambda: R.W4A8(calibrator=calibrator),
         "w4a16": lambda: R.W4A16(),
         "w4-g32": lambda: R.WeightOnly(bits=4, group_size=32),
         "w4": lambda: R.WeightOnly(bits=4, keep_first_last_8bit=True),

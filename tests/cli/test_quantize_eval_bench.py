@@ -284,6 +284,28 @@ def test_quantize_adaround_block_granularity(capsys, tmp_path, tiny_data):
     assert rc != 0 and "granularity" in err
 
 
+def test_quantize_w4a8_with_adaround_exports_and_matches_ort(capsys, tmp_path, tiny_data):
+    """--recipe w4a8 --adaround: the AdaRound path of the issue from the CLI; the export holds 4-bit weights
+    and uint8 activations and ONNX Runtime agrees with the simulation (the parity note is from the export's
+    own check)."""
+    import onnx
+
+    out = tmp_path / "o"
+    rc, stdout, err = call(capsys, "quantize", TINY, "--recipe", "w4a8", "--calib", str(tiny_data["npy"]),
+                           "--num-batches", "1", "--batch-size", "4", "--out", str(out), "--adaround",
+                           "--adaround-iters", "10")
+    assert rc == 0, err
+    s = json.loads((out / "summary.json").read_text())
+    assert "W4A8" in stdout and any(n.startswith("passes: ") and "adaround" in n for n in s["notes"]), s["notes"]
+    parity = next(n for n in s["notes"] if n.startswith("ONNX Runtime vs simulation"))
+    assert "1.0000 of outputs within one step" in parity, parity
+    g = onnx.load(s["files"]["onnx"]).graph
+    inits = {i.name: i for i in g.initializer}
+    zp_types = {inits[n.input[2]].data_type for n in g.node if n.op_type == "DequantizeLinear" and len(n.input) > 2
+                and n.input[2] in inits}
+    assert onnx.TensorProto.UINT4 in zp_types and onnx.TensorProto.UINT8 in zp_types, zp_types
+
+
 def test_quantize_adaround_qdrop(capsys, tmp_path, tiny_data):
     """--adaround-qdrop reaches AdaRoundConfig.qdrop_prob (the note is made from the config that ran, and the
     learned rounding differs from the run without QDrop); a value outside [0, 1] is refused."""
