@@ -11,35 +11,17 @@ changes a flag, a bias or a scale is seen.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from unittest import mock
 
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import lowbit
 from lowbit import QuantSpec
 from lowbit.nn.quantizer import TensorQuantizer, buffer_flag, quantizers
 
-
-class _CountSyncs(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._schema.name in ("aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal"):
-            self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
-def _syncs(fn) -> int:
-    with _CountSyncs() as c:
-        fn()
-    return c.n
+from .._syncs import checks_off, count_syncs
 
 
 def _net() -> nn.Module:
@@ -48,20 +30,13 @@ def _net() -> nn.Module:
                          nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
 
 
-def _checks_off():
-    stack = contextlib.ExitStack()
-    for mod in ("lowbit.spec", "lowbit.nn.quantizer", "lowbit.calibration.base"):
-        stack.enter_context(mock.patch(f"{mod}.check_finite", lambda *a, **k: None))
-    return stack
-
-
 def test_ptq_eval_forward_makes_no_host_sync():
     x = torch.randn(2, 3, 8, 8)
     q = lowbit.quantize(_net().eval(), lowbit.recipes.W8A8(), [x], x, progress=False).eval()
     assert any(m.int32_bias(m.bias, 4) is not None for m in q.modules() if hasattr(m, "int32_bias"))
     with torch.no_grad():
         first = q(x)
-        assert _syncs(lambda: q(x)) == 0  # was 4-5 per quantizer: the flags, the int32 bias check
+        assert count_syncs(lambda: q(x)) == 0  # was 4-5 per quantizer: the flags, the int32 bias check
         assert torch.equal(q(x), first)
 
 
@@ -78,9 +53,9 @@ def test_qat_step_syncs_only_in_the_nan_checks():
 
     step()
     n_quantizers = sum(1 for _ in quantizers(qat))
-    with _checks_off():
-        off = _syncs(step)
-    on = _syncs(step)
+    with checks_off():
+        off = count_syncs(step)
+    on = count_syncs(step)
     # the step counter of the schedule and the Linear's int32 bias (its bias changed in the step): 2
     assert off <= 2, off
     # observer update + range check, per observing quantizer

@@ -24,11 +24,12 @@ from lowbit.distributed.sync import (
 )
 from lowbit.errors import DistributedError
 from lowbit.nn.bias import int32_bias
-from lowbit.nn.quantizer import buffer_flag, quantizers
+from lowbit.nn.quantizer import buffer_flag, quantizers, refresh_flags
 from lowbit.qat import convert, freeze_observers, prepare_qat
 from lowbit.recipes import W8A8
 
 from .._gloo import run_ranks, shutdown
+from .._syncs import checks_off, count_syncs
 
 WORLD = 2
 CALIBRATORS = ("minmax", "percentile")
@@ -122,9 +123,29 @@ def _worker(rank: int, init_method: str, folder: str) -> None:
         fresh = int32_bias(fc.bias, fc.bias_input_quantizer().scale, fc.weight_quantizer.scale, fc.in_features)
         result["bias_after_broadcast"] = (torch.equal(fc.int32_bias(fc.bias, 2).codes, fresh.codes),
                                           torch.equal(fresh.codes, cached))
+        result["syncs"] = _ddp_step_syncs()
         torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
     finally:
         shutdown()
+
+
+def _ddp_step_syncs() -> dict[str, int]:
+    """Host syncs of one DDP training step (NaN checks off), with prepare_qat's flag refresh after the
+    buffer broadcast and without it (each flag read then syncs), and the number of flags."""
+    qat = prepare_qat(_net(), W8A8(), calib_data=[torch.randn(4, 1, 8, 8)], freeze_bn_after=0)
+    ddp = nn.parallel.DistributedDataParallel(qat)
+    opt = torch.optim.SGD(ddp.parameters(), lr=1e-3)
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(ddp(x), y).backward()
+        opt.step()
+
+    step()
+    with checks_off():
+        return {"step": count_syncs(step), "refresh": count_syncs(lambda: refresh_flags(qat)),
+                "observers": sum(1 for _ in activation_quantizers(qat))}
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +202,18 @@ def test_flag_reads_follow_ddp_buffer_broadcast(ranks):
     assert [r["flag_after_broadcast"] for r in ranks] == [(False, False)] * len(ranks)
     # (the int32 bias from the cache equals a fresh one, and rank 0's doubled scale reached every rank)
     assert [r["bias_after_broadcast"] for r in ranks] == [(True, False)] * len(ranks)
+
+
+@pytest.mark.distributed
+def test_ddp_step_reads_the_flags_in_one_sync(ranks):
+    """With the NaN checks off, a DDP QAT step syncs the host for the schedule's step counter (1), the
+    Linear's int32-bias range check (2: its cache is off under DDP), one read of every flag after DDP's
+    buffer broadcast (prepare_qat's forward pre-hook) and one per synced activation observer (after its
+    all_reduce: NaN on any rank, all batches empty); not once per flag read, nor three times per observer."""
+    for r in ranks:
+        s = r["syncs"]
+        assert s["refresh"] == 1, s
+        assert s["step"] == 1 + 2 + 1 + s["observers"], s
 
 
 @pytest.mark.distributed

@@ -102,32 +102,35 @@ class SyncedObserver:
             self._update_generic(x)
 
     def _update_minmax(self, x: torch.Tensor) -> None:
+        """One ``all_reduce`` (MAX) of ``[non-finite flag, non-empty flag, -min, max]`` and one host read of
+        the two flags after it (to raise on NaN/Inf on any rank, or to skip a step where every rank's batch
+        was empty), whatever the number of elements."""
         inner = self.inner
         g = inner.spec.granularity
         shape = tuple(inner.min_val.shape) if inner.min_val is not None else tuple(g.scale_shape(tuple(x.shape)))
-        bad = torch.zeros(1, dtype=torch.float32, device=x.device)
         if x.numel() == 0:
+            flags = torch.zeros(2, dtype=torch.float32, device=x.device)
             mn = torch.full(shape, float("inf"), device=x.device)
             mx = torch.full(shape, float("-inf"), device=x.device)
         else:
-            if not bool(torch.isfinite(x).all()):
-                bad.fill_(1.0)  # every rank must still take part in the collective, then all raise
-                x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-            mn = reduce_blocks(x, g, "amin")
-            mx = reduce_blocks(x, g, "amax")
-        buf = torch.cat([bad, (-mn).reshape(-1), mx.reshape(-1)])
+            # no host read before the collective: every rank must take part in it, then all raise together
+            flags = torch.stack([(~torch.isfinite(x).all()).float(), torch.ones((), device=x.device)])
+            mn = torch.nan_to_num(reduce_blocks(x, g, "amin"), nan=0.0, posinf=0.0, neginf=0.0)
+            mx = torch.nan_to_num(reduce_blocks(x, g, "amax"), nan=0.0, posinf=0.0, neginf=0.0)
+        buf = torch.cat([flags, (-mn).reshape(-1), mx.reshape(-1)])
         home, dev = buf.device, _device(self.group)
         if dev is not None:
             buf = buf.to(dev)
         dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self.group)
         buf = buf.to(home)
-        if float(buf[0]) > 0:
+        bad, nonempty = buf[:2].tolist()  # the one host read
+        if bad > 0:
             raise NonFiniteError(f"{inner.name}: a batch on some rank contains NaN or Inf; quantization ranges "
                                  "need finite data (check the inputs or the loss scale).")
-        k = mn.numel()
-        gmn, gmx = (-buf[1:1 + k]).reshape(shape), buf[1 + k:].reshape(shape)
-        if not bool(torch.isfinite(gmn).all()):
+        if not nonempty:
             return  # every rank's batch was empty
+        k = mn.numel()
+        gmn, gmx = (-buf[2:2 + k]).reshape(shape), buf[2 + k:].reshape(shape)
         if inner.min_val is None:
             inner.min_val, inner.max_val = gmn, gmx
         elif isinstance(inner, MovingAverageMinMaxObserver):  # same increment form as its _update

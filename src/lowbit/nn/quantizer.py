@@ -32,16 +32,18 @@ from ..granularity import reduce_blocks
 from ..ops import _GradScale, fake_quantize, fake_quantize_lsq
 from ..spec import SCALE_EPS, QuantSpec, compute_qparams
 
-__all__ = ["TensorQuantizer", "calibrating", "quantizers", "place_quantizers", "buffer_flag", "version_counters_trusted",
-           "DYNAMIC_QPARAMS_ATTR"]
+__all__ = ["TensorQuantizer", "calibrating", "quantizers", "place_quantizers", "buffer_flag", "refresh_flags",
+           "version_counters_trusted", "DYNAMIC_QPARAMS_ATTR"]
 
 DYNAMIC_QPARAMS_ATTR = "_lowbit_dynamic_qparams"
 """Instance attribute where a dynamic quantizer keeps the ``(scale, zero_point)`` of the last batch it
 quantized (not a buffer: it is per batch, not state); :mod:`lowbit.nn.requant` reads it to recover the codes."""
 
-_FLAGS: dict[int, tuple[weakref.ref, int, bool]] = {}
-"""``id(tensor) -> (weak reference, version, value)`` for :func:`buffer_flag`. Kept outside the modules, so
-``copy.deepcopy`` and pickling never copy an entry onto another tensor; an entry leaves with its tensor."""
+_FLAGS: dict[int, tuple[weakref.ref, int, bool, bool]] = {}
+"""``id(tensor) -> (weak reference, version, value, refreshed)`` for :func:`buffer_flag`. Kept outside the
+modules, so ``copy.deepcopy`` and pickling never copy an entry onto another tensor; an entry leaves with its
+tensor. ``refreshed``: the tensor is one of the flags :func:`refresh_flags` reads after every DDP buffer
+broadcast, so its entry may be trusted under ``torch.distributed`` too."""
 
 
 def version_counters_trusted() -> bool:
@@ -50,6 +52,12 @@ def version_counters_trusted() -> bool:
     ``torch.distributed`` with more than one rank: DDP's buffer broadcast writes rank 0's buffers into the
     other ranks in place without moving their version counters (seen with gloo)."""
     return not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+
+def _remember(t: torch.Tensor, version: int, value: bool, refreshed: bool, hit) -> None:
+    key = id(t)
+    ref = hit[0] if hit is not None and hit[0]() is t else weakref.ref(t, lambda _, key=key: _FLAGS.pop(key, None))
+    _FLAGS[key] = (ref, version, value, refreshed)
 
 
 def buffer_flag(module: nn.Module, name: str) -> bool:
@@ -62,26 +70,48 @@ def buffer_flag(module: nn.Module, name: str) -> bool:
     tensor, so a changed flag is read again. Inference tensors (made under
     ``torch.inference_mode``) have no version counter: those are read every time.
 
-    Not cached under ``torch.distributed`` with more than one rank: DDP's buffer broadcast writes rank 0's
-    values into the other ranks' buffers without moving their version counters (measured with gloo), so
-    a cached flag there could differ from the buffer. Writes through ``.data`` are not seen either; set
-    flags with ``set_mode`` / ``fill_`` / ``load_state_dict``.
+    Under ``torch.distributed`` with more than one rank, DDP's buffer broadcast writes rank 0's values
+    into the other ranks' buffers without moving their version counters (measured with gloo), so there
+    only the flags that :func:`refresh_flags` re-reads after every broadcast are cached (a model from
+    :func:`lowbit.prepare_qat` calls it in its forward pre-hook); other flags are read every time. Writes
+    through ``.data`` are not seen either; set flags with ``set_mode`` / ``fill_`` / ``load_state_dict``.
     """
     t = module._buffers[name]
-    if not version_counters_trusted():
-        return bool(t)
     try:
         version = t._version
     except RuntimeError:  # an inference tensor
         return bool(t)
-    key = id(t)
-    hit = _FLAGS.get(key)
-    if hit is not None and hit[0]() is t and hit[1] == version:
+    hit = _FLAGS.get(id(t))
+    same = hit is not None and hit[0]() is t
+    refreshed = same and hit[3]
+    if not (refreshed or version_counters_trusted()):
+        return bool(t)
+    if same and hit[1] == version:
         return hit[2]
-    value = bool(t)
-    ref = hit[0] if hit is not None and hit[0]() is t else weakref.ref(t, lambda _, key=key: _FLAGS.pop(key, None))
-    _FLAGS[key] = (ref, version, value)
+    value = bool(t)  # a write since the last read (on this rank: after any broadcast, so still the truth)
+    _remember(t, version, value, refreshed, hit)
     return value
+
+
+def refresh_flags(model: nn.Module) -> int:
+    """Read every 0-d bool buffer of ``model`` (the quantizers' ``quant_enabled`` / ``observer_enabled`` /
+    ``initialized``, the Conv-BN units' ``bn_frozen``) in one device-to-host transfer and cache the values
+    for :func:`buffer_flag`, marked as safe to trust under ``torch.distributed``. Called after DDP's buffer
+    broadcast (the QAT model's forward pre-hook calls it when more than one rank runs: DDP broadcasts the
+    buffers in its own forward, before it calls the module it wraps), it turns one host sync per flag read
+    into one per forward. Returns the number of flags read."""
+    flags = [b for m in model.modules() for b in m._buffers.values()
+             if b is not None and b.dim() == 0 and b.dtype == torch.bool]
+    if not flags:
+        return 0
+    values = torch.stack(flags).tolist()  # the one sync
+    for t, value in zip(flags, values):
+        try:
+            version = t._version
+        except RuntimeError:  # an inference tensor: buffer_flag reads it every time anyway
+            continue
+        _remember(t, version, value, True, _FLAGS.get(id(t)))
+    return len(flags)
 
 
 class TensorQuantizer(nn.Module):

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..nn.layers import QuantLayerMixin
-from ..nn.quantizer import quantizers
+from ..nn.quantizer import buffer_flag, quantizers, refresh_flags, version_counters_trusted
 from ..nn.root import del_root_attr, on_deepcopy, set_root_attr
 from ..spec import SCALE_EPS
 from .config import CONFIG_ATTR, STEP_BUFFER, QATConfig
@@ -36,7 +36,7 @@ def freeze_bn(model: nn.Module) -> int:
     folded with its running statistics (and they stop updating). Returns how many units changed."""
     n = 0
     for m in model.modules():
-        if isinstance(m, ConvBnMixin) and not bool(m.bn_frozen):
+        if isinstance(m, ConvBnMixin) and not buffer_flag(m, "bn_frozen"):
             m.bn_frozen.fill_(True)
             n += 1
     if n:
@@ -106,6 +106,8 @@ def _root_pre_hook(module: nn.Module, args) -> None:  # noqa: ARG001
     cfg: QATConfig | None = module.__dict__.get(CONFIG_ATTR)
     if cfg is None:
         return
+    if not version_counters_trusted():  # under DDP: after its buffer broadcast, every flag in one host read
+        refresh_flags(module)
     if cfg.learnable != "ste":
         clamp_learned_scales(module)
     if not module.training:
