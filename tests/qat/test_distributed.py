@@ -16,13 +16,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit import QuantSpec
+from lowbit.calibration import make_observer
 from lowbit.distributed.sync import (
     SyncedObserver,
     activation_quantizers,
     assert_quantizers_match,
     quantizer_state,
 )
-from lowbit.errors import DistributedError
+from lowbit.errors import DistributedError, NonFiniteError
 from lowbit.nn.bias import int32_bias
 from lowbit.nn.quantizer import buffer_flag, quantizers, refresh_flags
 from lowbit.qat import convert, freeze_observers, prepare_qat
@@ -124,9 +126,26 @@ def _worker(rank: int, init_method: str, folder: str) -> None:
         result["bias_after_broadcast"] = (torch.equal(fc.int32_bias(fc.bias, 2).codes, fresh.codes),
                                           torch.equal(fresh.codes, cached))
         result["syncs"] = _ddp_step_syncs()
+        result["observer_edges"] = _synced_observer_edges(rank)
         torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
     finally:
         shutdown()
+
+
+def _synced_observer_edges(rank: int) -> dict:
+    """A synced min/max observer fed per rank: rank 0 an empty batch and rank 1 [-1, 2] (the range is rank
+    1's), then both empty (nothing changes), then rank 1 a NaN (every rank raises, rank 0 included)."""
+    obs = SyncedObserver(make_observer(QuantSpec("uint8", symmetric=False), "edge"))
+    obs.update(torch.empty(0) if rank == 0 else torch.tensor([-1.0, 2.0]))
+    first = (obs.min_val.clone(), obs.max_val.clone(), obs.num_batches)
+    obs.update(torch.empty(0))
+    both_empty = (obs.min_val.clone(), obs.max_val.clone(), obs.num_batches)
+    try:
+        obs.update(torch.tensor([0.5, 1.0]) if rank == 0 else torch.tensor([float("nan"), 1.0]))
+        raised = False
+    except NonFiniteError:
+        raised = True
+    return {"first": first, "both_empty": both_empty, "raised": raised}
 
 
 def _ddp_step_syncs() -> dict[str, int]:
@@ -202,6 +221,15 @@ def test_flag_reads_follow_ddp_buffer_broadcast(ranks):
     assert [r["flag_after_broadcast"] for r in ranks] == [(False, False)] * len(ranks)
     # (the int32 bias from the cache equals a fresh one, and rank 0's doubled scale reached every rank)
     assert [r["bias_after_broadcast"] for r in ranks] == [(True, False)] * len(ranks)
+
+
+@pytest.mark.distributed
+def test_synced_observer_empty_batches_and_nan_on_one_rank(ranks):
+    for r in ranks:
+        e = r["observer_edges"]
+        assert [float(e["first"][0]), float(e["first"][1]), e["first"][2]] == [-1.0, 2.0, 1]
+        assert [float(e["both_empty"][0]), float(e["both_empty"][1]), e["both_empty"][2]] == [-1.0, 2.0, 1]
+        assert e["raised"]
 
 
 @pytest.mark.distributed

@@ -70,7 +70,8 @@ def activation_quantizers(model: nn.Module) -> Iterator[tuple[str, TensorQuantiz
 class SyncedObserver:
     """Wraps an observer so that every :meth:`update` first reduces the batch's statistics across the
     ranks of ``group`` (a collective: every rank must call it, in the same order). ``MinMax`` and
-    ``MovingAverageMinMax`` observers exchange one tensor ``[nonfinite, -min, max]`` (``all_reduce`` MAX);
+    ``MovingAverageMinMax`` observers exchange one tensor ``[nonfinite, nonempty, -min, max]`` (``all_reduce``
+    MAX);
     other observers reduce a one-batch observer with :func:`all_reduce_observer` and merge it in.
     Everything else is read from the wrapped observer (``inner``)."""
 
