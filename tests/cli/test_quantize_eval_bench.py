@@ -306,6 +306,14 @@ def test_quantize_w4a8_with_adaround_exports_and_matches_ort(capsys, tmp_path, t
     assert onnx.TensorProto.UINT4 in zp_types and onnx.TensorProto.UINT8 in zp_types, zp_types
 
 
+def test_quantize_w4a8_without_adaround_warns(capsys, tmp_path, tiny_data):
+    out = tmp_path / "o"
+    rc, _, err = call(capsys, "quantize", TINY, "--recipe", "w4a8", "--calib", str(tiny_data["npy"]),
+                      "--num-batches", "1", "--out", str(out), "--no-export")
+    assert rc == 0 and "w4a8 without --adaround" in err, err
+    assert any("add --adaround" in w for w in json.loads((out / "summary.json").read_text())["warnings"])
+
+
 def test_quantize_adaround_qdrop(capsys, tmp_path, tiny_data):
     """--adaround-qdrop reaches AdaRoundConfig.qdrop_prob (the note is made from the config that ran, and the
     learned rounding differs from the run without QDrop); a value outside [0, 1] is refused."""
