@@ -29,7 +29,9 @@ EPILOGS = {
   lowbit quantize torchvision:resnet18 --weights resnet18.pth --calib images/ --num-batches 16 --out out/r18
   lowbit quantize mymodels:build --calib calib.npy --recipe w4-g32 --out out/mine --overwrite
   lowbit quantize efficientnet_lite0 --recipe w8a8 --dfq --out out/lite0-dfq
-  lowbit quantize efficientnet_lite0 --recipe w8a8 --data-free distilled --input-range=-1,1 \
+  lowbit quantize efficientnet_lite0 --recipe w4a8 --calib imagenet-samples --num-batches 63 --batch-size 8 \\
+      --adaround --adaround-iters 1500 --adaround-granularity block --adaround-qdrop 0.5 --out out/lite0-w4a8
+  lowbit quantize efficientnet_lite0 --recipe w8a8 --data-free distilled --input-range=-1,1 \\
       --distill-label-weight 50 --out out/lite0-free
 
 writes: model_int8.onnx (QDQ, checked in ONNX Runtime; model_quantized.onnx unless the activations are
