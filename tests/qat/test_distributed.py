@@ -149,8 +149,8 @@ def _synced_observer_edges(rank: int) -> dict:
 
 
 def _ddp_step_syncs() -> dict[str, int]:
-    """Host syncs of one DDP training step (NaN checks off), with prepare_qat's flag refresh after the
-    buffer broadcast and without it (each flag read then syncs), and the number of flags."""
+    """Host syncs of one DDP training step and of one ``refresh_flags`` call (NaN checks off), and the number
+    of synced activation observers."""
     qat = prepare_qat(_net(), W8A8(), calib_data=[torch.randn(4, 1, 8, 8)], freeze_bn_after=0)
     ddp = nn.parallel.DistributedDataParallel(qat)
     opt = torch.optim.SGD(ddp.parameters(), lr=1e-3)
