@@ -552,7 +552,7 @@ def run_quantize(
     notes.insert(0, f"{use}: {sum(len(x) for x in calib_x)} samples from {ds.name} "
                     f"({len(calib_x)} batch(es) of {batch_size})")
     warnings: list[str] = []
-    if recipe.strip().lower() == "w4a8" and not adaround:
+    if isinstance(rec, R.W4A8) and not adaround:
         warnings.append("w4a8 without --adaround rounds 4-bit weights to nearest, which collapses most CNNs "
                         "(EfficientNet-Lite0: 14 % top-1); add --adaround (e.g. --adaround-iters 1500 "
                         "--adaround-granularity block --adaround-qdrop 0.5).")
