@@ -159,18 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--input-range", type=_range, metavar="LO,HI",
                    help="--data-free: the range of the model's input values after preprocessing, e.g. --input-range=-1,1 "
                         "(with '=' when LO is negative)")
-    q.add_argument("--distill-iters", type=_positive, default=50,
+    q.add_argument("--distill-iters", type=_positive, default=None,
                    help="--data-free distilled: Adam steps of the distillation (default 50)")
-    q.add_argument("--distill-label-weight", type=float, default=0.0, metavar="W",
+    q.add_argument("--distill-label-weight", type=float, default=None, metavar="W",
                    help="--data-free distilled: weight of a cross-entropy to random classes added to the BatchNorm "
                         "loss (default 0; 50 measured best for EfficientNet-Lite0, classifiers only)")
     q.add_argument("--adaround", action="store_true", help="AdaRound the weights on the calibration data")
-    q.add_argument("--adaround-iters", type=_positive, default=200,
+    q.add_argument("--adaround-iters", type=_positive, default=None,
                    help="AdaRound iterations per layer or block (default 200)")
-    q.add_argument("--adaround-granularity", choices=("layer", "block"), default="layer",
+    q.add_argument("--adaround-granularity", choices=("layer", "block"), default=None,
                    help="AdaRound unit: each layer alone (default) or each block's layers jointly on the block's "
                         "output (BRECQ; blocks = children of Sequential/ModuleList containers)")
-    q.add_argument("--adaround-qdrop", type=_probability, default=0.0, metavar="P",
+    q.add_argument("--adaround-qdrop", type=_probability, default=None, metavar="P",
                    help="AdaRound: during reconstruction keep each quantized activation's float value with "
                         "probability P (QDrop; default 0 = off, 0.5 as in the paper)")
     q.add_argument("--mixed", type=_name_list, default=[], metavar="RECIPE[,RECIPE]",
@@ -231,9 +231,33 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# quantize options that only mean something beside another: dest -> (default, the option it needs, is that on?)
+DEPENDENT_OPTIONS = {
+    "adaround_iters": (200, "--adaround", lambda a: a.adaround),
+    "adaround_granularity": ("layer", "--adaround", lambda a: a.adaround),
+    "adaround_qdrop": (0.0, "--adaround", lambda a: a.adaround),
+    "input_range": (None, "--data-free", lambda a: a.data_free is not None),
+    "distill_iters": (50, "--data-free distilled", lambda a: a.data_free == "distilled"),
+    "distill_label_weight": (0.0, "--data-free distilled", lambda a: a.data_free == "distilled"),
+}
+
+
+def _resolve_dependent_options(a: argparse.Namespace) -> None:
+    """Fill in the defaults of :data:`DEPENDENT_OPTIONS`; one given without the option it needs would be
+    ignored, so it is refused instead (:class:`ConfigError`)."""
+    for dest, (default, needs, is_on) in DEPENDENT_OPTIONS.items():
+        if getattr(a, dest) is None:
+            setattr(a, dest, default)
+        elif not is_on(a):
+            flag = "--" + dest.replace("_", "-")
+            raise ConfigError(f"{flag} only applies with {needs}, which is not given: add {needs}, or leave "
+                              f"{flag} out.")
+
+
 def _cmd_quantize(a: argparse.Namespace) -> int:
     from .workflows import run_quantize
 
+    _resolve_dependent_options(a)
     s = run_quantize(a.model, out_dir=a.out, recipe=a.recipe, calibrator=a.calibrator, calib=a.calib,
                      num_batches=a.num_batches, batch_size=a.batch_size, dfq=a.dfq, adaround=a.adaround,
                      adaround_iters=a.adaround_iters, adaround_granularity=a.adaround_granularity,

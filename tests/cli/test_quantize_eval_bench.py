@@ -222,7 +222,8 @@ def test_demo_end_to_end(tmp_path):
 def test_quantize_with_passes(capsys, tmp_path, tiny_data, flag):
     out = tmp_path / "o"
     rc, stdout, err = call(capsys, "quantize", TINY, "--calib", str(tiny_data["npy"]), "--num-batches", "1",
-                           "--batch-size", "4", "--out", str(out), flag, "--adaround-iters", "5", "--no-export")
+                           "--batch-size", "4", "--out", str(out), flag, "--no-export",
+                           *(["--adaround-iters", "5"] if flag == "--adaround" else []))
     assert rc == 0, err
     s = json.loads((out / "summary.json").read_text())
     assert s["passes"] == [flag[2:]]
@@ -345,7 +346,8 @@ def test_quantize_data_free(capsys, tmp_path, tiny_data, mode, note, label):
         out = tmp_path / f"{mode}-{data}"
         rc, stdout, err = call(capsys, "quantize", TINY, "--calib", str(tiny_data[data]), "--num-batches", "1",
                                "--batch-size", "4", "--out", str(out), "--data-free", mode, "--input-range=-3,3",
-                               "--distill-iters", "3", "--calibrator", "kl", "--no-export")
+                               "--calibrator", "kl", "--no-export",
+                               *(["--distill-iters", "3"] if mode == "distilled" else []))
         assert rc == 0, err
         summaries.append(json.loads((out / "summary.json").read_text()))
         spec = json.loads((out / "quant_spec.json").read_text())
@@ -369,8 +371,19 @@ def test_quantize_data_free(capsys, tmp_path, tiny_data, mode, note, label):
     (["--data-free", "bn"], "--input-range"),
     (["--data-free", "bn", "--input-range", "1,-1"], "LO < HI"),
     (["--data-free", "bn", "--input-range=-1,1", "--adaround"], "cannot be combined"),
+    # options that would be ignored without the one they belong to
+    (["--adaround-qdrop", "0.5"], "--adaround-qdrop only applies with --adaround"),
+    (["--adaround-iters", "200"], "--adaround-iters only applies with --adaround"),
+    (["--adaround-granularity", "block"], "--adaround-granularity only applies with --adaround"),
+    (["--input-range=-1,1"], "--input-range only applies with --data-free"),
+    (["--data-free", "bn", "--input-range=-1,1", "--distill-iters", "5"],
+     "--distill-iters only applies with --data-free distilled"),
+    (["--dfq", "--distill-label-weight", "50"], "--distill-label-weight only applies with --data-free distilled"),
 ])
-def test_quantize_data_free_errors(capsys, tmp_path, tiny_data, args, needle):
+def test_quantize_option_errors(capsys, tmp_path, tiny_data, args, needle):
+    """Bad values (exit 2) and combinations (exit 1) fail before the output folder is made, saying what to add
+    or leave out."""
     rc, _, err = call(capsys, "quantize", TINY, "--calib", str(tiny_data["npy"]), "--out", str(tmp_path / "o"),
                       "--no-export", *args)
-    assert rc != 0 and needle in err, err
+    assert rc == (2 if "LO < HI" in needle else 1) and needle in err, err
+    assert not (tmp_path / "o").exists()
