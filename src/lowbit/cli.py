@@ -231,40 +231,39 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-# quantize options that only mean something beside another: dest -> (default, the option it needs, is that on?)
+# quantize options that only mean something beside another: dest -> (the option it needs, is that on?).
+# Their argparse default is None, so that a given one can be told apart; run_quantize's defaults apply otherwise.
 DEPENDENT_OPTIONS = {
-    "adaround_iters": (200, "--adaround", lambda a: a.adaround),
-    "adaround_granularity": ("layer", "--adaround", lambda a: a.adaround),
-    "adaround_qdrop": (0.0, "--adaround", lambda a: a.adaround),
-    "input_range": (None, "--data-free", lambda a: a.data_free is not None),
-    "distill_iters": (50, "--data-free distilled", lambda a: a.data_free == "distilled"),
-    "distill_label_weight": (0.0, "--data-free distilled", lambda a: a.data_free == "distilled"),
+    "adaround_iters": ("--adaround", lambda a: a.adaround),
+    "adaround_granularity": ("--adaround", lambda a: a.adaround),
+    "adaround_qdrop": ("--adaround", lambda a: a.adaround),
+    "input_range": ("--data-free", lambda a: a.data_free is not None),
+    "distill_iters": ("--data-free distilled", lambda a: a.data_free == "distilled"),
+    "distill_label_weight": ("--data-free distilled", lambda a: a.data_free == "distilled"),
 }
 
 
-def _resolve_dependent_options(a: argparse.Namespace) -> None:
-    """Fill in the defaults of :data:`DEPENDENT_OPTIONS`; one given without the option it needs would be
-    ignored, so it is refused instead (:class:`ConfigError`)."""
-    for dest, (default, needs, is_on) in DEPENDENT_OPTIONS.items():
-        if getattr(a, dest) is None:
-            setattr(a, dest, default)
-        elif not is_on(a):
+def _dependent_options(a: argparse.Namespace) -> dict:
+    """The :data:`DEPENDENT_OPTIONS` given on the command line, as keyword arguments of ``run_quantize``; one
+    given without the option it needs would be ignored, so it is refused instead (:class:`ConfigError`)."""
+    given = {dest: getattr(a, dest) for dest in DEPENDENT_OPTIONS if getattr(a, dest) is not None}
+    for dest in given:
+        needs, is_on = DEPENDENT_OPTIONS[dest]
+        if not is_on(a):
             flag = "--" + dest.replace("_", "-")
             raise ConfigError(f"{flag} only applies with {needs}, which is not given: add {needs}, or leave "
                               f"{flag} out.")
+    return given
 
 
 def _cmd_quantize(a: argparse.Namespace) -> int:
     from .workflows import run_quantize
 
-    _resolve_dependent_options(a)
     s = run_quantize(a.model, out_dir=a.out, recipe=a.recipe, calibrator=a.calibrator, calib=a.calib,
                      num_batches=a.num_batches, batch_size=a.batch_size, dfq=a.dfq, adaround=a.adaround,
-                     adaround_iters=a.adaround_iters, adaround_granularity=a.adaround_granularity,
-                     adaround_qdrop=a.adaround_qdrop, overwrite=a.overwrite, weights=a.weights,
-                     input_shape=a.input_shape, export=not a.no_export, mixed=a.mixed, size_budget=a.size_budget,
-                     min_sqnr=a.min_sqnr, data_free=a.data_free, input_range=a.input_range,
-                     distill_iters=a.distill_iters, distill_label_weight=a.distill_label_weight)
+                     overwrite=a.overwrite, weights=a.weights, input_shape=a.input_shape, export=not a.no_export,
+                     mixed=a.mixed, size_budget=a.size_budget, min_sqnr=a.min_sqnr, data_free=a.data_free,
+                     **_dependent_options(a))
     print(s.table())
     print(f"\n{s.quantized} layer(s)/op(s) quantized, {len(s.skipped)} kept float"
           + "".join(f"\n  kept float: {n} ({r})" for n, r in s.skipped[:10]))
